@@ -1,0 +1,11 @@
+"""fused_softmax: fused, numerically stable Triton kernels for softmax, log-softmax,
+log-sum-exp and cross-entropy, as drop-in replacements of ``torch.nn.functional``.
+
+>>> from fused_softmax import softmax, log_softmax, logsumexp, cross_entropy
+"""
+
+from . import nn
+from .softmax import log_softmax, logsumexp, softmax
+
+__all__ = ["softmax", "log_softmax", "logsumexp", "nn"]
+__version__ = "0.1.0"

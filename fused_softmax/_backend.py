@@ -1,0 +1,81 @@
+"""Where a tensor runs, and the small device facts the launchers need.
+
+* CUDA tensor: the Triton kernels (an error, never a silent fallback, if Triton is missing).
+* CPU tensor with ``TRITON_INTERPRET=1`` set before import: the same Triton kernels, run by
+  Triton's interpreter (this is how CI tests the real kernel code without a GPU).
+* CPU tensor otherwise, or no Triton: a torch implementation with the same semantics.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # macOS / Windows: every op still works through its torch path
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Number of Triton kernel launches by kernel name. Tests read it to prove that the
+#: kernels (not the torch path) served a call; it costs a dict update per launch.
+launch_counts: collections.Counter = collections.Counter()
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the Triton kernels serve tensor ``t`` (CUDA, or CPU under the interpreter)."""
+    if t.device.type == "cuda":
+        if not HAS_TRITON:
+            raise RuntimeError(
+                "fused_softmax: a CUDA tensor needs Triton, which is not installed "
+                "(pip install triton)"
+            )
+        return True
+    return HAS_TRITON and INTERPRET and t.device.type == "cpu"
+
+
+def record_launch(name: str) -> None:
+    launch_counts[name] += 1
+
+
+@functools.lru_cache(maxsize=None)
+def num_programs_per_wave(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a fixed stand-in under the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one after another: few, long programs are cheapest
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 for fp64 inputs, fp32 for everything narrower."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise torch's error type (NotImplementedError) for a dtype the kernels do not take."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise NotImplementedError(
+            f"fused_softmax.{name}: not implemented for input dtype {t.dtype}; expected "
+            "float16, bfloat16, float32 or float64 (pass dtype=torch.float32 to cast first)"
+        )
+
+
+def wrap_dim(dim: int, ndim: int) -> int:
+    """torch's dimension wrapping, with torch's IndexError for a dimension out of range."""
+    n = max(ndim, 1)
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -n <= dim < n:
+        raise IndexError(
+            f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})"
+        )
+    return dim % n

@@ -1,0 +1,337 @@
+"""softmax, log_softmax and logsumexp: public functions, autograd, custom ops, launchers.
+
+Device code: ``kernels/softmax.py``. One forward kernel serves the three ops through a
+constexpr ``MODE``; one backward kernel serves their gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _backend
+from ._backend import acc_dtype, check_float, use_triton, wrap_dim
+
+if _backend.HAS_TRITON:
+    import triton
+
+    from .kernels import softmax as _k
+
+SOFTMAX, LOG_SOFTMAX, LOGSUMEXP = 0, 1, 2
+_NAMES = {SOFTMAX: "softmax", LOG_SOFTMAX: "log_softmax", LOGSUMEXP: "logsumexp"}
+
+
+# --------------------------------------------------------------------------- launchers
+def view3d(t: torch.Tensor, dim: int):
+    """View ``t`` as ``(M, N, K)`` around ``dim`` without copying when its strides allow.
+
+    Returns ``(t, (M, N, K), (sm, sn, sk))``; ``t`` is made contiguous only when the
+    dimensions before or after ``dim`` cannot be merged into one strided dimension.
+    """
+
+    def merge(sizes, strides):
+        # Collapse consecutive dims into one (size, stride); None if they don't collapse.
+        dims = [(s, st) for s, st in zip(sizes, strides) if s != 1]
+        if not dims:
+            return 1, 0
+        for (s0, st0), (s1, st1) in zip(dims, dims[1:]):
+            if st0 != st1 * s1:
+                return None
+        return math.prod(sizes), dims[-1][1]
+
+    for attempt in range(2):
+        sizes, strides = t.shape, t.stride()
+        outer = merge(sizes[:dim], strides[:dim])
+        inner = merge(sizes[dim + 1:], strides[dim + 1:])
+        if outer is not None and inner is not None:
+            return t, (outer[0], sizes[dim], inner[0]), (outer[1], strides[dim], inner[1])
+        t = t.contiguous()
+    raise AssertionError("a contiguous tensor always collapses")
+
+
+def launch_config(t: torch.Tensor, shape, strides):
+    """Tile shape, pass count, warps and persistent grid for a ``(M, N, K)`` reduction.
+
+    Tiles hold at most ``max_tile`` elements in registers (by element size). Rows along a
+    unit-stride dimension get ``BLOCK_N`` = the padded row (several rows per tile when
+    rows are short); a strided reduction gets ``BLOCK_R`` contiguous positions per tile so
+    every load is a coalesced run.
+    """
+    M, N, K = shape
+    n_pos = M * K
+    elem = t.element_size()
+    max_tile = {2: 32768, 4: 16384}.get(elem, 8192)
+    n_pad = triton.next_power_of_2(max(N, 1))
+    pos_pad = triton.next_power_of_2(max(n_pos, 1))
+    if strides[1] == 1 or K == 1:  # reduce along rows
+        if n_pad <= max_tile:
+            block_n, single = n_pad, True
+            block_r = min(max(1, 4096 // n_pad), pos_pad)
+        else:
+            block_n, single, block_r = max_tile // 2, False, 1
+    else:  # reduce across rows; positions are the contiguous axis
+        block_r = min(64, pos_pad)
+        single = block_r * n_pad <= max_tile // 2
+        block_n = n_pad if single else max(1, (max_tile // 4) // block_r)
+    tile = block_r * block_n
+    num_warps = min(32, max(4, tile // 512))
+    n_tiles = triton.cdiv(n_pos, block_r)
+    waves = 8 if single else 2
+    grid = min(n_tiles, _backend.num_programs_per_wave(t.device) * waves)
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, SINGLE_PASS=single,
+                num_warps=num_warps), grid
+
+
+def _tl_acc(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float) -> torch.Tensor:
+    if mode == LOGSUMEXP:
+        out_shape = x.shape[:dim] + x.shape[dim + 1:]
+        y = torch.empty(out_shape, dtype=acc_dtype(x.dtype), device=x.device)
+    else:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if x.shape[dim] == 0:  # log-sum-exp of nothing
+        return y.fill_(-math.inf)
+    xv, shape, sx = view3d(x, dim)
+    _, _, sy = view3d(y, dim) if mode != LOGSUMEXP else (None, None, (0, 0, 0))
+    cfg, grid = launch_config(xv, shape, sx)
+    M, N, K = shape
+    _backend.record_launch("softmax_fwd_kernel")
+    _k.softmax_fwd_kernel[(grid,)](
+        xv, y, M * K, N, K, *sx, *sy, inv_t,
+        MODE=mode, ACC=_tl_acc(x.dtype), **cfg,
+    )
+    return y
+
+
+def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float) -> torch.Tensor:
+    dx = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
+    if dx.numel() == 0:
+        return dx
+    sv, shape, ss = view3d(saved, dim)
+    if mode == LOGSUMEXP:
+        gv, sg = grad.reshape(-1).to(acc_dtype(saved.dtype)).contiguous(), (0, 0, 0)
+        lse = lse.reshape(-1).contiguous()
+    else:
+        gv, _, sg = view3d(grad, dim)
+    _, _, sdx = view3d(dx, dim)
+    cfg, grid = launch_config(sv, shape, ss)
+    M, N, K = shape
+    _backend.record_launch("softmax_bwd_kernel")
+    _k.softmax_bwd_kernel[(grid,)](
+        sv, gv, dx, lse, M * K, N, K, *ss, *sg, *sdx, inv_t,
+        MODE=mode, ACC=_tl_acc(saved.dtype), **cfg,
+    )
+    return dx
+
+
+# --------------------------------------------------------------------------- torch path
+def _torch_fwd(x, dim, mode, inv_t):
+    acc = acc_dtype(x.dtype)
+    xs = x if inv_t == 1.0 else x.to(acc) * inv_t
+    if mode == SOFTMAX:
+        return torch.softmax(xs, dim).to(x.dtype)
+    if mode == LOG_SOFTMAX:
+        return torch.log_softmax(xs, dim).to(x.dtype)
+    return torch.logsumexp(xs.to(acc), dim)
+
+
+def _torch_bwd(saved, grad, lse, dim, mode, inv_t):
+    acc = acc_dtype(saved.dtype)
+    s, g = saved.to(acc), grad.to(acc)
+    if mode == SOFTMAX:
+        dx = s * (g - (g * s).sum(dim, keepdim=True))
+    elif mode == LOG_SOFTMAX:
+        dx = g - torch.exp(s) * g.sum(dim, keepdim=True)
+    else:
+        dx = g.unsqueeze(dim) * torch.exp(s * inv_t - lse.unsqueeze(dim))
+    return (dx * inv_t).to(saved.dtype)
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fused_softmax::softmax_fwd", mutates_args=())
+def softmax_fwd(x: torch.Tensor, dim: int, mode: int, inv_temperature: float) -> torch.Tensor:
+    """softmax (mode 0), log_softmax (1) or fp32/fp64 log-sum-exp (2) of ``x * inv_temperature``."""
+    if use_triton(x):
+        return _launch_fwd(x, dim, mode, inv_temperature)
+    return _torch_fwd(x, dim, mode, inv_temperature)
+
+
+@softmax_fwd.register_fake
+def _(x, dim, mode, inv_temperature):
+    if mode == LOGSUMEXP:
+        return x.new_empty(x.shape[:dim] + x.shape[dim + 1:], dtype=acc_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fused_softmax::softmax_bwd", mutates_args=())
+def softmax_bwd(
+    saved: torch.Tensor, grad: torch.Tensor, lse: Optional[torch.Tensor],
+    dim: int, mode: int, inv_temperature: float,
+) -> torch.Tensor:
+    """Gradient of :func:`softmax_fwd`; ``saved`` is its output (modes 0, 1) or input (2)."""
+    if use_triton(saved):
+        return _launch_bwd(saved, grad, lse, dim, mode, inv_temperature)
+    return _torch_bwd(saved, grad, lse, dim, mode, inv_temperature)
+
+
+@softmax_bwd.register_fake
+def _(saved, grad, lse, dim, mode, inv_temperature):
+    return torch.empty_like(saved, memory_format=torch.contiguous_format)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """Autograd for the three modes; backward runs the fused backward kernel."""
+
+    @staticmethod
+    def forward(ctx, x, dim, mode, inv_t):
+        out = torch.ops.fused_softmax.softmax_fwd(x, dim, mode, inv_t)
+        ctx.dim, ctx.mode, ctx.inv_t = dim, mode, inv_t
+        ctx.save_for_backward(*((x, out) if mode == LOGSUMEXP else (out,)))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        lse = saved[1] if ctx.mode == LOGSUMEXP else None
+        dx = torch.ops.fused_softmax.softmax_bwd(saved[0], grad, lse, ctx.dim, ctx.mode, ctx.inv_t)
+        return dx, None, None, None
+
+
+# --------------------------------------------------------------------------- public API
+def _legacy_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
+    warnings.warn(
+        f"Implicit dimension choice for {name} has been deprecated. "
+        "Change the call to include dim=X as an argument.",
+        stacklevel=stacklevel,
+    )
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _inv_temperature(temperature) -> float:
+    t = float(temperature)
+    if not (t > 0.0 and math.isfinite(t)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return 1.0 / t
+
+
+def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
+    name = _NAMES[mode]
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if dtype is not None:
+        input = input.to(dtype)
+    check_float(name, input)
+    if dim is None:
+        dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
+    dim = wrap_dim(dim, input.dim())
+    inv_t = _inv_temperature(temperature)
+    if input.dim() == 0:
+        return SoftmaxFunction.apply(input.reshape(1), 0, mode, inv_t).reshape(())
+    return SoftmaxFunction.apply(input, dim, mode, inv_t)
+
+
+def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+            dtype: Optional[torch.dtype] = None, *, temperature: float = 1.0) -> torch.Tensor:
+    r"""Softmax along ``dim``: :math:`\mathrm{softmax}(x)_i = \exp(x_i/T) / \sum_j \exp(x_j/T)`.
+
+    Drop-in for :func:`torch.nn.functional.softmax`, computed by one fused Triton kernel
+    (a single read of the input and a single write of the output whenever the reduced
+    dimension fits on chip), stable at any logit scale: the row max is subtracted in
+    registers, so ``exp`` never overflows.
+
+    Args:
+        input (Tensor): any shape, float16 / bfloat16 / float32 / float64 (others need
+            ``dtype=``). Any strides; a non-last ``dim`` is reduced in place (no transpose).
+        dim (int): the dimension to normalise. ``None`` keeps torch's deprecated implicit
+            choice (0 for 0-, 1- and 3-d inputs, else 1) and its warning.
+        dtype (torch.dtype, optional): cast ``input`` to this dtype first, as torch does.
+        temperature (float, keyword-only): divide the logits by ``T > 0`` first (in fp32
+            registers, no extra pass); ``T < 1`` sharpens, ``T > 1`` flattens.
+
+    Returns:
+        Tensor of ``input``'s shape and (cast) dtype; each slice along ``dim`` sums to 1.
+        As in torch, a slice that is all ``-inf`` or holds ``+inf`` or NaN gives NaN, and a
+        ``-inf`` entry gives probability 0. Accumulation is fp32 (fp64 for fp64 input).
+
+    Example::
+
+        >>> x = torch.tensor([[1000.0, 1001.0, 999.0]])
+        >>> fused_softmax.softmax(x, dim=-1)   # exp(1000) overflows; the kernel does not
+        tensor([[0.2447, 0.6652, 0.0900]])
+    """
+    return _softmax_like(SOFTMAX, input, dim, _stacklevel, dtype, temperature)
+
+
+def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+                dtype: Optional[torch.dtype] = None, *, temperature: float = 1.0) -> torch.Tensor:
+    r"""Log-softmax along ``dim``: :math:`x_i/T - \log\sum_j \exp(x_j/T)`.
+
+    Drop-in for :func:`torch.nn.functional.log_softmax`; same arguments, shapes, dtypes and
+    NaN/inf rules as :func:`softmax`. Computed as ``(x - max) - log(sum(exp(x - max)))``,
+    never as ``log(softmax(x))``, which turns an underflowed probability into ``-inf``.
+
+    Example::
+
+        >>> fused_softmax.log_softmax(torch.tensor([0.0, -200.0]), dim=0)
+        tensor([   0., -200.])
+    """
+    return _softmax_like(LOG_SOFTMAX, input, dim, _stacklevel, dtype, temperature)
+
+
+def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False) -> torch.Tensor:
+    r"""``log(sum(exp(input)))`` over ``dim``, computed stably: :math:`m + \log\sum_j e^{x_j - m}`.
+
+    Drop-in for :func:`torch.logsumexp`.
+
+    Args:
+        input (Tensor): any shape; integer and bool inputs are promoted to the default
+            float dtype, as torch does.
+        dim (int or tuple of ints): dimension(s) to reduce.
+        keepdim (bool): keep the reduced dimensions with size 1.
+
+    Returns:
+        Tensor in ``input``'s (float) dtype. An all ``-inf`` slice gives ``-inf``, a
+        ``+inf`` gives ``+inf``, an empty slice gives ``-inf``, as torch. The gradient is
+        ``softmax(input)`` scaled by the incoming gradient, computed from an fp32 log-sum-exp.
+
+    Example::
+
+        >>> fused_softmax.logsumexp(torch.tensor([1000.0, 1000.0]), dim=0)
+        tensor(1000.6931)
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"logsumexp(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if not (input.is_floating_point() or input.is_complex()):
+        input = input.to(torch.get_default_dtype())
+    check_float("logsumexp", input)
+    ndim = input.dim()
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    dims = [wrap_dim(d, ndim) for d in dims] if dims else list(range(max(ndim, 1)))
+    if len(set(dims)) != len(dims):
+        raise RuntimeError(f"dim {dims} appears multiple times in the list of dims")
+    if ndim == 0:
+        return SoftmaxFunction.apply(input.reshape(1), 0, LOGSUMEXP, 1.0).to(input.dtype).reshape(())
+    if len(dims) == 1:
+        x, d = input, dims[0]
+    else:
+        kept = [i for i in range(ndim) if i not in dims]
+        x = input.permute(kept + dims).reshape(
+            [input.shape[i] for i in kept] + [math.prod(input.shape[i] for i in dims)])
+        d = len(kept)
+    out = SoftmaxFunction.apply(x, d, LOGSUMEXP, 1.0).to(input.dtype)
+    if keepdim:
+        for d in sorted(dims):
+            out = out.unsqueeze(d)
+    return out

@@ -1,0 +1,1 @@
+"""Triton device code of fused_softmax, one module per operation (installed as fused_softmax.kernels)."""

@@ -1,0 +1,197 @@
+"""Fused online softmax, log-softmax and log-sum-exp over one dimension, and their backward.
+
+Shape model. Any input is viewed as ``(M, N, K)`` with strides ``(sm, sn, sk)``, where ``N``
+is the reduced dimension: a last-dim softmax is ``K = 1, sn = 1``; a softmax over a middle
+dimension of a contiguous tensor is ``sk = 1, sn = K``. The ``M * K`` independent
+"positions" are cut into tiles of ``BLOCK_R`` positions, and a tile is a
+``[BLOCK_R, BLOCK_N]`` block of registers. Whichever axis has unit stride is the one the
+compiler vectorises, so one kernel reads contiguous memory for both layouts: no transpose
+copy for ``dim != -1``.
+
+HBM passes. Softmax is memory bound: the floor is one read of the input and one write of
+the output. When the whole reduced extent fits in a tile (``SINGLE_PASS``), that is
+exactly what happens. Longer rows make two passes: the first keeps a running max and a
+per-lane sum of ``exp(x - max)`` rescaled whenever the max grows (the online softmax,
+one ``exp`` per element), the second re-reads the row and writes the result. The grid is
+persistent (a few programs per SM, each looping over tiles) and the first read asks to
+stay in L2 (``evict_last``), so the second read hits L2 rather than HBM.
+
+Numerics. Accumulation in fp32 (fp64 for fp64 input). The shift is torch's: a max of
+``+-inf`` is replaced by 0, so a row of all ``-inf`` has log-sum-exp ``-inf`` (and softmax
+NaN, as torch), a ``+inf`` gives log-sum-exp ``+inf`` (softmax NaN, as torch), and masked
+lanes, loaded as ``-inf``, contribute ``exp(-inf) = 0`` and never a NaN.
+"""
+
+import triton
+import triton.language as tl
+
+SOFTMAX = tl.constexpr(0)
+LOG_SOFTMAX = tl.constexpr(1)
+LOGSUMEXP = tl.constexpr(2)
+
+
+@triton.jit
+def finite_or_zero(m):
+    """torch's shift rule for log-sum-exp: an infinite max is replaced by 0."""
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+
+
+@triton.jit
+def tile_positions(tile, n_pos, K, BLOCK_R: tl.constexpr):
+    """Positions of a tile as int64 (outer index, inner index, in-range mask)."""
+    # (zeros + tile) promotes to int64 before the multiply, compiled or interpreted.
+    p = (tl.zeros([BLOCK_R], tl.int64) + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
+    outer = p // K
+    return p, outer, p - outer * K, p < n_pos
+
+
+@triton.jit
+def online_update(m_run, s_vec, x):
+    """Fold a ``[R, B]`` block into running per-row max ``m_run`` and per-lane sums ``s_vec``.
+
+    One ``exp`` per element: the rescale factor is per row, not per lane.
+    """
+    m_new = tl.maximum(m_run, tl.max(x, 1))
+    shift = finite_or_zero(m_new)
+    alpha = tl.where(m_run == -float("inf"), 0.0, tl.exp(finite_or_zero(m_run) - shift))
+    s_vec = s_vec * alpha[:, None] + tl.exp(x - shift[:, None])
+    return m_new, s_vec
+
+
+@triton.jit
+def softmax_fwd_kernel(
+    X, Y, n_pos, N, K,
+    sxm, sxn, sxk, sym, syn, syk,
+    inv_temperature,
+    MODE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    """``MODE`` SOFTMAX / LOG_SOFTMAX write ``Y`` shaped like ``X``; LOGSUMEXP writes one
+    value per position into ``Y`` (``n_pos`` contiguous, in ``Y``'s dtype)."""
+    n_tiles = tl.cdiv(n_pos, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        p, outer, inner, pmask = tile_positions(tile, n_pos, K, BLOCK_R)
+        xrow = X + (outer * sxm + inner * sxk)[:, None]
+        yrow = Y + (outer * sym + inner * syk)[:, None]
+        if SINGLE_PASS:
+            mask = pmask[:, None] & (cols < N)[None, :]
+            x = tl.load(xrow + cols[None, :] * sxn, mask=mask, other=-float("inf"))
+            x = x.to(ACC) * inv_temperature
+            m = tl.max(x, 1)
+            shift = finite_or_zero(m)
+            e = tl.exp(x - shift[:, None])
+            s = tl.sum(e, 1)
+        else:
+            m = tl.full([BLOCK_R], -float("inf"), ACC)
+            s_vec = tl.zeros([BLOCK_R, BLOCK_N], ACC)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = pmask[:, None] & (c < N)[None, :]
+                x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
+                            eviction_policy="evict_last")
+                m, s_vec = online_update(m, s_vec, x.to(ACC) * inv_temperature)
+            shift = finite_or_zero(m)
+            s = tl.sum(s_vec, 1)
+
+        if MODE == LOGSUMEXP:
+            tl.store(Y + p, (shift + tl.log(s)).to(Y.dtype.element_ty), mask=pmask)
+        else:
+            # torch: a +inf in the row makes the whole softmax row NaN (inf - inf).
+            s = tl.where(m == float("inf"), float("nan"), s)
+            if MODE == SOFTMAX:
+                r = 1.0 / s
+            else:
+                log_s = tl.log(s)
+            if SINGLE_PASS:
+                if MODE == SOFTMAX:
+                    y = e * r[:, None]
+                else:
+                    y = (x - shift[:, None]) - log_s[:, None]
+                tl.store(yrow + cols[None, :] * syn, y.to(Y.dtype.element_ty), mask=mask)
+            else:
+                for start in range(0, N, BLOCK_N):
+                    c = start + cols
+                    mask = pmask[:, None] & (c < N)[None, :]
+                    x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
+                                eviction_policy="evict_first")
+                    x = x.to(ACC) * inv_temperature
+                    if MODE == SOFTMAX:
+                        y = tl.exp(x - shift[:, None]) * r[:, None]
+                    else:
+                        y = (x - shift[:, None]) - log_s[:, None]
+                    tl.store(yrow + c[None, :] * syn, y.to(Y.dtype.element_ty), mask=mask,
+                             eviction_policy="evict_first")
+
+
+@triton.jit
+def softmax_bwd_kernel(
+    S, DY, DX, LSE, n_pos, N, K,
+    ssm, ssn, ssk, sdm, sdn, sdk, sgm, sgn, sgk,
+    inv_temperature,
+    MODE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    """Backward, with ``t = inv_temperature`` and ``S`` the saved tensor:
+
+    * SOFTMAX (``S`` = y):      ``dx = t * y * (dy - sum(dy * y))``
+    * LOG_SOFTMAX (``S`` = y):  ``dx = t * (dy - exp(y) * sum(dy))``
+    * LOGSUMEXP (``S`` = x):    ``dx = t * dy * exp(t * x - lse)``, ``dy`` and ``lse`` one
+      value per position (``n_pos`` contiguous).
+    """
+    n_tiles = tl.cdiv(n_pos, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        p, outer, inner, pmask = tile_positions(tile, n_pos, K, BLOCK_R)
+        srow = S + (outer * ssm + inner * ssk)[:, None]
+        dyrow = DY + (outer * sdm + inner * sdk)[:, None]
+        dxrow = DX + (outer * sgm + inner * sgk)[:, None]
+        if MODE == LOGSUMEXP:
+            dy = tl.load(DY + p, mask=pmask, other=0.0).to(ACC)
+            lse = tl.load(LSE + p, mask=pmask, other=0.0).to(ACC)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = pmask[:, None] & (c < N)[None, :]
+                x = tl.load(srow + c[None, :] * ssn, mask=mask, other=0.0).to(ACC)
+                dx = (dy * inv_temperature)[:, None] * tl.exp(x * inv_temperature - lse[:, None])
+                tl.store(dxrow + c[None, :] * sgn, dx.to(DX.dtype.element_ty), mask=mask)
+        else:
+            if SINGLE_PASS:
+                mask = pmask[:, None] & (cols < N)[None, :]
+                y = tl.load(srow + cols[None, :] * ssn, mask=mask, other=0.0).to(ACC)
+                dy = tl.load(dyrow + cols[None, :] * sdn, mask=mask, other=0.0).to(ACC)
+                if MODE == SOFTMAX:
+                    dot = tl.sum(dy * y, 1)
+                    dx = y * (dy - dot[:, None])
+                else:
+                    dx = dy - tl.exp(y) * tl.sum(dy, 1)[:, None]
+                dx = dx * inv_temperature
+                tl.store(dxrow + cols[None, :] * sgn, dx.to(DX.dtype.element_ty), mask=mask)
+            else:
+                acc = tl.zeros([BLOCK_R, BLOCK_N], ACC)
+                for start in range(0, N, BLOCK_N):
+                    c = start + cols
+                    mask = pmask[:, None] & (c < N)[None, :]
+                    dy = tl.load(dyrow + c[None, :] * sdn, mask=mask, other=0.0,
+                                 eviction_policy="evict_last").to(ACC)
+                    if MODE == SOFTMAX:
+                        y = tl.load(srow + c[None, :] * ssn, mask=mask, other=0.0,
+                                    eviction_policy="evict_last").to(ACC)
+                        acc += dy * y
+                    else:
+                        acc += dy
+                red = tl.sum(acc, 1)
+                for start in range(0, N, BLOCK_N):
+                    c = start + cols
+                    mask = pmask[:, None] & (c < N)[None, :]
+                    y = tl.load(srow + c[None, :] * ssn, mask=mask, other=0.0,
+                                eviction_policy="evict_first").to(ACC)
+                    dy = tl.load(dyrow + c[None, :] * sdn, mask=mask, other=0.0,
+                                 eviction_policy="evict_first").to(ACC)
+                    if MODE == SOFTMAX:
+                        dx = y * (dy - red[:, None])
+                    else:
+                        dx = dy - tl.exp(y) * red[:, None]
+                    dx = dx * inv_temperature
+                    tl.store(dxrow + c[None, :] * sgn, dx.to(DX.dtype.element_ty), mask=mask,
+                             eviction_policy="evict_first")

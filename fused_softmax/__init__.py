@@ -5,7 +5,8 @@ log-sum-exp and cross-entropy, as drop-in replacements of ``torch.nn.functional`
 """
 
 from . import nn
+from .cross_entropy import cross_entropy
 from .softmax import log_softmax, logsumexp, softmax
 
-__all__ = ["softmax", "log_softmax", "logsumexp", "nn"]
+__all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "nn"]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ import collections
 import functools
 import os
 
+import numpy as np
 import torch
 
 try:
@@ -79,3 +80,9 @@ def wrap_dim(dim: int, ndim: int) -> int:
             f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})"
         )
     return dim % n
+
+
+def split_float(v: float) -> tuple:
+    """``v`` as two fp32 values ``hi + lo`` (see ``kernels.softmax.float_arg``)."""
+    hi = float(np.float32(v))
+    return hi, float(np.float32(v - hi))

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from . import softmax as _softmax
+from .cross_entropy import cross_entropy
 
 
 class _SoftmaxBase(torch.nn.Module):
@@ -48,3 +49,45 @@ class LogSoftmax(_SoftmaxBase):
     """Drop-in for :class:`torch.nn.LogSoftmax` (plus keyword-only ``temperature``)."""
 
     _fn = staticmethod(_softmax.log_softmax)
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in for :class:`torch.nn.CrossEntropyLoss`, backed by :func:`fused_softmax.cross_entropy`.
+
+    Same constructor and forward as torch's, plus the keyword-only extras of
+    :func:`fused_softmax.cross_entropy` (``logit_scale``, ``softcap``, ``z_loss``,
+    ``inplace_backward``). ``weight`` is a registered buffer, as in torch, so
+    ``state_dict`` round-trips with torch's module.
+
+    Example::
+
+        >>> loss_fn = fused_softmax.nn.CrossEntropyLoss(label_smoothing=0.1)
+        >>> loss = loss_fn(torch.randn(4, 10, requires_grad=True), torch.tensor([1, 0, 9, 3]))
+    """
+
+    __constants__ = ["ignore_index", "reduction", "label_smoothing"]
+
+    def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None,
+                 ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                 label_smoothing: float = 0.0, *, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None, z_loss: float = 0.0,
+                 inplace_backward: bool = False) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.z_loss = z_loss
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+            logit_scale=self.logit_scale, softcap=self.softcap, z_loss=self.z_loss,
+            inplace_backward=self.inplace_backward,
+        )

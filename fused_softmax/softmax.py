@@ -14,7 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _backend
-from ._backend import acc_dtype, check_float, use_triton, wrap_dim
+from ._backend import acc_dtype, check_float, split_float, use_triton, wrap_dim
 
 if _backend.HAS_TRITON:
     import triton
@@ -108,7 +108,7 @@ def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float) -> torch.Ten
     M, N, K = shape
     _backend.record_launch("softmax_fwd_kernel")
     _k.softmax_fwd_kernel[(grid,)](
-        xv, y, M * K, N, K, *sx, *sy, inv_t,
+        xv, y, M * K, N, K, *sx, *sy, *split_float(inv_t),
         MODE=mode, ACC=_tl_acc(x.dtype), **cfg,
     )
     return y
@@ -129,7 +129,7 @@ def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float) -> torch.Te
     M, N, K = shape
     _backend.record_launch("softmax_bwd_kernel")
     _k.softmax_bwd_kernel[(grid,)](
-        sv, gv, dx, lse, M * K, N, K, *ss, *sg, *sdx, inv_t,
+        sv, gv, dx, lse, M * K, N, K, *ss, *sg, *sdx, *split_float(inv_t),
         MODE=mode, ACC=_tl_acc(saved.dtype), **cfg,
     )
     return dx

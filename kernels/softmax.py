@@ -37,6 +37,13 @@ def finite_or_zero(m):
 
 
 @triton.jit
+def float_arg(hi, lo, ACC: tl.constexpr):
+    """A float argument split on the host into fp32 ``hi + lo`` (Triton passes Python floats
+    as fp32): exact to ~2^-48 in an fp64 kernel, and just ``hi`` in an fp32 one."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
 def tile_positions(tile, n_pos, K, BLOCK_R: tl.constexpr):
     """Positions of a tile as int64 (outer index, inner index, in-range mask)."""
     # (zeros + tile) promotes to int64 before the multiply, compiled or interpreted.
@@ -62,12 +69,13 @@ def online_update(m_run, s_vec, x):
 def softmax_fwd_kernel(
     X, Y, n_pos, N, K,
     sxm, sxn, sxk, sym, syn, syk,
-    inv_temperature,
+    inv_t_hi, inv_t_lo,
     MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
     """``MODE`` SOFTMAX / LOG_SOFTMAX write ``Y`` shaped like ``X``; LOGSUMEXP writes one
     value per position into ``Y`` (``n_pos`` contiguous, in ``Y``'s dtype)."""
+    inv_temperature = float_arg(inv_t_hi, inv_t_lo, ACC)
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
@@ -128,7 +136,7 @@ def softmax_fwd_kernel(
 def softmax_bwd_kernel(
     S, DY, DX, LSE, n_pos, N, K,
     ssm, ssn, ssk, sdm, sdn, sdk, sgm, sgn, sgk,
-    inv_temperature,
+    inv_t_hi, inv_t_lo,
     MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
@@ -139,6 +147,7 @@ def softmax_bwd_kernel(
     * LOGSUMEXP (``S`` = x):    ``dx = t * dy * exp(t * x - lse)``, ``dy`` and ``lse`` one
       value per position (``n_pos`` contiguous).
     """
+    inv_temperature = float_arg(inv_t_hi, inv_t_lo, ACC)
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):

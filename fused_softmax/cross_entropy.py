@@ -1,0 +1,413 @@
+"""cross_entropy: public function, autograd, custom ops, launchers.
+
+Device code: ``kernels/cross_entropy.py``. The forward kernel writes the per-row loss,
+the log-sum-exp and (when the logits need a gradient) the gradient, in one launch; the
+backward rescales that gradient by ``grad_output`` in place, skipping rows whose scale is
+exactly 1 on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _backend
+from ._backend import acc_dtype, check_float, split_float, use_triton
+
+if _backend.HAS_TRITON:
+    import triton
+
+    from .kernels import cross_entropy as _k
+    from .softmax import _tl_acc
+
+_REDUCTIONS = ("none", "mean", "sum")
+_INDEX_DTYPES = (torch.int64, torch.uint8, torch.int32)
+
+
+# --------------------------------------------------------------------------- launchers
+def _block_and_grid(x: torch.Tensor, C: int, n_rows: int):
+    max_block = {2: 16384, 4: 8192}.get(x.element_size(), 4096)
+    block_n = min(triton.next_power_of_2(max(C, 1)), max_block)
+    num_warps = min(32, max(4, block_n // 512))
+    # Long rows: few rows in flight per SM, so the gradient pass re-reads them from L2.
+    waves = max(2, min(32, 32768 // block_n))
+    grid = min(n_rows, _backend.num_programs_per_wave(x.device) * waves)
+    return block_n, num_warps, grid
+
+
+def _launch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
+                logit_scale, softcap, z_loss, prob_target):
+    n_rows, C = x.shape
+    acc = acc_dtype(x.dtype)
+    loss = torch.empty(n_rows, dtype=acc, device=x.device)
+    lse = torch.empty(n_rows, dtype=acc, device=x.device)
+    if n_rows == 0:
+        return loss, lse
+    block_n, num_warps, grid = _block_and_grid(x, C, n_rows)
+    _backend.record_launch("cross_entropy_fwd_kernel")
+    _k.cross_entropy_fwd_kernel[(grid,)](
+        x, target, weight if weight is not None else scalars, scalars, loss, lse,
+        grad if grad is not None else x,
+        n_rows, C, x.stride(0), target.stride(0) if prob_target else 0,
+        grad.stride(0) if grad is not None else 0,
+        ignore_index, *split_float(label_smoothing), *split_float(logit_scale),
+        *split_float(softcap), *split_float(z_loss),
+        PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap > 0, HAS_Z_LOSS=z_loss != 0,
+        COMPUTE_GRAD=grad is not None, ACC=_tl_acc(x.dtype), BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    return loss, lse
+
+
+def _launch_bwd(grad: torch.Tensor, dloss: torch.Tensor) -> None:
+    n_rows, C = grad.shape
+    if grad.numel() == 0:
+        return
+    block_n, num_warps, grid = _block_and_grid(grad, C, n_rows)
+    _backend.record_launch("cross_entropy_bwd_kernel")
+    _k.cross_entropy_bwd_kernel[(grid,)](
+        grad, dloss, n_rows, C, grad.stride(0), dloss.stride(0) if dloss.dim() else 0,
+        ACC=_tl_acc(grad.dtype), BLOCK_N=block_n, num_warps=num_warps,
+    )
+
+
+# --------------------------------------------------------------------------- torch path
+def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
+               logit_scale, softcap, z_loss, prob_target):
+    """The kernel's math with torch ops (CPU without the interpreter, or no Triton)."""
+    n_rows, C = x.shape
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc) * logit_scale
+    if softcap > 0:
+        th = torch.tanh(xa / softcap)
+        z, dzdx = softcap * th, logit_scale * (1 - th * th)
+    else:
+        z, dzdx = xa, logit_scale
+    logp = torch.log_softmax(z, -1)  # torch's NaN rules for +-inf rows
+    lse = torch.logsumexp(z, -1)
+    lse = torch.where(z.amax(-1) == math.inf, math.nan, lse)  # as the kernel: +inf -> NaN
+    p = logp.exp()
+    w = weight.to(acc) if weight is not None else torch.ones(C, dtype=acc, device=x.device)
+    grad_scale, w_sum = scalars[0], scalars[1]
+    eps = label_smoothing
+    if prob_target:
+        wq = w * (target.to(acc) * (1 - eps) + eps / C)
+        coef = wq.sum(-1)
+        loss = -(wq * logp).sum(-1)
+        dz = coef[:, None] * p - wq
+    else:
+        t = target.long()
+        ignored = t == ignore_index
+        t_safe = torch.where(ignored, 0, t)
+        w_t = w[t_safe]
+        logp_t = logp.gather(1, t_safe[:, None]).squeeze(1)
+        loss = -(1 - eps) * w_t * logp_t - (eps / C) * (w * logp).sum(-1)
+        coef = (1 - eps) * w_t + (eps / C) * w_sum
+        dz = coef[:, None] * p - (eps / C) * w
+        dz.scatter_add_(1, t_safe[:, None], (-(1 - eps) * w_t)[:, None])
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+        dz = dz + (2 * z_loss * lse)[:, None] * p
+    if not prob_target:
+        loss = torch.where(ignored, 0.0, loss)
+        dz = torch.where(ignored[:, None], 0.0, dz)
+    if grad is not None:
+        grad.copy_(dz * grad_scale * dzdx)
+    return loss, lse
+
+
+def _run_fwd(x, target, weight, scalars, grad, ignore_index, *args):
+    prob_target = args[-1]
+    if not prob_target and x.device.type == "cpu":
+        # torch's CPU error, checked here inside the opaque op so compiled graphs keep it.
+        # On CUDA the kernel marks the row NaN instead: no host synchronisation.
+        bad = target[(target != ignore_index) & ((target < 0) | (target >= x.shape[1]))]
+        if bad.numel():
+            raise IndexError(f"Target {bad[0].item()} is out of bounds.")
+    args = (ignore_index, *args)
+    if use_triton(x):
+        return _launch_fwd(x, target, weight, scalars, grad, *args)
+    return _torch_fwd(x, target, weight, scalars, grad, *args)
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fused_softmax::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(
+    x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], scalars: torch.Tensor,
+    ignore_index: int, label_smoothing: float, logit_scale: float, softcap: float,
+    z_loss: float, prob_target: bool, compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss and log-sum-exp of ``(rows, C)`` logits, and their gradient when
+    ``compute_grad`` (scaled by ``scalars[0]``; an empty tensor otherwise)."""
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad else x.new_empty(0)
+    loss, lse = _run_fwd(x, target, weight, scalars, grad if compute_grad else None,
+                         ignore_index, label_smoothing, logit_scale, softcap, z_loss, prob_target)
+    return loss, lse, grad
+
+
+@cross_entropy_fwd.register_fake
+def _(x, target, weight, scalars, ignore_index, label_smoothing, logit_scale, softcap,
+      z_loss, prob_target, compute_grad):
+    acc = acc_dtype(x.dtype)
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad else x.new_empty(0)
+    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc), grad
+
+
+@torch.library.custom_op("fused_softmax::cross_entropy_fwd_inplace", mutates_args=("x",))
+def cross_entropy_fwd_inplace(
+    x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], scalars: torch.Tensor,
+    ignore_index: int, label_smoothing: float, logit_scale: float, softcap: float,
+    z_loss: float, prob_target: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`cross_entropy_fwd`, writing the gradient over the logits ``x``."""
+    return _run_fwd(x, target, weight, scalars, x, ignore_index, label_smoothing,
+                    logit_scale, softcap, z_loss, prob_target)
+
+
+@cross_entropy_fwd_inplace.register_fake
+def _(x, target, weight, scalars, ignore_index, label_smoothing, logit_scale, softcap,
+      z_loss, prob_target):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
+
+
+@torch.library.custom_op("fused_softmax::cross_entropy_bwd_", mutates_args=("grad",))
+def cross_entropy_bwd_(grad: torch.Tensor, dloss: torch.Tensor) -> None:
+    """``grad *= dloss`` row-wise in place (``dloss`` a scalar or one value per row)."""
+    if use_triton(grad):
+        _launch_bwd(grad, dloss)
+    else:
+        grad.mul_((dloss[:, None] if dloss.dim() else dloss).to(grad.dtype))
+
+
+@cross_entropy_bwd_.register_fake
+def _(grad, dloss):
+    return None
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Fused forward (loss + gradient), backward = in-place rescale of that gradient."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, scalars, denom, reduction, inplace, args):
+        compute_grad = ctx.needs_input_grad[0]
+        if inplace and compute_grad:
+            loss, lse = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
+                x, target, weight, scalars, *args)
+            grad = x
+        else:
+            loss, lse, grad = torch.ops.fused_softmax.cross_entropy_fwd(
+                x, target, weight, scalars, *args, compute_grad)
+        if reduction == "sum":
+            loss = loss.sum()
+        elif reduction == "mean":
+            loss = loss.sum() / denom
+        ctx.mark_non_differentiable(lse)
+        if compute_grad:
+            # Kept outside save_for_backward: the first backward rescales it in place and
+            # hands it on; a later backward through the same graph (retain_graph, gradcheck)
+            # recomputes it from the saved logits.
+            ctx.fused_grad = grad
+            ctx.inplace, ctx.args = inplace, args
+            ctx.save_for_backward(*(() if inplace else (x, target, weight, scalars)))
+        return loss, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dloss, dlse):
+        grad, ctx.fused_grad = ctx.fused_grad, None
+        if grad is None:
+            if ctx.inplace:
+                raise RuntimeError(
+                    "fused_softmax.cross_entropy(inplace_backward=True): the logits were "
+                    "overwritten by the gradient, so the graph can be backpropagated only once")
+            x, target, weight, scalars = ctx.saved_tensors
+            grad = torch.ops.fused_softmax.cross_entropy_fwd(
+                x, target, weight, scalars, *ctx.args, True)[2]
+        torch.ops.fused_softmax.cross_entropy_bwd_(grad, dloss.reshape(-1) if dloss.dim() else dloss)
+        return grad, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- public API
+def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
+                logit_scale, softcap):
+    """torch's checks, torch's error types and messages, in torch's order."""
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("cross_entropy(): input and target must be Tensors")
+    check_float("cross_entropy", input)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap}")
+    if input.dim() == 0:
+        raise RuntimeError("cross_entropy: input must have at least 1 dimension (the classes)")
+    C = input.shape[0 if input.dim() == 1 else 1]
+    prob_target = target.shape == input.shape
+    if prob_target:
+        if not target.is_floating_point():
+            raise RuntimeError(
+                f"Expected floating point type for target with class probabilities, got {_type_name(target.dtype)}")
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+    else:
+        if target.dtype not in _INDEX_DTYPES:
+            raise RuntimeError(
+                f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
+        if input.dim() == 1:
+            if target.dim() != 0:
+                raise RuntimeError(
+                    f"Expected target to be a 0-d tensor for 1-d input, got shape {list(target.shape)}")
+        elif input.dim() == 2:
+            if target.dim() != 1:
+                raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+            if target.shape[0] != input.shape[0]:
+                raise ValueError(
+                    f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]}).")
+        else:
+            expected = [input.shape[0]] + list(input.shape[2:])
+            if list(target.shape) != expected:
+                raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+    if weight is not None:
+        if weight.dim() != 1 or weight.numel() != C:
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {C} classes or no classes "
+                f"but got weight tensor of shape: {list(weight.shape)}")
+        if weight.dtype != input.dtype and not prob_target:
+            raise RuntimeError(
+                f"expected scalar type {_type_name(input.dtype)} but found {_type_name(weight.dtype)}")
+    for name, t in (("target", target), ("weight", weight)):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found {name} on {t.device} "
+                f"and input on {input.device}")
+    return C, prob_target
+
+
+def _type_name(dtype: torch.dtype) -> str:
+    return torch.empty(0, dtype=dtype).type().split(".")[-1].replace("Tensor", "")
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
+):
+    r"""Cross-entropy between logits and targets, fused: loss and gradient in one pass.
+
+    Drop-in for :func:`torch.nn.functional.cross_entropy` (the first eight arguments mean
+    exactly what they mean there). The log-softmax is never materialised: one Triton kernel
+    reads each row of logits, computes ``lse = log(sum(exp(z)))`` online, the loss, and —
+    when ``input`` requires grad — the gradient ``softmax(z) - target`` (with weights and
+    smoothing), so the backward pass only rescales it by ``grad_output``.
+
+    Args:
+        input (Tensor): logits, ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; float16,
+            bfloat16, float32 or float64. Accumulation is fp32 (fp64 for fp64).
+        target (Tensor): class indices (int64 or uint8 as torch; int32 also accepted) of
+            shape ``()``, ``(N,)`` or ``(N, d1, ..., dk)``, or class probabilities of
+            ``input``'s shape (floating point).
+        weight (Tensor, optional): per-class weights ``(C,)``, ``input``'s dtype.
+        size_average, reduce: deprecated, as in torch.
+        ignore_index (int): target value that contributes neither loss nor gradient (any
+            value, also one in ``[0, C)``); index targets only.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. ``'mean'`` divides by the sum of
+            the target weights of non-ignored elements (by their count without ``weight``;
+            by the number of rows for probability targets); all ignored gives NaN.
+        label_smoothing (float): in ``[0, 1]``; torch's formula, with or without weights.
+        logit_scale (float, keyword-only): multiply the logits first (``1 / temperature``).
+        softcap (float, keyword-only): ``z = softcap * tanh(z / softcap)`` after scaling
+            (Gemma-2); the gradient goes through it.
+        z_loss (float, keyword-only): add ``z_loss * lse**2`` per non-ignored row (PaLM),
+            reduced like the loss.
+        return_lse (bool, keyword-only): also return the per-row log-sum-exp of the
+            (scaled, capped) logits, shaped like ``target`` (without the class dim for
+            probability targets), in the accumulation dtype (fp32, fp64 for fp64 input);
+            not differentiable.
+        inplace_backward (bool, keyword-only): write the gradient over ``input``'s storage
+            instead of a new buffer (saves one logits-sized allocation). ``input`` is
+            overwritten: use only when nothing else reads the logits afterwards. Off by
+            default; when off, ``input`` is never modified.
+
+    Returns:
+        The loss in ``input``'s dtype: a scalar, or ``target``'s shape for
+        ``reduction='none'``; ``(loss, lse)`` when ``return_lse``.
+
+    Out-of-range targets: on CPU an ``IndexError`` naming the value, as torch. On CUDA the
+    kernel never uses such a target as an address; that row's loss and gradient are NaN
+    (so a mean loss is NaN), with no host synchronisation to find out.
+
+    Example::
+
+        >>> logits = torch.randn(8, 32000, requires_grad=True)
+        >>> target = torch.randint(0, 32000, (8,))
+        >>> loss = fused_softmax.cross_entropy(logits, target, label_smoothing=0.1)
+        >>> loss.backward()
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
+                                 label_smoothing, logit_scale, softcap)
+    out_dtype = torch.result_type(input, target) if prob_target else input.dtype
+    acc = acc_dtype(input.dtype)
+
+    # Rows of C contiguous logits: (C,) -> (1, C); (N, C, d...) -> (N * d..., C).
+    if input.dim() == 1:
+        x = input.unsqueeze(0)
+        t = target.unsqueeze(0)
+    elif input.dim() == 2:
+        x, t = input, target
+    else:
+        x = input.movedim(1, -1).reshape(-1, C)
+        t = target.movedim(1, -1).reshape(-1, C) if prob_target else target.reshape(-1)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    t = t.contiguous()
+    n_rows = x.shape[0]
+
+    # Device scalars, so nothing downstream needs the host: the mean's denominator, the
+    # gradient scale (1/denominator for a mean) and sum(weight).
+    if prob_target:
+        denom = torch.full((), float(n_rows), dtype=acc, device=x.device)
+    else:
+        valid = t != ignore_index
+        if weight is not None:
+            denom = (weight.to(acc)[t.long().clamp(0, max(C - 1, 0))] * valid).sum()
+        else:
+            denom = valid.sum(dtype=acc)
+    w_sum = weight.to(acc).sum() if weight is not None else torch.full((), float(C), dtype=acc, device=x.device)
+    grad_scale = 1.0 / denom if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
+    scalars = torch.stack([grad_scale, w_sum])
+
+    args = (ignore_index, float(label_smoothing), float(logit_scale),
+            float(softcap) if softcap is not None else 0.0, float(z_loss), prob_target)
+    loss, lse = CrossEntropyFunction.apply(x, t, weight, scalars, denom, reduction,
+                                           inplace_backward, args)
+    loss = loss.to(out_dtype)
+    if input.dim() == 1:
+        lead = ()
+    else:
+        lead = (input.shape[:1] + input.shape[2:]) if prob_target else target.shape
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if return_lse:
+        return loss, lse.reshape(lead)
+    return loss

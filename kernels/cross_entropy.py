@@ -1,0 +1,177 @@
+"""Fused cross-entropy over logits: loss, log-sum-exp and the logit gradient in one launch.
+
+Per row of ``C`` logits ``x``, with ``z = softcap * tanh(logit_scale * x / softcap)`` (or
+``logit_scale * x`` without softcap), ``lse = log(sum(exp(z)))`` and ``p = exp(z - lse)``:
+
+* class-index target ``t``, class weights ``w`` (ones if absent), ``eps`` = label smoothing::
+
+      loss = (1 - eps) * w_t * (lse - z_t) + eps / C * (sum(w) * lse - sum(w * z))
+      dz   = ((1 - eps) * w_t + eps / C * sum(w)) * p - (1 - eps) * w_t * onehot(t) - eps / C * w
+
+* class-probability target ``q``, smoothed ``q' = (1 - eps) * q + eps / C``::
+
+      loss = sum(w * q') * lse - sum(w * q' * z)
+      dz   = sum(w * q') * p - w * q'
+
+  plus ``z_loss * lse**2`` (gradient ``2 * z_loss * lse * p``). These are torch's
+  formulas (``label_smoothing`` included) rewritten so that one pass over the row
+  gathers every sum they need.
+
+HBM passes. When the gradient is wanted, it is written in the same launch (the backward
+only rescales it by ``grad_output``, and skips even that on the device when the scale is
+1). The first pass over a row is online (running max, rescaled sum of exp, one ``exp``
+per element); the second re-reads the row and writes the gradient. The persistent grid
+keeps only a few rows per SM in flight, so the re-read hits L1/L2, not HBM: one HBM read
+of the logits and one write of the gradient, whatever the vocabulary size.
+
+Ignored rows give loss 0 and gradient 0 whatever their logits hold. A target outside
+``[0, C)`` that is not ``ignore_index`` is never used as an address: its row's loss and
+gradient are NaN, so the failure is loud without a host synchronisation.
+"""
+
+import triton
+import triton.language as tl
+
+from .softmax import finite_or_zero, float_arg
+
+
+@triton.jit
+def scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``z`` from raw logits, and ``dz/dx``."""
+    z = x * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits +-1 at +-inf, no NaN.
+        t = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
+        return softcap * t, logit_scale * (1.0 - t * t)
+    return z, logit_scale
+
+
+@triton.jit
+def cross_entropy_fwd_kernel(
+    X, TARGET, WEIGHT, SCALARS, LOSS, LSE, GRAD,
+    n_rows, C, sx, st, sg,
+    ignore_index, smoothing_hi, smoothing_lo, scale_hi, scale_lo, softcap_hi, softcap_lo,
+    z_loss_hi, z_loss_lo,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_Z_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One row per loop iteration of a persistent grid.
+
+    ``SCALARS`` = [gradient scale (1/denominator for a mean, else 1), sum(weight)], device
+    values computed before the launch so that nothing here needs the host.
+    """
+    smoothing = float_arg(smoothing_hi, smoothing_lo, ACC)
+    logit_scale = float_arg(scale_hi, scale_lo, ACC)
+    softcap = float_arg(softcap_hi, softcap_lo, ACC)
+    z_loss = float_arg(z_loss_hi, z_loss_lo, ACC)
+    cols = tl.arange(0, BLOCK_N)
+    grad_scale = tl.load(SCALARS).to(ACC)
+    w_sum = tl.load(SCALARS + 1).to(ACC)
+    eps_c = smoothing / C
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        r = tl.cast(row, tl.int64)
+        xrow = X + r * sx
+        if not PROB_TARGET:
+            t = tl.load(TARGET + r).to(tl.int64)
+            ignored = t == ignore_index
+            in_range = (t >= 0) & (t < C)
+            t_safe = tl.where(in_range, t, 0)
+            z_t, _ = scaled_logits(tl.load(xrow + t_safe).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
+            w_t = 1.0
+            if HAS_WEIGHT:
+                w_t = tl.load(WEIGHT + t_safe).to(ACC)
+
+        # ---- pass 1: max, sum of exp, and the linear sums the loss needs
+        m = tl.full([], -float("inf"), ACC)
+        s_vec = tl.zeros([BLOCK_N], ACC)
+        lin_vec = tl.zeros([BLOCK_N], ACC)  # sum(w * z) or sum(w * q' * z)
+        wq_vec = tl.zeros([BLOCK_N], ACC)   # sum(w * q')
+        for start in range(0, C, BLOCK_N):
+            c = start + cols
+            mask = c < C
+            x = tl.load(xrow + c, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
+            z, _ = scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP)
+            z = tl.where(mask, z, -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            shift = finite_or_zero(m_new)
+            alpha = tl.where(m == -float("inf"), 0.0, tl.exp(finite_or_zero(m) - shift))
+            s_vec = s_vec * alpha + tl.exp(z - shift)
+            m = m_new
+            if HAS_WEIGHT:
+                w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
+            else:
+                w = tl.where(mask, 1.0, 0.0).to(ACC)
+            if PROB_TARGET:
+                q = tl.load(TARGET + r * st + c, mask=mask, other=0.0).to(ACC)
+                wq = w * (q * (1.0 - smoothing) + eps_c)
+                wq_vec += wq
+                lin_vec += tl.where(mask, wq * z, 0.0)
+            elif HAS_SMOOTHING:
+                lin_vec += tl.where(mask, w * z, 0.0)
+        shift = finite_or_zero(m)
+        s = tl.sum(s_vec, 0)
+        # torch: a +inf logit makes log_softmax NaN (inf - inf), so the loss is NaN too.
+        s = tl.where(m == float("inf"), float("nan"), s)
+        lse = shift + tl.log(s)
+
+        if PROB_TARGET:
+            coef = tl.sum(wq_vec, 0)
+            loss = coef * lse - tl.sum(lin_vec, 0)
+        else:
+            loss = (1.0 - smoothing) * w_t * (lse - z_t)
+            coef = (1.0 - smoothing) * w_t
+            if HAS_SMOOTHING:
+                loss += eps_c * (w_sum * lse - tl.sum(lin_vec, 0))
+                coef += eps_c * w_sum
+        if HAS_Z_LOSS:
+            loss += z_loss * lse * lse
+            coef += 2.0 * z_loss * lse
+        if not PROB_TARGET:
+            loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
+        tl.store(LOSS + r, loss)
+        tl.store(LSE + r, lse)
+
+        # ---- pass 2 (L2-resident re-read): gradient of the row's loss
+        if COMPUTE_GRAD:
+            inv_s = 1.0 / s
+            g_coef = coef * grad_scale
+            for start in range(0, C, BLOCK_N):
+                c = start + cols
+                mask = c < C
+                x = tl.load(xrow + c, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+                z, dzdx = scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP)
+                p = tl.exp(z - shift) * inv_s
+                if HAS_WEIGHT:
+                    w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
+                else:
+                    w = 1.0
+                if PROB_TARGET:
+                    q = tl.load(TARGET + r * st + c, mask=mask, other=0.0).to(ACC)
+                    dz = g_coef * p - grad_scale * w * (q * (1.0 - smoothing) + eps_c)
+                else:
+                    dz = g_coef * p - tl.where(c == t, grad_scale * (1.0 - smoothing) * w_t, 0.0)
+                    if HAS_SMOOTHING:
+                        dz -= grad_scale * eps_c * w
+                    dz = tl.where(ignored, 0.0, tl.where(in_range, dz, float("nan")))
+                tl.store(GRAD + r * sg + c, (dz * dzdx).to(GRAD.dtype.element_ty), mask=mask,
+                         eviction_policy="evict_first")
+
+
+@triton.jit
+def cross_entropy_bwd_kernel(GRAD, DLOSS, n_rows, C, sg, sd, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scale each row of the forward's gradient by ``grad_output`` in place.
+
+    ``sd`` is 0 for a scalar ``grad_output`` (mean / sum). A row whose scale is exactly 1
+    (``loss.backward()``) is skipped on the device: a launch, not a pass over HBM.
+    """
+    cols = tl.arange(0, BLOCK_N)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        r = tl.cast(row, tl.int64)
+        g = tl.load(DLOSS + r * sd).to(ACC)
+        if g != 1.0:
+            for start in range(0, C, BLOCK_N):
+                c = start + cols
+                mask = c < C
+                v = tl.load(GRAD + r * sg + c, mask=mask, other=0.0)
+                tl.store(GRAD + r * sg + c, (v.to(ACC) * g).to(GRAD.dtype.element_ty), mask=mask)

@@ -36,14 +36,18 @@ from .softmax import finite_or_zero, float_arg
 
 
 @triton.jit
+def tanh(u):
+    """tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits +-1 at +-inf, never NaN."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
 def scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """``z`` from raw logits, and ``dz/dx``."""
+    """``z`` from raw logits (one return: compiled Triton needs one return type)."""
     z = x * logit_scale
     if HAS_SOFTCAP:
-        # tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits +-1 at +-inf, no NaN.
-        t = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
-        return softcap * t, logit_scale * (1.0 - t * t)
-    return z, logit_scale
+        z = softcap * tanh(z / softcap)
+    return z
 
 
 @triton.jit
@@ -77,7 +81,7 @@ def cross_entropy_fwd_kernel(
             ignored = t == ignore_index
             in_range = (t >= 0) & (t < C)
             t_safe = tl.where(in_range, t, 0)
-            z_t, _ = scaled_logits(tl.load(xrow + t_safe).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
+            z_t = scaled_logits(tl.load(xrow + t_safe).to(ACC), logit_scale, softcap, HAS_SOFTCAP)
             w_t = 1.0
             if HAS_WEIGHT:
                 w_t = tl.load(WEIGHT + t_safe).to(ACC)
@@ -91,8 +95,7 @@ def cross_entropy_fwd_kernel(
             c = start + cols
             mask = c < C
             x = tl.load(xrow + c, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
-            z, _ = scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP)
-            z = tl.where(mask, z, -float("inf"))
+            z = tl.where(mask, scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP), -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
             shift = finite_or_zero(m_new)
             alpha = tl.where(m == -float("inf"), 0.0, tl.exp(finite_or_zero(m) - shift))
@@ -140,7 +143,13 @@ def cross_entropy_fwd_kernel(
                 c = start + cols
                 mask = c < C
                 x = tl.load(xrow + c, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-                z, dzdx = scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP)
+                z = x * logit_scale
+                if HAS_SOFTCAP:
+                    t_cap = tanh(z / softcap)
+                    z = softcap * t_cap
+                    dzdx = logit_scale * (1.0 - t_cap * t_cap)
+                else:
+                    dzdx = logit_scale
                 p = tl.exp(z - shift) * inv_s
                 if HAS_WEIGHT:
                     w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)

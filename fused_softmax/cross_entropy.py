@@ -39,14 +39,14 @@ def _block_and_grid(x: torch.Tensor, C: int, n_rows: int):
 
 
 def _launch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
-                logit_scale, softcap, z_loss, prob_target):
+                logit_scale, softcap, z_loss, prob_target, config=None):
     n_rows, C = x.shape
     acc = acc_dtype(x.dtype)
     loss = torch.empty(n_rows, dtype=acc, device=x.device)
     lse = torch.empty(n_rows, dtype=acc, device=x.device)
     if n_rows == 0:
         return loss, lse
-    block_n, num_warps, grid = _block_and_grid(x, C, n_rows)
+    block_n, num_warps, grid = config or _block_and_grid(x, C, n_rows)
     _backend.record_launch("cross_entropy_fwd_kernel")
     _k.cross_entropy_fwd_kernel[(grid,)](
         x, target, weight if weight is not None else scalars, scalars, loss, lse,

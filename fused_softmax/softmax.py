@@ -92,7 +92,7 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float) -> torch.Tensor:
+def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None) -> torch.Tensor:
     if mode == LOGSUMEXP:
         out_shape = x.shape[:dim] + x.shape[dim + 1:]
         y = torch.empty(out_shape, dtype=acc_dtype(x.dtype), device=x.device)
@@ -104,7 +104,7 @@ def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float) -> torch.Ten
         return y.fill_(-math.inf)
     xv, shape, sx = view3d(x, dim)
     _, _, sy = view3d(y, dim) if mode != LOGSUMEXP else (None, None, (0, 0, 0))
-    cfg, grid = launch_config(xv, shape, sx)
+    cfg, grid = config or launch_config(xv, shape, sx)
     M, N, K = shape
     _backend.record_launch("softmax_fwd_kernel")
     _k.softmax_fwd_kernel[(grid,)](
@@ -114,7 +114,7 @@ def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float) -> torch.Ten
     return y
 
 
-def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float) -> torch.Tensor:
+def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None) -> torch.Tensor:
     dx = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
     if dx.numel() == 0:
         return dx
@@ -125,7 +125,7 @@ def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float) -> torch.Te
     else:
         gv, _, sg = view3d(grad, dim)
     _, _, sdx = view3d(dx, dim)
-    cfg, grid = launch_config(sv, shape, ss)
+    cfg, grid = config or launch_config(sv, shape, ss)
     M, N, K = shape
     _backend.record_launch("softmax_bwd_kernel")
     _k.softmax_bwd_kernel[(grid,)](

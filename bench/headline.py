@@ -1,0 +1,65 @@
+"""Headline cases against torch eager and Liger-Kernel, in one process (CUDA only).
+
+Produced bench/results/headline-h100-2026-11-23.json. Each provider's first call (compile)
+is timed separately, then triton.testing.do_bench (median, L2 flushed). Bytes are what
+must move: inputs read once, outputs written once. Writes $OUT/headline.json (or the path
+in argv[1]).
+
+    python bench/headline.py bench/results/headline-<device>-<date>.json
+"""
+import datetime
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+t0 = time.time()
+def log(*a): print(f"[{time.time()-t0:6.1f}s]", *a, flush=True)
+sm = importlib.import_module("fused_softmax.softmax"); ce = importlib.import_module("fused_softmax.cross_entropy")
+from liger_kernel.ops.softmax import LigerSoftmaxFunction
+from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.environ.get("OUT", "."), "headline.json")
+R = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__, triton=triton.__version__, cases={})
+def ms(fn): return do_bench(fn, warmup=25, rep=100, return_mode="median")
+a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda"); b = torch.empty_like(a)
+R["copy_gbps"] = 2 * a.numel() / ms(lambda: b.copy_(a)) / 1e6; del a, b; log("copy", R["copy_gbps"])
+def case(name, nbytes, provs):
+    res = {}
+    for p, fn in provs.items():
+        try:
+            t1 = time.time(); fn(); torch.cuda.synchronize(); first = time.time() - t1
+            m = ms(fn); res[p] = dict(ms=m, gbps=nbytes / m / 1e6, first_call_s=first)
+        except Exception as e:
+            res[p] = dict(error=repr(e)[:200])
+        log(name, p, res[p])
+    R["cases"][name] = dict(bytes=nbytes, **res); json.dump(R, open(OUT, "w"), indent=1)
+x = torch.randn(8192, 32768, device="cuda", dtype=torch.bfloat16)
+case("softmax_fwd_bf16_8192x32768", 4 * x.numel(), dict(ours=lambda: sm.softmax(x, -1), eager=lambda: torch.softmax(x, -1), liger=lambda: LigerSoftmaxFunction.apply(x)))
+xg = x.clone().requires_grad_(); dy = torch.randn_like(x)
+def sfb(f):
+    def go(): xg.grad = None; f(xg).backward(dy)
+    return go
+case("softmax_fwdbwd_bf16_8192x32768", 10 * x.numel(), dict(ours=sfb(lambda t: sm.softmax(t, -1)), eager=sfb(lambda t: torch.softmax(t, -1)), liger=sfb(LigerSoftmaxFunction.apply)))
+del x, xg, dy
+for V in (128256, 32000):
+    lg = torch.randn(8192, V, device="cuda", dtype=torch.bfloat16); t = torch.randint(0, V, (8192,), device="cuda")
+    if V == 128256:
+        case(f"ce_fwd_bf16_8192x{V}", 2 * lg.numel(), dict(ours=lambda: ce.cross_entropy(lg, t), eager=lambda: torch.nn.functional.cross_entropy(lg, t), liger=lambda: LigerCrossEntropyFunction.apply(lg, t, None)[0]))
+    xg = lg.clone().requires_grad_()
+    def fb(f):
+        def go(): xg.grad = None; f(xg, t).backward()
+        return go
+    case(f"ce_fwdbwd_bf16_8192x{V}", 4 * lg.numel(), dict(ours=fb(ce.cross_entropy), eager=fb(torch.nn.functional.cross_entropy), liger=fb(lambda a_, b_: LigerCrossEntropyFunction.apply(a_, b_, None)[0])))
+    del lg, xg
+for N in (131072, 262144):
+    x = torch.randn((1 << 28) // N, N, device="cuda", dtype=torch.bfloat16)
+    case(f"softmax_fwd_bf16_N{N}", 4 * x.numel(), dict(ours=lambda: sm.softmax(x, -1), eager=lambda: torch.softmax(x, -1)))
+x = torch.randn(32768, 8192, device="cuda", dtype=torch.bfloat16)
+case("softmax_fwd_bf16_32768x8192_dim0", 4 * x.numel(), dict(ours=lambda: sm.softmax(x, 0), eager=lambda: torch.softmax(x, 0), movedim_copy=lambda: sm.softmax(x.t().contiguous(), -1)))
+for N in (4096, 1024):
+    x = torch.randn((1 << 28) // N, N, device="cuda", dtype=torch.bfloat16)
+    case(f"softmax_fwd_bf16_N{N}", 4 * x.numel(), dict(ours=lambda: sm.softmax(x, -1), eager=lambda: torch.softmax(x, -1), liger=lambda: LigerSoftmaxFunction.apply(x)))

@@ -81,12 +81,7 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     """The kernel's math with torch ops (CPU without the interpreter, or no Triton)."""
     n_rows, C = x.shape
     acc = acc_dtype(x.dtype)
-    xa = x.to(acc) * logit_scale
-    if softcap > 0:
-        th = torch.tanh(xa / softcap)
-        z, dzdx = softcap * th, logit_scale * (1 - th * th)
-    else:
-        z, dzdx = xa, logit_scale
+    z, dzdx = _scaled_logits(x, logit_scale, softcap)
     logp = torch.log_softmax(z, -1)  # torch's NaN rules for +-inf rows
     lse = torch.logsumexp(z, -1)
     lse = torch.where(z.amax(-1) == math.inf, math.nan, lse)  # as the kernel: +inf -> NaN
@@ -189,13 +184,43 @@ def _(grad, dloss):
     return None
 
 
+def _scaled_logits(x, logit_scale, softcap):
+    """``z`` and ``dz/dx`` of the kernel's logit transform, with torch ops."""
+    z = x.to(acc_dtype(x.dtype)) * logit_scale
+    if softcap > 0:
+        th = torch.tanh(z / softcap)
+        return softcap * th, logit_scale * (1 - th * th)
+    return z, logit_scale
+
+
+def _prob_target_grads(x, target, weight, scalars, lse, dscale, args):
+    """Gradients of the loss for probability targets with respect to the target,
+    ``-(1 - eps) * w * log_softmax(z)``, and to the class weight, ``-sum_rows q' * log_softmax(z)``
+    (each scaled by the reduction and grad_output). Only users who differentiate through
+    soft labels or class weights pay for it (torch ops, off the fused path)."""
+    _, eps, logit_scale, softcap = args[:4]
+    C = x.shape[1]
+    z, _ = _scaled_logits(x, logit_scale, softcap)
+    row_scale = scalars[0] * (dscale[:, None] if dscale.dim() else dscale)
+    dlogp = -(z - lse[:, None]) * row_scale  # d loss / d (w * q'), per element
+    w = weight.to(z.dtype) if weight is not None else None
+    grad_target = (1 - eps) * dlogp * (w if w is not None else 1.0)
+    grad_weight = None
+    if weight is not None:
+        grad_weight = (dlogp * (target.to(z.dtype) * (1 - eps) + eps / C)).sum(0)
+    return grad_target, grad_weight
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused forward (loss + gradient), backward = in-place rescale of that gradient."""
 
     @staticmethod
     def forward(ctx, x, target, weight, scalars, denom, reduction, inplace, args):
         compute_grad = ctx.needs_input_grad[0]
-        if inplace and compute_grad:
+        target_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]  # prob targets only
+        # The target gradient needs the logits: never overwrite them then.
+        inplace = inplace and compute_grad and not target_grad
+        if inplace:
             loss, lse = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
                 x, target, weight, scalars, *args)
             grad = x
@@ -207,29 +232,38 @@ class CrossEntropyFunction(torch.autograd.Function):
         elif reduction == "mean":
             loss = loss.sum() / denom
         ctx.mark_non_differentiable(lse)
-        if compute_grad:
-            # Kept outside save_for_backward: the first backward rescales it in place and
-            # hands it on; a later backward through the same graph (retain_graph, gradcheck)
-            # recomputes it from the saved logits.
-            ctx.fused_grad = grad
+        if compute_grad or target_grad:
+            # The gradient is kept outside save_for_backward: the first backward rescales
+            # it in place and hands it on; a later backward through the same graph
+            # (retain_graph, gradcheck) recomputes it from the saved logits.
+            ctx.fused_grad = grad if compute_grad else None
             ctx.inplace, ctx.args = inplace, args
-            ctx.save_for_backward(*(() if inplace else (x, target, weight, scalars)))
+            ctx.save_for_backward(*(() if inplace else (x, target, weight, scalars, lse)))
         return loss, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dloss, dlse):
-        grad, ctx.fused_grad = ctx.fused_grad, None
-        if grad is None:
-            if ctx.inplace:
-                raise RuntimeError(
-                    "fused_softmax.cross_entropy(inplace_backward=True): the logits were "
-                    "overwritten by the gradient, so the graph can be backpropagated only once")
-            x, target, weight, scalars = ctx.saved_tensors
-            grad = torch.ops.fused_softmax.cross_entropy_fwd(
-                x, target, weight, scalars, *ctx.args, True)[2]
-        torch.ops.fused_softmax.cross_entropy_bwd_(grad, dloss.reshape(-1) if dloss.dim() else dloss)
-        return grad, None, None, None, None, None, None, None
+        dscale = dloss.reshape(-1) if dloss.dim() else dloss
+        grad_x = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad_x, ctx.fused_grad = ctx.fused_grad, None
+            if grad_x is None:
+                if ctx.inplace:
+                    raise RuntimeError(
+                        "fused_softmax.cross_entropy(inplace_backward=True): the logits were "
+                        "overwritten by the gradient, so the graph can be backpropagated only once")
+                x, target, weight, scalars, _ = ctx.saved_tensors
+                grad_x = torch.ops.fused_softmax.cross_entropy_fwd(
+                    x, target, weight, scalars, *ctx.args, True)[2]
+            torch.ops.fused_softmax.cross_entropy_bwd_(grad_x, dscale)
+        grad_weight = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            x, target, weight, scalars, lse = ctx.saved_tensors
+            grad_target, grad_weight = _prob_target_grads(x, target, weight, scalars, lse, dscale, ctx.args)
+            grad_target = grad_target.to(target.dtype) if ctx.needs_input_grad[1] else None
+            grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_target, grad_weight, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -241,7 +275,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     check_float("cross_entropy", input)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    if not 0.0 <= label_smoothing <= 1.0:
+    if label_smoothing > 1.0:  # torch rejects > 1 and treats a negative value as 0
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if not math.isfinite(logit_scale):
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
@@ -262,9 +296,11 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             raise RuntimeError(
                 f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
         if input.dim() == 1:
-            if target.dim() != 0:
-                raise RuntimeError(
-                    f"Expected target to be a 0-d tensor for 1-d input, got shape {list(target.shape)}")
+            if target.dim() > 1:
+                raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+            if target.dim() == 1 and target.shape[0] != 1:
+                raise ValueError(
+                    f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
         elif input.dim() == 2:
             if target.dim() != 1:
                 raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
@@ -280,6 +316,10 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             raise RuntimeError(
                 f"weight tensor should be defined either for all {C} classes or no classes "
                 f"but got weight tensor of shape: {list(weight.shape)}")
+        if weight.requires_grad and torch.is_grad_enabled() and not prob_target:
+            raise RuntimeError(  # torch's error: nll_loss has no gradient for its weight
+                "the derivative for 'weight' is not implemented: cross_entropy with class-index "
+                "targets is not differentiable with respect to argument 'weight'")
         if weight.dtype != input.dtype and not prob_target:
             raise RuntimeError(
                 f"expected scalar type {_type_name(input.dtype)} but found {_type_name(weight.dtype)}")
@@ -366,13 +406,18 @@ def cross_entropy(
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
                                  label_smoothing, logit_scale, softcap)
-    out_dtype = torch.result_type(input, target) if prob_target else input.dtype
+    label_smoothing = max(float(label_smoothing), 0.0)
+    out_dtype = input.dtype
+    if prob_target:  # torch computes -(log_softmax(input) * target * weight): promotes
+        out_dtype = torch.promote_types(out_dtype, target.dtype)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
     acc = acc_dtype(input.dtype)
 
     # Rows of C contiguous logits: (C,) -> (1, C); (N, C, d...) -> (N * d..., C).
     if input.dim() == 1:
         x = input.unsqueeze(0)
-        t = target.unsqueeze(0)
+        t = target.reshape(1, C) if prob_target else target.reshape(1)
     elif input.dim() == 2:
         x, t = input, target
     else:

@@ -28,7 +28,7 @@ def sweep_sm(N, cfgs):
     for br, bn, single, w, waves in cfgs:
         if time.time() - t0 > DEADLINE: return
         n_tiles = triton.cdiv(x.shape[0], br); grid = min(n_tiles, SMS * waves)
-        c = (dict(BLOCK_R=br, BLOCK_N=bn, SINGLE_PASS=single, num_warps=w), grid)
+        c = (dict(BLOCK_R=br, BLOCK_N=bn, SINGLE_PASS=single, WIDE=False, num_warps=w), grid)
         try:
             y = sm._launch_fwd(x, 1, 0, 1.0, config=c); err = (y.float() - ref).abs().max().item()
             m = ms(lambda: sm._launch_fwd(x, 1, 0, 1.0, config=c)); row = dict(case=f"sm N{N}", cfg=[br, bn, single, w, waves], ms=m, gbps=nb / m / 1e6, err=err)

@@ -12,7 +12,6 @@ import math
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _backend
 from ._backend import acc_dtype, check_float, split_float, use_triton
@@ -242,8 +241,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dloss, dlse):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_softmax.cross_entropy does not support double backward "
+                "(create_graph=True): its gradient comes from a fused kernel. Use "
+                "torch.nn.functional.cross_entropy where second derivatives are needed.")
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
         grad_x = grad_target = None
         if ctx.needs_input_grad[0]:

@@ -11,7 +11,6 @@ import warnings
 from typing import Optional, Sequence, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _backend
 from ._backend import acc_dtype, check_float, split_float, use_triton, wrap_dim
@@ -53,7 +52,7 @@ def view3d(t: torch.Tensor, dim: int):
     raise AssertionError("a contiguous tensor always collapses")
 
 
-def launch_config(t: torch.Tensor, shape, strides):
+def launch_config(t: torch.Tensor, shape, strides, strides_n=None):
     """Tile shape, pass count, warps and persistent grid for a ``(M, N, K)`` reduction.
 
     Tiles hold at most ``max_tile`` elements in registers (by element size). Rows along a
@@ -63,6 +62,7 @@ def launch_config(t: torch.Tensor, shape, strides):
     """
     M, N, K = shape
     n_pos = M * K
+    strides_n = strides_n or (strides[1],)
     elem = t.element_size()
     max_tile = {2: 32768, 4: 16384}.get(elem, 8192)
     n_pad = triton.next_power_of_2(max(N, 1))
@@ -79,10 +79,11 @@ def launch_config(t: torch.Tensor, shape, strides):
         block_n = n_pad if single else max(1, (max_tile // 4) // block_r)
     tile = block_r * block_n
     num_warps = min(32, max(4, tile // 512))
+    wide = (N - 1) * max(abs(st) for st in strides_n) >= 2**31
     n_tiles = triton.cdiv(n_pos, block_r)
     waves = 8 if single else 2
     grid = min(n_tiles, _backend.num_programs_per_wave(t.device) * waves)
-    return dict(BLOCK_R=block_r, BLOCK_N=block_n, SINGLE_PASS=single,
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, SINGLE_PASS=single, WIDE=wide,
                 num_warps=num_warps), grid
 
 
@@ -104,7 +105,7 @@ def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None)
         return y.fill_(-math.inf)
     xv, shape, sx = view3d(x, dim)
     _, _, sy = view3d(y, dim) if mode != LOGSUMEXP else (None, None, (0, 0, 0))
-    cfg, grid = config or launch_config(xv, shape, sx)
+    cfg, grid = config or launch_config(xv, shape, sx, (sx[1], sy[1]))
     M, N, K = shape
     _backend.record_launch("softmax_fwd_kernel")
     _k.softmax_fwd_kernel[(grid,)](
@@ -125,7 +126,7 @@ def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None
     else:
         gv, _, sg = view3d(grad, dim)
     _, _, sdx = view3d(dx, dim)
-    cfg, grid = config or launch_config(sv, shape, ss)
+    cfg, grid = config or launch_config(sv, shape, ss, (ss[1], sg[1], sdx[1]))
     M, N, K = shape
     _backend.record_launch("softmax_bwd_kernel")
     _k.softmax_bwd_kernel[(grid,)](
@@ -190,23 +191,29 @@ def _(saved, grad, lse, dim, mode, inv_temperature):
     return torch.empty_like(saved, memory_format=torch.contiguous_format)
 
 
-class SoftmaxFunction(torch.autograd.Function):
-    """Autograd for the three modes; backward runs the fused backward kernel."""
+def _setup_context(ctx, inputs, output):
+    x, dim, mode, inv_t = inputs
+    ctx.dim, ctx.mode, ctx.inv_t = dim, mode, inv_t
+    ctx.save_for_backward(*((x, output) if mode == LOGSUMEXP else (output,)))
 
-    @staticmethod
-    def forward(ctx, x, dim, mode, inv_t):
-        out = torch.ops.fused_softmax.softmax_fwd(x, dim, mode, inv_t)
-        ctx.dim, ctx.mode, ctx.inv_t = dim, mode, inv_t
-        ctx.save_for_backward(*((x, out) if mode == LOGSUMEXP else (out,)))
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        lse = saved[1] if ctx.mode == LOGSUMEXP else None
+def _backward(ctx, grad):
+    saved = ctx.saved_tensors
+    lse = saved[1] if ctx.mode == LOGSUMEXP else None
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiable torch formulas, so double backward is exact
+        # (the saved output's own gradient comes back through this op's backward).
+        dx = _torch_bwd(saved[0], grad, lse, ctx.dim, ctx.mode, ctx.inv_t)
+    else:
         dx = torch.ops.fused_softmax.softmax_bwd(saved[0], grad, lse, ctx.dim, ctx.mode, ctx.inv_t)
-        return dx, None, None, None
+    return dx, None, None, None
+
+
+softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _apply(x, dim, mode, inv_t):
+    return torch.ops.fused_softmax.softmax_fwd(x, dim, mode, inv_t)
 
 
 # --------------------------------------------------------------------------- public API
@@ -238,8 +245,8 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     dim = wrap_dim(dim, input.dim())
     inv_t = _inv_temperature(temperature)
     if input.dim() == 0:
-        return SoftmaxFunction.apply(input.reshape(1), 0, mode, inv_t).reshape(())
-    return SoftmaxFunction.apply(input, dim, mode, inv_t)
+        return _apply(input.reshape(1), 0, mode, inv_t).reshape(())
+    return _apply(input, dim, mode, inv_t)
 
 
 def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
@@ -322,15 +329,15 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     if len(set(dims)) != len(dims):
         raise RuntimeError(f"dim {dims} appears multiple times in the list of dims")
     if ndim == 0:
-        return SoftmaxFunction.apply(input.reshape(1), 0, LOGSUMEXP, 1.0).to(input.dtype).reshape(())
+        return _apply(input.reshape(1), 0, LOGSUMEXP, 1.0).to(input.dtype).reshape(())
     if len(dims) == 1:
         x, d = input, dims[0]
     else:
         kept = [i for i in range(ndim) if i not in dims]
         x = input.permute(kept + dims).reshape(
-            [input.shape[i] for i in kept] + [math.prod(input.shape[i] for i in dims)])
+            [input.shape[i] for i in kept] + [math.prod([input.shape[i] for i in dims])])
         d = len(kept)
-    out = SoftmaxFunction.apply(x, d, LOGSUMEXP, 1.0).to(input.dtype)
+    out = _apply(x, d, LOGSUMEXP, 1.0).to(input.dtype)
     if keepdim:
         for d in sorted(dims):
             out = out.unsqueeze(d)

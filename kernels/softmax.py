@@ -6,7 +6,8 @@ dimension of a contiguous tensor is ``sk = 1, sn = K``. The ``M * K`` independen
 "positions" are cut into tiles of ``BLOCK_R`` positions, and a tile is a
 ``[BLOCK_R, BLOCK_N]`` block of registers. Whichever axis has unit stride is the one the
 compiler vectorises, so one kernel reads contiguous memory for both layouts: no transpose
-copy for ``dim != -1``.
+copy for ``dim != -1``. Offsets of positions are int64; offsets along the reduced
+dimension are int32 unless ``WIDE`` (a stride times ``N`` reaching 2^31).
 
 HBM passes. Softmax is memory bound: the floor is one read of the input and one write of
 the output. When the whole reduced extent fits in a tile (``SINGLE_PASS``), that is
@@ -60,7 +61,10 @@ def online_update(m_run, s_vec, x):
     """
     m_new = tl.maximum(m_run, tl.max(x, 1))
     shift = finite_or_zero(m_new)
-    alpha = tl.where(m_run == -float("inf"), 0.0, tl.exp(finite_or_zero(m_run) - shift))
+    # Once the max is +inf the answer is +inf (or NaN): keep the sums as they are, since
+    # exp(old max - 0) could overflow and turn a lane's 0 into NaN.
+    alpha = tl.where(m_run == -float("inf"), 0.0,
+                     tl.where(m_new == float("inf"), 1.0, tl.exp(finite_or_zero(m_run) - shift)))
     s_vec = s_vec * alpha[:, None] + tl.exp(x - shift[:, None])
     return m_new, s_vec
 
@@ -71,13 +75,15 @@ def softmax_fwd_kernel(
     sxm, sxn, sxk, sym, syn, syk,
     inv_t_hi, inv_t_lo,
     MODE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, WIDE: tl.constexpr,
 ):
     """``MODE`` SOFTMAX / LOG_SOFTMAX write ``Y`` shaped like ``X``; LOGSUMEXP writes one
     value per position into ``Y`` (``n_pos`` contiguous, in ``Y``'s dtype)."""
     inv_temperature = float_arg(inv_t_hi, inv_t_lo, ACC)
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
+    if WIDE:  # (N - 1) * stride along the reduced dim reaches 2^31: 64-bit column offsets
+        cols = cols.to(tl.int64)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         p, outer, inner, pmask = tile_positions(tile, n_pos, K, BLOCK_R)
         xrow = X + (outer * sxm + inner * sxk)[:, None]
@@ -138,7 +144,7 @@ def softmax_bwd_kernel(
     ssm, ssn, ssk, sdm, sdn, sdk, sgm, sgn, sgk,
     inv_t_hi, inv_t_lo,
     MODE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Backward, with ``t = inv_temperature`` and ``S`` the saved tensor:
 
@@ -150,6 +156,8 @@ def softmax_bwd_kernel(
     inv_temperature = float_arg(inv_t_hi, inv_t_lo, ACC)
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
+    if WIDE:  # (N - 1) * stride along the reduced dim reaches 2^31: 64-bit column offsets
+        cols = cols.to(tl.int64)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
         p, outer, inner, pmask = tile_positions(tile, n_pos, K, BLOCK_R)
         srow = S + (outer * ssm + inner * ssk)[:, None]

@@ -67,12 +67,15 @@ SCRIPT = textwrap.dedent("""
             out[name] = f"{type(e).__name__}: {e}"[:2000]
 
     for name, (mode, single) in softmax_cases.items():
-        const = dict(MODE=mode, ACC=tl.float32, BLOCK_R=2, BLOCK_N=1024, SINGLE_PASS=single)
+        const = dict(MODE=mode, ACC=tl.float32, BLOCK_R=2, BLOCK_N=1024, SINGLE_PASS=single, WIDE=False)
         attempt(name + " fwd", lambda: compile_for_h100(ksm.softmax_fwd_kernel, const))
         attempt(name + " bwd", lambda: compile_for_h100(ksm.softmax_bwd_kernel, const))
     attempt("softmax fp64 fwd", lambda: compile_for_h100(
         ksm.softmax_fwd_kernel,
-        dict(MODE=0, ACC=tl.float64, BLOCK_R=1, BLOCK_N=512, SINGLE_PASS=False), data="fp64"))
+        dict(MODE=0, ACC=tl.float64, BLOCK_R=1, BLOCK_N=512, SINGLE_PASS=False, WIDE=False), data="fp64"))
+    attempt("softmax wide-offsets fwd", lambda: compile_for_h100(
+        ksm.softmax_fwd_kernel,
+        dict(MODE=1, ACC=tl.float32, BLOCK_R=64, BLOCK_N=64, SINGLE_PASS=False, WIDE=True)))
     for name, (prob, feats, grad) in ce_cases.items():
         const = dict(PROB_TARGET=prob, HAS_WEIGHT=feats, HAS_SMOOTHING=feats, HAS_SOFTCAP=feats,
                      HAS_Z_LOSS=feats, COMPUTE_GRAD=grad, ACC=tl.float32, BLOCK_N=4096)
@@ -95,6 +98,6 @@ def compiled():
 
 
 @pytest.mark.parametrize("name", [f"{n} {d}" for n in SOFTMAX_CASES for d in ("fwd", "bwd")]
-                         + ["softmax fp64 fwd"] + list(CE_CASES) + ["ce bwd"])
+                         + ["softmax fp64 fwd", "softmax wide-offsets fwd"] + list(CE_CASES) + ["ce bwd"])
 def test_kernel_compiles_for_sm90(compiled, name):
     assert compiled[name] == "ok", compiled[name]

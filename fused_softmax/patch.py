@@ -1,0 +1,156 @@
+"""Route ``torch.nn.functional`` softmax, log_softmax and cross_entropy — and the forward
+of ``torch.nn.Softmax``, ``LogSoftmax`` and ``CrossEntropyLoss`` — through fused_softmax,
+for code you do not own (a model from another package, say)::
+
+    import fused_softmax
+
+    fused_softmax.patch()            # from here on, until fused_softmax.unpatch()
+    with fused_softmax.patch():      # or only inside the block
+        loss = model(batch)          # its F.softmax / nn.CrossEntropyLoss use the kernels
+
+A call goes to the kernels only when they serve it: a strided float tensor on a device
+where the Triton kernels run (CUDA, or the CPU under ``TRITON_INTERPRET=1``), with no
+``__torch_function__`` override on any argument (tensor subclasses, ``torch.fx`` proxies).
+Everything else — other devices, sparse or nested tensors, integer inputs, CPU tensors
+served by torch's own kernels — falls through to the original torch function untouched.
+
+Only look-ups made after ``patch()`` see it: ``F.softmax(...)`` and the ``torch.nn``
+modules do, a name bound earlier by ``from torch.nn.functional import softmax`` does not.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import has_torch_function
+
+from . import _backend
+from .cross_entropy import cross_entropy as _fused_cross_entropy
+from .softmax import log_softmax as _fused_log_softmax
+from .softmax import softmax as _fused_softmax
+
+_state = threading.local()  # .inside: a routed call is running; never route re-entrantly
+_patched = False
+
+
+def _kernels_serve(*tensors) -> bool:
+    """True when every tensor (``None`` skipped) can go to the fused kernels unchanged."""
+    present = tuple(t for t in tensors if t is not None)
+    if getattr(_state, "inside", False) or has_torch_function(present):
+        return False
+    for t in present:
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_nested:
+            return False
+    return _backend.use_triton(present[0])
+
+
+def _routed(fn: Callable, *args, **kwargs):
+    _state.inside = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _state.inside = False
+
+
+def _float_after_cast(input: torch.Tensor, dtype) -> bool:
+    return (dtype or input.dtype) in _backend.FLOAT_DTYPES
+
+
+def softmax(input, dim=None, _stacklevel=3, dtype=None):
+    """:func:`torch.nn.functional.softmax`, served by :func:`fused_softmax.softmax` when it can."""
+    if _kernels_serve(input) and _float_after_cast(input, dtype):
+        return _routed(_fused_softmax, input, dim, _stacklevel + 2, dtype)
+    return _ORIGINALS[(F, "softmax")](input, dim, _stacklevel + 1, dtype)
+
+
+def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    """:func:`torch.nn.functional.log_softmax`, served by :func:`fused_softmax.log_softmax` when it can."""
+    if _kernels_serve(input) and _float_after_cast(input, dtype):
+        return _routed(_fused_log_softmax, input, dim, _stacklevel + 2, dtype)
+    return _ORIGINALS[(F, "log_softmax")](input, dim, _stacklevel + 1, dtype)
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
+                  reduce=None, reduction="mean", label_smoothing=0.0):
+    """:func:`torch.nn.functional.cross_entropy`, served by :func:`fused_softmax.cross_entropy` when it can."""
+    args = (input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+    if _kernels_serve(input, target, weight) and _float_after_cast(input, None):
+        return _routed(_fused_cross_entropy, *args)
+    return _ORIGINALS[(F, "cross_entropy")](*args)
+
+
+def _softmax_forward(self, input):
+    """``torch.nn.Softmax.forward`` through the patched :func:`softmax`."""
+    return softmax(input, self.dim, _stacklevel=5)
+
+
+def _log_softmax_forward(self, input):
+    """``torch.nn.LogSoftmax.forward`` through the patched :func:`log_softmax`."""
+    return log_softmax(input, self.dim, _stacklevel=5)
+
+
+def _cross_entropy_forward(self, input, target):
+    """``torch.nn.CrossEntropyLoss.forward`` through the patched :func:`cross_entropy`."""
+    return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                         reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+_REPLACEMENTS = (
+    (F, "softmax", softmax),
+    (F, "log_softmax", log_softmax),
+    (F, "cross_entropy", cross_entropy),
+    (torch.nn.Softmax, "forward", _softmax_forward),
+    (torch.nn.LogSoftmax, "forward", _log_softmax_forward),
+    (torch.nn.CrossEntropyLoss, "forward", _cross_entropy_forward),
+)
+#: (owner, attribute name) -> the torch object that ``patch()`` replaces (re-read at each
+#: ``patch()``). Kept after ``unpatch()``, so a wrapper someone still holds falls through.
+_ORIGINALS: Dict[Tuple[object, str], Callable] = {
+    (owner, name): owner.__dict__[name] for owner, name, _ in _REPLACEMENTS
+}
+
+
+def is_patched() -> bool:
+    """True between :func:`patch` and :func:`unpatch`."""
+    return _patched
+
+
+class _PatchContext:
+    """Returned by :func:`patch`; as a context manager, restores the state before the
+    ``with`` on exit (so a ``with patch():`` inside a patched program keeps it patched)."""
+
+    def __init__(self, was_patched: bool):
+        self._was_patched = was_patched
+
+    def __enter__(self) -> "_PatchContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._was_patched:
+            unpatch()
+
+
+def patch() -> _PatchContext:
+    """Route torch's softmax, log_softmax and cross_entropy (functions and ``torch.nn``
+    modules) through fused_softmax. Idempotent; undo with :func:`unpatch`, or use it as a
+    context manager: ``with fused_softmax.patch(): ...``."""
+    global _patched
+    was_patched = _patched
+    if not was_patched:
+        for owner, name, new in _REPLACEMENTS:
+            _ORIGINALS[(owner, name)] = owner.__dict__[name]
+            setattr(owner, name, new)
+        _patched = True
+    return _PatchContext(was_patched)
+
+
+def unpatch() -> None:
+    """Put back exactly the torch objects that :func:`patch` replaced (no-op if unpatched)."""
+    global _patched
+    if _patched:
+        for (owner, name), original in _ORIGINALS.items():
+            setattr(owner, name, original)
+        _patched = False

@@ -1,0 +1,227 @@
+"""The command line (``check``, ``bench``) and the shared benchmark case table."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_softmax import _backend, bench, cases, check
+from fused_softmax.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- check
+def _has_matplotlib():
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(scope="module")
+def check_run(tmp_path_factory):
+    """One small ``check`` run (4 × 64 logits), in-process; its output directory."""
+    out = tmp_path_factory.mktemp("check")
+    argv = ["check", "--rows", "4", "--cols", "64", "--json", str(out / "check.json")]
+    if _has_matplotlib():
+        argv += ["--plot", str(out / "check.png")]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def check_report(check_run):
+    return json.loads((check_run / "check.json").read_text())
+
+
+@pytest.mark.skipif(not _has_matplotlib(), reason="--plot needs matplotlib")
+def test_check_plot_is_a_png(check_run):
+    assert (check_run / "check.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _num(v):
+    return float(v)  # "inf" / "nan" strings stand for non-finite values
+
+
+def test_check_json_structure(check_report):
+    r = check_report
+    assert {"date", "torch", "triton", "device", "backend", "kernel_launches", "settings",
+            "results", "exp_thresholds", "temperature", "summary", "notes"} <= set(r)
+    assert r["settings"]["rows"] == 4 and r["settings"]["cols"] == 64
+    keys = {(x["quantity"], x["dtype"], x["scale"], x["method"]) for x in r["results"]}
+    expected = {(q, d, s, m) for q in check.QUANTITIES for d in check.DTYPES
+                for s in check.SCALES for m in check.METHODS}
+    assert keys == expected and len(r["results"]) == len(expected)
+    assert set(r["exp_thresholds"]) == set(check.DTYPES)
+    assert [t["temperature"] for t in r["temperature"]] == list(check.TEMPERATURES)
+
+
+def test_check_names_the_backend_that_ran(check_report):
+    device = check.pick_device()
+    served = _backend.use_triton(torch.empty(0, device=device))
+    expected = ("triton-cuda" if device.type == "cuda"
+                else "triton-interpreter" if served else "torch")
+    assert check_report["backend"] == expected
+    assert (check_report["kernel_launches"] > 0) == served
+
+
+def test_check_ours_finite_and_as_accurate_as_torch(check_report):
+    idx = {(x["quantity"], x["dtype"], x["scale"], x["method"]): x for x in check_report["results"]}
+    for (q, d, s, m), x in idx.items():
+        if m != "ours":
+            continue
+        assert "error" not in x, (q, d, s, x)
+        assert x["nonfinite"] == 0, (q, d, s, x)
+        assert math.isfinite(_num(x["max_abs_err"])) and math.isfinite(_num(x["max_rel_err"]))
+        if d == "bf16" and check_report["backend"] == "triton-interpreter":
+            continue  # the interpreter truncates fp32 -> bf16 (see check.INTERPRETER_BF16_NOTE)
+        # The design's target: as close to fp64 as torch in the same dtype, up to a factor 2
+        # and 4 ulps of the largest value (another summation order, exp2-based exp).
+        torch_err = _num(idx[(q, d, s, "torch")]["max_abs_err"])
+        ulp = torch.finfo(check.DTYPES[d]).eps * x["ref_max_abs"]
+        assert _num(x["max_abs_err"]) <= 2 * torch_err + 4 * ulp, (q, d, s, x, torch_err)
+
+
+def test_check_shows_naive_overflow(check_report):
+    idx = {(x["quantity"], x["dtype"], x["scale"], x["method"]): x for x in check_report["results"]}
+    # exp(x) / sum(exp(x)) is fine for unit logits and overflows once logits pass ~88.7 (fp32)
+    # or ~11.1 (fp16); log(softmax(x)) turns underflowed probabilities into -inf.
+    assert idx[("softmax", "fp32", 1.0, "naive")]["nonfinite"] == 0
+    assert idx[("softmax", "fp32", 1000.0, "naive")]["nonfinite"] > 0
+    assert idx[("softmax", "fp16", 100.0, "naive")]["nonfinite"] > 0
+    assert idx[("log_softmax", "fp32", 1000.0, "naive")]["nonfinite"] > 0
+
+
+def test_check_exp_thresholds(check_report):
+    t = check_report["exp_thresholds"]
+    log_max32 = math.log(torch.finfo(torch.float32).max)  # 88.7228...
+    assert 88.72 < t["fp32"]["last_finite_x"] < log_max32 < t["fp32"]["first_overflow_x"] < 88.73
+    assert 11.08 < t["fp16"]["last_finite_x"] < math.log(65504) < t["fp16"]["first_overflow_x"] < 11.1
+    assert 88.0 <= t["bf16"]["last_finite_x"] < t["bf16"]["first_overflow_x"] <= 89.5
+    for d, v in t.items():
+        assert math.isfinite(v["exp_last_finite"]) and v["exp_first_overflow"] == "inf", d
+        assert v["exp_underflow"] == 0.0, d
+        assert math.isnan(_num(v["naive_softmax_at_overflow"][0])), d
+        assert v["ours_softmax_at_overflow"][0] == pytest.approx(1.0), d
+        assert v["ours_softmax_at_underflow"] == pytest.approx([0.5, 0.5]), d
+
+
+def test_check_temperature(check_report):
+    rows = check_report["temperature"]
+    entropies = [r["entropy"] for r in rows]
+    assert entropies == sorted(entropies)  # hotter is flatter
+    assert all(0.0 <= e <= math.log(64) + 1e-6 for e in entropies)
+    assert [r["max_prob"] for r in rows] == sorted((r["max_prob"] for r in rows), reverse=True)
+    assert all(r["ours_max_abs_err"] < 1e-5 for r in rows)
+
+
+def test_check_rejects_bad_sizes(capsys, tmp_path):
+    assert main(["check", "--rows", "0", "--json", str(tmp_path / "check.json")]) == 2
+    assert "rows >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "check.json").exists()
+
+
+# --------------------------------------------------------------------------- bench
+def test_bench_without_gpu_says_so_and_fails(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "python -m fused_softmax check" in err
+
+
+def test_bench_refuses_the_interpreter(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["bench", "--quick"]) == 1
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+def test_bench_rejects_unknown_filters(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--op", "softmax,softmin"])
+    assert e.value.code == 2
+    assert "softmin" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("op,mode", [("softmax", "fwd+bwd"), ("logsumexp", "fwd+bwd"),
+                                     ("cross_entropy", "fwd+bwd"), ("log_softmax", "fwd")])
+def test_bench_steps_agree_with_torch(op, mode, device):
+    """The benchmark's step for ours computes what torch's does (forward and gradient)."""
+    case = cases.Case(op, mode, "fp32", (4, 64))
+    inputs = case.make_inputs(device)
+    ours = bench.build(case, "fused_softmax", inputs)()
+    ref = bench.build(case, "torch", inputs)()
+    assert len(ours) == (2 if mode == "fwd+bwd" else 1)
+    assert bench.max_abs_diff(ours, ref) < 1e-5
+
+
+def test_bench_missing_provider_is_unavailable(device):
+    case = cases.Case("logsumexp", "fwd", "fp32", (4, 64))
+    for provider in ("liger", "quack"):
+        with pytest.raises(bench.Unavailable):
+            bench.build(case, provider, case.make_inputs(device))
+
+
+@pytest.mark.parametrize("cmd", ["check", "bench"])
+def test_help_has_examples(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"python -m fused_softmax {cmd}" in out
+
+
+def test_no_command_prints_usage(capsys):
+    assert main([]) == 2
+    assert "check" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- cases
+def test_case_table_matches_the_standard_cases():
+    sweep = [c for c in cases.CASES if c.op == "softmax" and c.mode == "fwd" and c.dim == -1]
+    assert sorted({c.shape[1] for c in sweep}) == [2**k for k in range(10, 19)]
+    assert all(c.numel == 2**28 for c in sweep)
+    assert {c.dtype for c in cases.CASES} == {"bf16", "fp16", "fp32"}
+    ce = {(c.shape, c.mode) for c in cases.CASES if c.op == "cross_entropy"}
+    assert ce == {((8192, v), m) for v in (32000, 128256, 256000) for m in ("fwd", "fwd+bwd")}
+    non_last = {(c.shape, c.dim) for c in cases.CASES if c.dim != -1}
+    assert non_last == {((32768, 8192), 0), ((64, 4096, 1024), 1)}
+    assert len({c.id for c in cases.CASES}) == len(cases.CASES)
+
+
+def test_quick_cases_are_the_headline_subset():
+    quick = cases.select(quick=True)
+    assert 0 < len(quick) < len(cases.CASES) / 5
+    names = {c.name for c in quick}
+    assert {"softmax fwd bf16 8192x32768", "softmax fwd+bwd bf16 8192x32768",
+            "cross_entropy fwd bf16 8192x128256", "cross_entropy fwd+bwd bf16 8192x128256",
+            "softmax fwd bf16 32768x8192 dim=0"} <= names
+    assert cases.select(["cross_entropy"], ["fp32"], ["fwd"]) == tuple(
+        c for c in cases.CASES if c.op == "cross_entropy" and c.dtype == "fp32" and c.mode == "fwd")
+    with pytest.raises(ValueError, match="softmin"):
+        cases.select(ops=["softmin"])
+
+
+def test_bytes_moved():
+    e2 = 2
+    assert cases.Case("softmax", "fwd", "bf16", (8192, 32768)).bytes_moved() == 2 * 2**28 * e2
+    assert cases.Case("softmax", "fwd+bwd", "bf16", (8192, 32768)).bytes_moved() == 5 * 2**28 * e2
+    assert cases.Case("logsumexp", "fwd", "fp32", (8, 16)).bytes_moved() == 8 * 16 * 4 + 8 * 4
+    ce = cases.Case("cross_entropy", "fwd+bwd", "bf16", (8192, 128256))
+    assert ce.bytes_moved() == 2 * 8192 * 128256 * e2 + 8192 * 8
+
+
+def test_pytest_benchmark_suite_uses_the_same_table():
+    """``bench/`` collects one test per case × provider of the shared table (not a copy)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "--bench-op", "cross_entropy", "--bench-providers", "fused_softmax,torch"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    collected = {line.split("::", 1)[1] for line in out.stdout.splitlines() if "::" in line}
+    expected = {f"test_bench[{c.id}-{p}]" for c in cases.select(["cross_entropy"])
+                for p in ("fused_softmax", "torch")}
+    assert collected == expected

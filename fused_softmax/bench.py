@@ -56,28 +56,27 @@ class Unavailable(Exception):
 
 
 # --------------------------------------------------------------------------- providers
+_TORCH_FNS = dict(softmax=torch.softmax, log_softmax=torch.log_softmax,
+                  logsumexp=torch.logsumexp, cross_entropy=F.cross_entropy)
+
+
+def _forward(case: Case, fns: dict) -> Callable:
+    """The case's forward, built from one library's functions (torch's or ours)."""
+    if case.op == "cross_entropy":
+        ce = fns["cross_entropy"]
+        return lambda x, target: ce(x, target)
+    fn, dim = fns[case.op], case.dim
+    return lambda x: fn(x, dim)
+
+
 def _torch_forward(case: Case) -> Callable:
-    dim = case.dim
-    if case.op == "softmax":
-        return lambda x: torch.softmax(x, dim)
-    if case.op == "log_softmax":
-        return lambda x: torch.log_softmax(x, dim)
-    if case.op == "logsumexp":
-        return lambda x: torch.logsumexp(x, dim)
-    return lambda x, target: F.cross_entropy(x, target)
+    return _forward(case, _TORCH_FNS)
 
 
 def _ours_forward(case: Case) -> Callable:
     import fused_softmax
 
-    dim = case.dim
-    if case.op == "softmax":
-        return lambda x: fused_softmax.softmax(x, dim)
-    if case.op == "log_softmax":
-        return lambda x: fused_softmax.log_softmax(x, dim)
-    if case.op == "logsumexp":
-        return lambda x: fused_softmax.logsumexp(x, dim)
-    return lambda x, target: fused_softmax.cross_entropy(x, target)
+    return _forward(case, {name: getattr(fused_softmax, name) for name in _TORCH_FNS})
 
 
 def _compiled_forward(case: Case) -> Callable:

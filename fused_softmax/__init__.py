@@ -6,8 +6,9 @@ log-sum-exp and cross-entropy, as drop-in replacements of ``torch.nn.functional`
 
 from . import nn
 from .cross_entropy import cross_entropy
+from .linear_cross_entropy import linear_cross_entropy
 from .patch import patch, unpatch
 from .softmax import log_softmax, logsumexp, softmax
 
-__all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "nn", "patch", "unpatch"]
+__all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "linear_cross_entropy", "nn", "patch", "unpatch"]
 __version__ = "0.1.0"

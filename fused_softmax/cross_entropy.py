@@ -214,9 +214,11 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Fused forward (loss + gradient), backward = in-place rescale of that gradient."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, scalars, denom, reduction, inplace, args):
-        compute_grad = ctx.needs_input_grad[0]
-        target_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]  # prob targets only
+    def forward(ctx, x, target, weight, scalars, denom, reduction, inplace, args, grad_mode):
+        # needs_input_grad ignores torch.no_grad(): without grad_mode an inference call
+        # would still write a logits-sized gradient.
+        compute_grad = grad_mode and ctx.needs_input_grad[0]
+        target_grad = grad_mode and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         # The target gradient needs the logits: never overwrite them then.
         inplace = inplace and compute_grad and not target_grad
         if inplace:
@@ -266,10 +268,27 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad_target, grad_weight = _prob_target_grads(x, target, weight, scalars, lse, dscale, ctx.args)
             grad_target = grad_target.to(target.dtype) if ctx.needs_input_grad[1] else None
             grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_target, grad_weight, None, None, None, None, None
+        return grad_x, grad_target, grad_weight, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
+def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc):
+    """The mean's denominator and ``scalars = [grad_scale, sum(weight)]`` as device values, so
+    nothing downstream needs the host: the gradient scale is 1/denominator for a mean."""
+    device = t.device
+    if prob_target:
+        denom = torch.full((), float(t.shape[0]), dtype=acc, device=device)
+    else:
+        valid = t != ignore_index
+        if weight is not None:
+            denom = (weight.to(acc)[t.long().clamp(0, max(C - 1, 0))] * valid).sum()
+        else:
+            denom = valid.sum(dtype=acc)
+    w_sum = weight.to(acc).sum() if weight is not None else torch.full((), float(C), dtype=acc, device=device)
+    grad_scale = 1.0 / denom if reduction == "mean" else torch.ones((), dtype=acc, device=device)
+    return denom, torch.stack([grad_scale, w_sum])
+
+
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
                 logit_scale, softcap):
     """torch's checks, torch's error types and messages, in torch's order."""
@@ -431,24 +450,12 @@ def cross_entropy(
     t = t.contiguous()
     n_rows = x.shape[0]
 
-    # Device scalars, so nothing downstream needs the host: the mean's denominator, the
-    # gradient scale (1/denominator for a mean) and sum(weight).
-    if prob_target:
-        denom = torch.full((), float(n_rows), dtype=acc, device=x.device)
-    else:
-        valid = t != ignore_index
-        if weight is not None:
-            denom = (weight.to(acc)[t.long().clamp(0, max(C - 1, 0))] * valid).sum()
-        else:
-            denom = valid.sum(dtype=acc)
-    w_sum = weight.to(acc).sum() if weight is not None else torch.full((), float(C), dtype=acc, device=x.device)
-    grad_scale = 1.0 / denom if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
-    scalars = torch.stack([grad_scale, w_sum])
+    denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc)
 
     args = (ignore_index, float(label_smoothing), float(logit_scale),
             float(softcap) if softcap is not None else 0.0, float(z_loss), prob_target)
     loss, lse = CrossEntropyFunction.apply(x, t, weight, scalars, denom, reduction,
-                                           inplace_backward, args)
+                                           inplace_backward, args, torch.is_grad_enabled())
     loss = loss.to(out_dtype)
     if input.dim() == 1:
         lead = ()

@@ -8,6 +8,7 @@ import torch
 
 from . import softmax as _softmax
 from .cross_entropy import cross_entropy
+from .linear_cross_entropy import LinearCrossEntropyLoss  # noqa: F401
 
 
 class _SoftmaxBase(torch.nn.Module):

@@ -1319,3 +1319,25 @@ def test_cuda_graph_capture(device):
         exp, eg = loss_and_grad(composed_ref, new_x, new_t, None, **kw)
         torch.testing.assert_close(static_loss, exp.float())
         torch.testing.assert_close(x.grad, eg.float())
+
+
+def test_no_gradient_written_under_no_grad(monkeypatch, device):
+    """Inference under torch.no_grad() must not write a logits-sized gradient, even when the
+    logits require grad (autograd.Function's needs_input_grad ignores grad mode)."""
+    ce_mod = importlib.import_module("fused_softmax.cross_entropy")
+    wrote_grad = []
+    original = ce_mod._run_fwd
+
+    def spy(x, target, weight, scalars, grad, *args):
+        wrote_grad.append(grad is not None)
+        return original(x, target, weight, scalars, grad, *args)
+
+    monkeypatch.setattr(ce_mod, "_run_fwd", spy)
+    x = torch.randn(4, 10, device=device, requires_grad=True)
+    t = torch.randint(0, 10, (4,), device=device)
+    with torch.no_grad():
+        loss = fused_softmax.cross_entropy(x, t)
+    assert not loss.requires_grad
+    fused_softmax.cross_entropy(x, t).backward()
+    assert wrote_grad == [False, True]
+    torch.testing.assert_close(loss, F.cross_entropy(x.detach(), t))

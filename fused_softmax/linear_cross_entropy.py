@@ -1,0 +1,496 @@
+"""linear_cross_entropy: ``cross_entropy(linear(input, W, b), target)`` without the logits.
+
+In language-model training the last projection, ``hidden (M, H) @ W (V, H).T``, makes an
+``(M, V)`` logits tensor (8192 x 128256 in bf16 is 2 GB; torch's fp32 upcast makes it
+4-12 GB), usually the largest tensor of the step. Here the rows go through in chunks, one
+reused ``(chunk, V)`` buffer for all of them:
+
+1. ``logits = input_chunk @ W.T (+ b)`` by cuBLAS, into the buffer;
+2. the fused cross-entropy kernel (``kernels/cross_entropy.py``) writes the per-row loss
+   and log-sum-exp and, over the logits, their gradient ``G = d loss / d logits``, already
+   scaled by ``1 / denominator`` for ``'mean'`` (computed once, on the device, before the
+   loop);
+3. ``grad_input_chunk = G @ W``, ``grad_W += G.T @ input_chunk`` (accumulated in fp32 for
+   fp16/bf16 weights: rounding a bf16 running sum once per chunk is the Liger-Kernel
+   accuracy bug), ``grad_b += G.sum(0)`` (fp32).
+
+So the gradients are ready when the forward returns (it computes them only for the
+tensors that require grad; a pure forward computes the loss alone), and the backward only
+rescales them by ``grad_output`` in place, on the device, skipping a scale of exactly 1.
+
+``reduction='none'``: ``grad_output`` is then one value per row, known only in backward,
+and ``grad_W``/``grad_b`` are sums over rows of row-scaled terms, so the forward computes
+the loss only and the backward runs the chunk loop again with the per-row scale folded into
+``G`` (one more logits matmul). A second backward through the same graph
+(``retain_graph=True``) recomputes the same way.
+
+Memory beyond inputs, outputs and gradients: the chunk buffer (the default chunk keeps it
+at most 64 MiB: 256 rows at V = 128256 in bf16), a few vectors of one value per row, and,
+while the forward runs, the fp32 accumulator of ``grad_W`` for fp16/bf16 weights
+(4 bytes x V x H, cast once to the weight's dtype at the end).
+
+Speed: three matmuls of 2 * M * V * H flops each, whatever the chunk. Per chunk of ``n``
+rows the ``grad_W`` update also reads and writes its fp32 accumulator (8 * V * H bytes for
+2 * n * V * H flops), and the other two read ``W`` (2 * V * H bytes each), so small chunks
+make them bandwidth-bound: on an H100 (~3 TB/s, ~700 bf16 TFLOP/s in cuBLAS) the
+accumulator stops dominating near n ~ 1000. ``chunk_size`` trades the buffer's memory
+(n * V * itemsize) for that.
+
+fp16: the gradient is formed in the forward, before any loss scaling (``GradScaler``)
+applies, so logit gradients below fp16's smallest subnormal (6e-8) flush to zero, as in an
+unscaled fp16 backward; prefer bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import Optional
+
+import torch
+
+from ._backend import acc_dtype, check_float
+from .cross_entropy import _check_args, _prob_target_grads, _reduction_scalars
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
+
+#: Bytes of the reused logits buffer that the default chunk size aims for.
+CHUNK_BYTES = 64 << 20
+
+
+def default_chunk_rows(n_rows: int, row_bytes: int) -> int:
+    """Rows per chunk: the largest power of two whose logits fit in ``CHUNK_BYTES``
+    (power-of-two row counts suit the GEMM tiles), at least 1, at most ``n_rows``."""
+    rows = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    return max(1, min(n_rows, 1 << (rows.bit_length() - 1)))
+
+
+# --------------------------------------------------------------------------- fp32 accumulation
+@functools.lru_cache(maxsize=None)
+def _cuda_addmm_accumulates_fp32(device: torch.device) -> bool:
+    """Whether cuBLAS ``addmm(out_dtype=float32)`` takes an fp32 ``self`` with bf16 factors
+    (newer torch); older versions want ``self`` in the factors' dtype."""
+    a = torch.zeros(2, 2, device=device, dtype=torch.bfloat16)
+    acc = torch.zeros(2, 2, device=device, dtype=torch.float32)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``acc (+)= a @ b`` with ``acc`` possibly wider than ``a`` and ``b`` (fp32 for bf16):
+    the product is accumulated inside the matmul in fp32 and rounded into ``acc`` once.
+    ``first`` overwrites ``acc`` (left uninitialised: beta=0 ignores its contents)."""
+    beta = 0 if first else 1
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b, beta=beta)
+    elif acc.device.type == "cuda" and _cuda_addmm_accumulates_fp32(acc.device):
+        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
+    elif acc.device.type == "cuda":
+        # Older torch: fp32 products of row blocks of ``acc``, at most CHUNK_BYTES each.
+        step = max(1, CHUNK_BYTES // max(4 * acc.shape[1], 1))
+        for v in range(0, acc.shape[0], step):
+            part = torch.mm(a[v:v + step], b, out_dtype=acc.dtype)
+            acc[v:v + step].copy_(part) if first else acc[v:v + step].add_(part)
+    else:  # CPU: no mixed-dtype matmul; fp32 copies of the chunk's factors
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), beta=beta)
+
+
+def _grad_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- custom op
+@torch.library.custom_op("fused_softmax::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(
+    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor,
+    weight: Optional[torch.Tensor], scalars: torch.Tensor, row_scale: Optional[torch.Tensor],
+    ignore_index: int, label_smoothing: float, logit_scale: float, softcap: float,
+    z_loss: float, prob_target: bool, num_classes: int, chunk_size: int,
+    grad_input: bool, grad_weight: bool, grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss and lse of ``linear(x, w, b)`` (``x`` (M, H), ``w`` (D*C, H): D rows of
+    ``num_classes`` logits per input row), and the gradients of ``sum(loss * s)`` for
+    x / w / b where asked (empty tensors otherwise), ``s`` = ``scalars[0]`` times
+    ``row_scale`` (one value per logits row) when given.
+
+    ``chunk_size`` input rows at a time through one ``(chunk_size, D*C)`` logits buffer.
+    """
+    M, H = x.shape
+    V = w.shape[0]
+    D = V // num_classes if num_classes else 1
+    acc = acc_dtype(x.dtype)
+    loss = torch.empty(M * D, dtype=acc, device=x.device)
+    lse = torch.empty(M * D, dtype=acc, device=x.device)
+    compute_grad = grad_input or grad_weight or grad_bias
+    gx = torch.empty((M, H) if grad_input else (0,), dtype=x.dtype, device=x.device)
+    gw = torch.empty((V, H) if grad_weight else (0,), dtype=_grad_acc_dtype(w.dtype), device=x.device)
+    gb = torch.empty((V,) if grad_bias else (0,), dtype=acc, device=x.device)
+    if M == 0:
+        gw.zero_()
+        gb.zero_()
+    buf = torch.empty((min(chunk_size, M), V), dtype=x.dtype, device=x.device)
+    ce_args = (ignore_index, label_smoothing, logit_scale, softcap, z_loss, prob_target)
+    for start in range(0, M, chunk_size):
+        end = min(start + chunk_size, M)
+        xc, logits, rows = x[start:end], buf[:end - start], slice(start * D, end * D)
+        if b is None:
+            torch.mm(xc, w.t(), out=logits)
+        else:
+            torch.addmm(b, xc, w.t(), out=logits)
+        z = logits.view(-1, num_classes)
+        if compute_grad:
+            loss_c, lse_c = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
+                z, target[rows], weight, scalars, *ce_args)
+            if row_scale is not None:
+                torch.ops.fused_softmax.cross_entropy_bwd_(z, row_scale[rows])
+            if grad_input:
+                torch.mm(logits, w, out=gx[start:end])
+            if grad_weight:
+                _addmm_into(gw, logits.t(), xc, first=start == 0)
+            if grad_bias:
+                col_sum = logits.sum(0, dtype=acc)
+                gb.copy_(col_sum) if start == 0 else gb.add_(col_sum)
+        else:
+            loss_c, lse_c, _ = torch.ops.fused_softmax.cross_entropy_fwd(
+                z, target[rows], weight, scalars, *ce_args, False)
+        loss[rows] = loss_c
+        lse[rows] = lse_c
+    return loss, lse, gx, gw.to(w.dtype), gb.to(w.dtype)
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(x, w, b, target, weight, scalars, row_scale, ignore_index, label_smoothing,
+      logit_scale, softcap, z_loss, prob_target, num_classes, chunk_size,
+      grad_input, grad_weight, grad_bias):
+    acc = acc_dtype(x.dtype)
+    rows = x.shape[0] * (w.shape[0] // num_classes if num_classes else 1)
+    return (x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc),
+            x.new_empty(x.shape if grad_input else (0,)),
+            w.new_empty(w.shape if grad_weight else (0,)),
+            w.new_empty((w.shape[0],) if grad_bias else (0,)))
+
+
+# --------------------------------------------------------------------------- autograd
+def _logits_chunks(x, w, b, num_classes, chunk_size):
+    """``(rows, logits)`` per chunk as ``(chunk rows * D, C)``, with torch ops."""
+    D = w.shape[0] // num_classes
+    for start in range(0, x.shape[0], chunk_size):
+        end = min(start + chunk_size, x.shape[0])
+        logits = torch.nn.functional.linear(x[start:end], w, b)
+        yield slice(start * D, end * D), logits.view(-1, num_classes)
+
+
+def _soft_target_grads(x, w, b, target, weight, scalars, lse, dscale, args, chunk_size):
+    """Gradients for probability targets and their class weight, chunk by chunk from the
+    recomputed logits (``cross_entropy``'s formulas; off the fused path)."""
+    C = args[-1]
+    grad_target = torch.empty_like(target)
+    grad_weight = None
+    for rows, z in _logits_chunks(x, w, b, C, chunk_size):
+        ds = dscale[rows] if dscale.dim() else dscale
+        gt, gw = _prob_target_grads(z, target[rows], weight, scalars, lse[rows], ds, args[:-1])
+        grad_target[rows] = gt.to(target.dtype)
+        if gw is not None:
+            grad_weight = gw if grad_weight is None else grad_weight + gw
+    if weight is not None and grad_weight is None:  # no rows
+        grad_weight = torch.zeros_like(weight)
+    return grad_target, grad_weight
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Chunked linear + fused cross-entropy; gradients from the forward, rescaled in backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, target, weight, scalars, denom, reduction, args, chunk_size,
+                grad_enabled):
+        # needs_input_grad ignores no_grad / inference_mode: gate it on the caller's mode.
+        need_x, need_w, need_b, need_t, need_cw = (n and grad_enabled for n in ctx.needs_input_grad[:5])
+        fused = reduction != "none"
+        loss, lse, gx, gw, gb = torch.ops.fused_softmax.linear_cross_entropy_fwd(
+            x, w, b, target, weight, scalars, None, *args, chunk_size,
+            fused and need_x, fused and need_w, fused and need_b)
+        if reduction == "sum":
+            loss = loss.sum()
+        elif reduction == "mean":
+            loss = loss.sum() / denom
+        if need_x or need_w or need_b or need_t or need_cw:
+            # Kept outside save_for_backward: the first backward rescales them in place and
+            # hands them on; a later backward (retain_graph) recomputes them.
+            ctx.fused_grads = (gx, gw, gb) if fused and (need_x or need_w or need_b) else None
+            ctx.args, ctx.chunk_size = args, chunk_size
+            ctx.save_for_backward(x, w, b, target, weight, scalars, lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_softmax.linear_cross_entropy does not support double backward "
+                "(create_graph=True): its gradients come from a fused kernel. Use "
+                "torch.nn.functional.cross_entropy(torch.nn.functional.linear(...)) where "
+                "second derivatives are needed.")
+        need_x, need_w, need_b, need_t, need_cw = ctx.needs_input_grad[:5]
+        x, w, b, target, weight, scalars, lse = ctx.saved_tensors
+        gx = gw = gb = gt = gcw = None
+        if need_x or need_w or need_b:
+            fused, ctx.fused_grads = ctx.fused_grads, None
+            if fused is not None:
+                gx, gw, gb = fused
+                for g in (gx, gw, gb.view(1, -1)):
+                    if g.numel():
+                        torch.ops.fused_softmax.cross_entropy_bwd_(g, dloss)
+            else:
+                row_scale = dloss.reshape(-1) if dloss.dim() else dloss.expand(target.shape[0])
+                _, _, gx, gw, gb = torch.ops.fused_softmax.linear_cross_entropy_fwd(
+                    x, w, b, target, weight, scalars, row_scale, *ctx.args, ctx.chunk_size,
+                    need_x, need_w, need_b)
+        if need_t or need_cw:
+            dscale = dloss.reshape(-1) if dloss.dim() else dloss
+            gt, gcw = _soft_target_grads(x, w, b, target, weight, scalars, lse, dscale,
+                                         ctx.args, ctx.chunk_size)
+        return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
+                gt if need_t else None, gcw.to(weight.dtype) if need_cw else None,
+                None, None, None, None, None, None)
+
+
+# --------------------------------------------------------------------------- public API
+def _check_linear_args(input, linear_weight, target, linear_bias):
+    """torch's checks of ``linear_cross_entropy``'s own arguments (the cross-entropy ones
+    are ``cross_entropy``'s). Returns ``(lead, C, out_features, prob_target)``."""
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"linear_cross_entropy(): {name} must be a Tensor, got {type(t).__name__}")
+    check_float("linear_cross_entropy", input)
+    if input.dim() < 1:
+        raise RuntimeError(f"expected input with dimensionality at least 1, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(
+            f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    lead, H = tuple(input.shape[:-1]), input.shape[-1]
+    if H != linear_weight.shape[-1]:
+        raise RuntimeError(
+            "expected equal input and linear_weight last dimensions (in_features), "
+            f"got {H} and {linear_weight.shape[-1]}, respectively")
+    C, out = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != (C, *out):
+        raise RuntimeError(f"expected linear_bias shape {(C, *out)}, got {tuple(linear_bias.shape)}")
+    if out and not lead:
+        raise RuntimeError(
+            f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires"
+            f" batched input, (N, {H}), got unbatched input with shape {tuple(input.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found {name} on {t.device} "
+                f"and input on {input.device}")
+        if t.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise RuntimeError(
+                f"linear_cross_entropy: expected input and {name} to have the same dtype, but "
+                f"got {input.dtype} and {t.dtype}")
+    prob_target = tuple(target.shape) == (*lead, C, *out)
+    index_shapes = [(*lead, *out)] + ([(1,)] if not lead else [])  # (1,) as torch for 1-D input
+    if not prob_target and tuple(target.shape) not in index_shapes:
+        raise RuntimeError(
+            f"Expected target size {list(index_shapes[0])} (class indices) or "
+            f"{[*lead, C, *out]} (class probabilities), got {list(target.shape)}")
+    return lead, C, out, prob_target
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    z_loss: float = 0.0,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    r"""Cross-entropy of a linear projection, ``cross_entropy(linear(input, linear_weight,
+    linear_bias), target, ...)``, computed chunk by chunk without holding the logits.
+
+    Drop-in for :func:`torch.nn.functional.linear_cross_entropy` (torch 2.13; the same
+    names, defaults and meaning, also on torch versions that lack it), with the extras of
+    :func:`fused_softmax.cross_entropy`. Rows of ``input`` go through ``chunk_size`` at a
+    time: a cuBLAS matmul makes the chunk's logits, the fused cross-entropy kernel turns
+    them into loss and gradient in place, and two more matmuls make the chunk's share of
+    the gradients of ``input``, ``linear_weight`` and ``linear_bias``, so the backward only
+    rescales them. ``grad_weight`` is accumulated in fp32 (fp64 for fp64) and cast once.
+
+    Args:
+        input (Tensor): ``(*, H)``, any number of leading dims (torch: ``(H,)`` or
+            ``(N, H)``); float16, bfloat16, float32 or float64.
+        linear_weight (Tensor): ``(C, H)``, or ``(C, d1, ..., dK, H)`` for a K-dimensional
+            loss (``input`` must then have leading dims); ``input``'s dtype.
+        target (Tensor): class indices (int64; uint8 and int32 also accepted) of shape
+            ``(*)`` (the leading dims of ``input``) or ``(*, d1, ..., dK)``; or class
+            probabilities (floating point) of the logits' shape ``(*, C, d1, ..., dK)``.
+        linear_bias (Tensor, optional): ``(C,)`` or ``(C, d1, ..., dK)``.
+        weight (Tensor, optional): per-class weights ``(C,)``.
+        reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``; ``'mean'`` divides by the sum
+            of the target weights of non-ignored rows (all ignored gives NaN).
+        ignore_index (int, optional): target value that contributes neither loss nor
+            gradient; ``None`` means -100 for class indices, and must be ``None`` for class
+            probabilities (as torch).
+        label_smoothing (float): in ``[0, 1]``, torch's formula.
+        logit_scale, softcap, z_loss (keyword-only): as in
+            :func:`fused_softmax.cross_entropy` (applied to the logits).
+        chunk_size (int, optional): rows of ``input`` per chunk. Default: the largest power
+            of two whose ``(chunk, C * d1 * ... * dK)`` logits take at most 64 MiB (256 rows
+            at C = 128256 in bf16). Larger chunks are faster and take more memory.
+
+    Returns:
+        The loss: a scalar, or of the target's index shape for ``reduction='none'``; in
+        ``input``'s dtype (float32 under autocast, where the projection runs in the
+        autocast dtype, as torch).
+
+    Gradients: of ``input``, ``linear_weight`` and ``linear_bias``, computed during the
+    forward for those that require grad (so they are held from forward to backward); of a
+    probability target and of ``weight`` with probability targets, computed in backward from
+    recomputed logits. No double backward. Under ``reduction='none'`` the backward
+    recomputes the logits (one more matmul).
+
+    Memory beyond inputs, outputs and gradients: the chunk's logits, vectors of one value
+    per row, and during the forward the fp32 accumulator of ``linear_weight``'s gradient
+    when that is fp16/bf16 (4 bytes per element of ``linear_weight``).
+
+    Example::
+
+        >>> hidden = torch.randn(8, 64, requires_grad=True)
+        >>> head = torch.randn(1000, 64, requires_grad=True)
+        >>> target = torch.randint(0, 1000, (8,))
+        >>> loss = fused_softmax.linear_cross_entropy(hidden, head, target, label_smoothing=0.1)
+        >>> loss.backward()
+    """
+    lead, C, out, prob_target = _check_linear_args(input, linear_weight, target, linear_bias)
+    if prob_target and ignore_index is not None:
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    ignore_index = -100 if ignore_index is None else ignore_index
+    device_type = input.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:  # torch: linear runs in the autocast dtype, cross_entropy in fp32
+        low = torch.get_autocast_dtype(device_type)
+        input, linear_weight = input.to(low), linear_weight.to(low)
+        linear_bias = linear_bias.to(low) if linear_bias is not None else None
+    ce_dtype = torch.float32 if autocast else input.dtype
+
+    # cross_entropy's own checks, on (rows, C, d...)-shaped stand-ins of the logits/target.
+    M, D = math.prod(lead), math.prod(out)
+    if len(lead) <= 1:
+        logits_like_shape, target_like = (*lead, C, *out), target
+    else:
+        logits_like_shape = (M, C, *out)
+        target_like = target.new_empty(()).expand(logits_like_shape if prob_target else (M, *out))
+    logits_like = torch.empty((), dtype=ce_dtype, device=input.device).expand(logits_like_shape)
+    _check_args(logits_like, target_like, weight, ignore_index, reduction, label_smoothing,
+                logit_scale, softcap)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    out_dtype = ce_dtype
+    if prob_target:  # torch computes -(log_softmax(logits) * target * weight): promotes
+        out_dtype = torch.promote_types(out_dtype, target.dtype)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+
+    # Rows of C logits: input (M, H); the K-dim weight (C, d..., H) as (D * C, H) so that each
+    # input row's logits are D contiguous rows of C (a copy of the weight when D > 1).
+    H = input.shape[-1]
+    x = input.reshape(M, H)
+    w = linear_weight if not out else linear_weight.movedim(0, -2).reshape(D * C, H)
+    b = linear_bias if not out or linear_bias is None else linear_bias.movedim(0, -1).reshape(D * C)
+    if prob_target:
+        t = target.movedim(len(lead), -1).reshape(-1, C).contiguous()
+    else:
+        t = target.reshape(-1).contiguous()
+    acc = acc_dtype(input.dtype)
+    denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc)
+    if chunk_size is None:
+        chunk_size = default_chunk_rows(M, D * C * input.element_size())
+    chunk_size = max(1, min(chunk_size, M))
+
+    args = (ignore_index, max(float(label_smoothing), 0.0), float(logit_scale),
+            float(softcap) if softcap is not None else 0.0, float(z_loss), prob_target, C)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        loss = LinearCrossEntropyFunction.apply(x, w, b, t, weight, scalars, denom, reduction,
+                                                args, chunk_size, torch.is_grad_enabled())
+    loss = loss.to(out_dtype)
+    if reduction == "none":
+        loss = loss.reshape((*lead, *out))
+    return loss
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Drop-in for torch 2.13's :class:`torch.nn.LinearCrossEntropyLoss`, backed by
+    :func:`fused_softmax.linear_cross_entropy`.
+
+    Owns the projection as ``self.linear`` (an :class:`torch.nn.Linear` with
+    ``num_classes * prod(out_features)`` outputs, flat as torch stores it) and the class
+    ``weight`` as a buffer, so its ``state_dict`` loads into torch's module and back. Same
+    constructor as torch's except ``options`` (the chunking is always on here; size it with
+    ``chunk_size``), plus the keyword-only extras ``logit_scale``, ``softcap``, ``z_loss``
+    and ``chunk_size``.
+
+    Example::
+
+        >>> head = fused_softmax.nn.LinearCrossEntropyLoss(64, 1000, bias=True)
+        >>> loss = head(torch.randn(4, 16, 64), torch.randint(0, 1000, (4, 16)))
+        >>> loss.backward()
+    """
+
+    __constants__ = ["num_classes", "out_features", "reduction", "ignore_index", "label_smoothing"]
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
+                 label_smoothing: float = 0.0, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None, z_loss: float = 0.0,
+                 chunk_size: Optional[int] = None) -> None:
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(
+                f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(
+                f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.z_loss = z_loss
+        self.chunk_size = chunk_size
+        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes),
+                                      bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        shape = (self.num_classes, *self.out_features)
+        bias = self.linear.bias.reshape(shape) if self.linear.bias is not None else None
+        return linear_cross_entropy(
+            input, self.linear.weight.reshape(*shape, self.linear.in_features), target,
+            linear_bias=bias, weight=self.weight, reduction=self.reduction,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            logit_scale=self.logit_scale, softcap=self.softcap, z_loss=self.z_loss,
+            chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        extras = "".join(f", {k}={getattr(self, k)}" for k, default in (
+            ("logit_scale", 1.0), ("softcap", None), ("z_loss", 0.0), ("chunk_size", None))
+            if getattr(self, k) != default)
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}{extras}")

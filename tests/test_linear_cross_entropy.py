@@ -1,0 +1,554 @@
+"""fused_softmax.linear_cross_entropy against cross_entropy(linear(input, W, b), target).
+
+Every test takes the ``device`` fixture (tests/conftest.py): without CUDA the fused
+cross-entropy kernel runs through Triton's interpreter (~25 ms per launch, one launch per
+chunk), so shapes are tiny: 7 rows of 8 features, 19 classes (not a power of two), chunks
+of 3 rows (which do not divide 7).
+
+References: torch's composition in the same dtype (``torch_loss``), and the same on the
+*same* values cast to fp64 (``ref``) to measure the error of low-precision results; the
+extras (``logit_scale``, ``softcap``, ``z_loss``), which torch lacks, are composed from
+torch ops in ``torch_loss``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_softmax import _backend
+
+# The package re-exports the function under the module's name: reach the module itself.
+lce_mod = importlib.import_module("fused_softmax.linear_cross_entropy")
+ce_mod = importlib.import_module("fused_softmax.cross_entropy")
+lce = lce_mod.linear_cross_entropy
+LinearCrossEntropyLoss = lce_mod.LinearCrossEntropyLoss
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA-only behaviour")
+TORCH_HAS_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyLoss")
+needs_torch_lce = pytest.mark.skipif(not TORCH_HAS_LCE, reason="torch < 2.13 has no linear_cross_entropy")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+]
+
+M, H, C, CHUNK = 7, 8, 19, 3
+
+
+# --------------------------------------------------------------------------- references
+def torch_loss(x, W, t, *, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
+               label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, chunk_size=None):
+    """``cross_entropy(linear(x, W, b), t)`` with torch ops, for ``x`` of shape ``(*, H)``,
+    ``W`` of shape ``(C, d..., H)``; the extras composed (z = softcap * tanh(s * logits /
+    softcap), plus z_loss * lse**2 on non-ignored rows, reduced like the loss)."""
+    b = linear_bias
+    lead, h, C_, out = x.shape[:-1], x.shape[-1], W.shape[0], W.shape[1:-1]
+    logits = F.linear(x.reshape(-1, h), W.reshape(-1, h), b.reshape(-1) if b is not None else None)
+    z = logits.reshape(-1, C_, *out) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    prob = t.is_floating_point()
+    if prob:
+        tt = t.reshape(-1, *t.shape[len(lead):])
+    else:
+        tt = t.reshape(-1, *out).long()
+    ii = -100 if ignore_index is None else ignore_index
+    kw = dict(weight=weight, ignore_index=ii, label_smoothing=label_smoothing)
+    if not z_loss:
+        loss = F.cross_entropy(z, tt, reduction=reduction, **kw)
+    else:
+        per = F.cross_entropy(z, tt, reduction="none", **kw)
+        lse = torch.logsumexp(z, 1)
+        valid = torch.ones_like(per, dtype=torch.bool) if prob else tt != ii
+        per = per + z_loss * torch.where(valid, lse * lse, 0.0)
+        if prob:
+            denom = per.numel()
+        elif weight is not None:
+            denom = (weight[tt.clamp(0, C_ - 1)] * valid).sum()
+        else:
+            denom = valid.sum()
+        loss = {"none": per, "sum": per.sum(), "mean": per.sum() / denom}[reduction]
+    if reduction == "none":
+        loss = loss.reshape(t.shape if not prob else (*lead, *out))
+    return loss
+
+
+def run(fn, x, W, t, b=None, weight=None, upstream=None, dtype=None, **kw):
+    """Loss and gradients of x, W (and b) for ``fn`` (``lce``'s signature) on fresh leaf
+    copies, cast to ``dtype`` with the class weight and probability target when given."""
+    leaves = [a.detach().to(dtype or a.dtype).requires_grad_(True) for a in (x, W) + ((b,) if b is not None else ())]
+    if dtype is not None:
+        weight = weight.to(dtype) if weight is not None else None
+        t = t.to(dtype) if t.is_floating_point() else t
+    loss = fn(leaves[0], leaves[1], t, linear_bias=leaves[2] if b is not None else None, weight=weight, **kw)
+    loss.backward((upstream if upstream is not None else torch.ones_like(loss)).to(loss.dtype))
+    return [loss.detach()] + [leaf.grad for leaf in leaves]
+
+
+def make(device, dtype=torch.float32, kind="index", lead=(M,), classes=C, out=(), bias=False,
+         weighted=False, ignore=-100, seed=0):
+    """``x (*lead, H)``, ``W (C, *out, H)``, a target (index with two positions set to
+    ``ignore``, or probabilities), ``b`` and class weights when asked; |logits| ~ 3."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, H, generator=gen)
+    W = torch.randn(classes, *out, H, generator=gen) / math.sqrt(H) * 2
+    b = torch.randn(classes, *out, generator=gen) if bias else None
+    if kind == "prob":
+        t = torch.softmax(torch.randn(*lead, classes, *out, generator=gen), len(lead))
+    else:
+        t = torch.randint(0, classes, (*lead, *out), generator=gen)
+        flat = t.view(-1)
+        if flat.numel() > 1:
+            flat[1] = ignore
+        if flat.numel() > 4:
+            flat[4] = ignore
+    w = torch.rand(classes, generator=gen) + 0.5 if weighted else None
+
+    def to(a):
+        if a is None:
+            return None
+        return a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device)
+
+    return to(x), to(W), to(t), to(b), to(w)
+
+
+def assert_all_close(ours, theirs, what="", **tol):
+    names = ["loss", "grad input", "grad weight", "grad bias"]
+    assert len(ours) == len(theirs)
+    for name, a, e in zip(names, ours, theirs):
+        assert a.dtype == e.dtype and a.shape == e.shape, \
+            f"{what} {name}: {a.dtype}{tuple(a.shape)} vs {e.dtype}{tuple(e.shape)}"
+        torch.testing.assert_close(a, e, equal_nan=True, msg=lambda m: f"{what} {name}: {m}", **tol)
+
+
+# --------------------------------------------------------------------------- equality with torch
+CASES = [  # name, kind, reduction, make() options, loss options
+    ("index mean bias", "index", "mean", dict(bias=True), {}),
+    ("index sum weight smoothing", "index", "sum", dict(weighted=True), dict(label_smoothing=0.1)),
+    ("index none weight smoothing bias", "index", "none", dict(weighted=True, bias=True), dict(label_smoothing=0.2)),
+    ("index mean weight smoothing", "index", "mean", dict(weighted=True), dict(label_smoothing=1.0)),
+    ("index ignore_index is a class", "index", "mean", dict(weighted=True, bias=True, ignore=3), dict(ignore_index=3)),
+    ("prob mean smoothing bias", "prob", "mean", dict(bias=True), dict(label_smoothing=0.1)),
+    ("prob none weight", "prob", "none", dict(weighted=True), {}),
+    ("prob sum weight smoothing", "prob", "sum", dict(weighted=True, bias=True), dict(label_smoothing=0.3)),
+    ("extras mean", "index", "mean", dict(bias=True), dict(logit_scale=0.7, softcap=2.5, z_loss=1e-2)),
+    ("extras none smoothing weight", "index", "none", dict(weighted=True),
+     dict(logit_scale=1.5, softcap=4.0, z_loss=1e-3, label_smoothing=0.1)),
+    ("extras prob sum", "prob", "sum", {}, dict(z_loss=1e-2, logit_scale=2.0)),
+    ("leading dims", "index", "mean", dict(lead=(2, 4), bias=True), dict(label_smoothing=0.1)),
+    ("leading dims none prob", "prob", "none", dict(lead=(2, 1, 3)), {}),
+    ("unbatched input", "index", "none", dict(lead=()), {}),
+    ("unbatched input prob", "prob", "mean", dict(lead=(), bias=True), {}),
+    ("K-dim out_features", "index", "mean", dict(lead=(4,), out=(2, 1), bias=True, weighted=True),
+     dict(label_smoothing=0.1)),
+    ("K-dim out_features prob none", "prob", "none", dict(lead=(3,), out=(2,), bias=True), {}),
+    ("K-dim out_features leading dims", "index", "none", dict(lead=(2, 3), out=(2,), bias=True), {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,kind,reduction,mk,kw", CASES, ids=[c[0] for c in CASES])
+def test_equals_composed_torch(name, kind, reduction, mk, kw, dtype, device):
+    x, W, t, b, w = make(device, dtype, kind, **mk)
+    gen = torch.Generator().manual_seed(1)
+    expected = torch_loss(x, W, t, linear_bias=b, weight=w, reduction=reduction, **kw)
+    up = torch.randn(expected.shape, generator=gen, dtype=dtype).to(device)
+    ours = run(lce, x, W, t, b, w, up, reduction=reduction, chunk_size=CHUNK, **kw)
+    theirs = run(torch_loss, x, W, t, b, w, up, reduction=reduction, **kw)
+    tol = {} if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    assert_all_close(ours, theirs, name, **tol)
+
+
+@needs_torch_lce
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_equals_torch_linear_cross_entropy(kind, device):
+    """torch 2.13's own function (reference path), K-dimensional weight included."""
+    x, W, t, b, w = make(device, torch.float64, kind, lead=(4,), out=(3,), bias=True,
+                         weighted=kind == "index")
+    kw = dict(reduction="sum", label_smoothing=0.1)
+    ours = run(lce, x, W, t, b, w, chunk_size=3, **kw)
+    theirs = run(F.linear_cross_entropy, x, W, t, b, w, **kw)
+    assert_all_close(ours, theirs, kind)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 7, 100, None])
+def test_chunk_sizes(chunk_size, device):
+    x, W, t, b, w = make(device, torch.float64, bias=True, weighted=True)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+    ours = run(lce, x, W, t, b, w, chunk_size=chunk_size, **kw)
+    theirs = run(torch_loss, x, W, t, b, w, **kw)
+    assert_all_close(ours, theirs, f"chunk_size={chunk_size}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored(reduction, device):
+    x, W, t, b, w = make(device, bias=True, weighted=True)
+    t = torch.full_like(t, -100)
+    ours = run(lce, x, W, t, b, w, reduction=reduction, chunk_size=CHUNK, label_smoothing=0.1)
+    theirs = run(torch_loss, x, W, t, b, w, reduction=reduction, label_smoothing=0.1)
+    assert_all_close(ours, theirs, reduction)
+    if reduction == "mean":
+        assert ours[0].isnan()
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in ours[1:])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction, device):
+    x, W, t, b, w = make(device, lead=(0,), bias=True)
+    ours = run(lce, x, W, t, b, w, reduction=reduction)
+    theirs = run(torch_loss, x, W, t, b, w, reduction=reduction)
+    assert_all_close(ours, theirs, reduction)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.int32, torch.uint8])
+def test_other_index_dtypes(target_dtype, device):
+    x, W, t, b, w = make(device, bias=True)
+    t = t.clamp(min=0).to(target_dtype)
+    ours = run(lce, x, W, t, b, w, chunk_size=CHUNK)
+    theirs = run(torch_loss, x, W, t.long(), b, w)
+    assert_all_close(ours, theirs, str(target_dtype))
+
+
+def test_non_contiguous_inputs(device):
+    x, W, t, b, w = make(device, bias=True)
+    xt = x.t().contiguous().t()  # same values, column-major
+    Wt = W.t().contiguous().t()
+    assert not xt.is_contiguous() and not Wt.is_contiguous()
+    loss = lce(xt, Wt, t[::1], linear_bias=b, chunk_size=CHUNK)
+    torch.testing.assert_close(loss, torch_loss(x, W, t, linear_bias=b))
+
+
+@pytest.mark.parametrize("which", ["input", "weight", "bias"])
+def test_only_one_input_requires_grad(which, device):
+    x, W, t, b, _ = make(device, bias=True)
+    leaves = {"input": x, "weight": W, "bias": b}
+    leaves = {k: v.clone().requires_grad_(k == which) for k, v in leaves.items()}
+    lce(leaves["input"], leaves["weight"], t, linear_bias=leaves["bias"], chunk_size=CHUNK).backward()
+    ref = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    torch_loss(ref["input"], ref["weight"], t, linear_bias=ref["bias"]).backward()
+    for k, v in leaves.items():
+        if k == which:
+            torch.testing.assert_close(v.grad, ref[k].grad)
+        else:
+            assert v.grad is None
+
+
+def test_prob_target_and_class_weight_gradients(device):
+    """torch differentiates through soft labels and, with them, the class weight."""
+    x, W, t, b, w = make(device, torch.float64, "prob", bias=True, weighted=True)
+    got, exp = [], []
+    for fn, store in ((lce, got), (torch_loss, exp)):
+        leaves = [a.clone().requires_grad_(True) for a in (x, W, t, w)]
+        kw = dict(weight=leaves[3], reduction="none", label_smoothing=0.1)
+        loss = fn(leaves[0], leaves[1], leaves[2], linear_bias=b, chunk_size=CHUNK, **kw)
+        loss.backward(torch.linspace(-1, 2, M, dtype=torch.float64, device=device))
+        store.extend(a.grad for a in leaves)
+    for name, a, e in zip(["input", "weight", "target", "class weight"], got, exp):
+        torch.testing.assert_close(a, e, msg=lambda m: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------- fp64 gradcheck
+GRADCHECK = [  # name, kind, options, class weights, full Jacobian (else gradcheck's fast mode)
+    ("index mean weight smoothing", "index", dict(reduction="mean", label_smoothing=0.1), True, True),
+    ("index none extras", "index", dict(reduction="none", z_loss=1e-2, softcap=3.0, logit_scale=0.5), False, False),
+    ("prob sum", "prob", dict(reduction="sum", label_smoothing=0.2), False, False),
+]
+
+
+@pytest.mark.parametrize("name,kind,kw,weighted,full", GRADCHECK, ids=[g[0] for g in GRADCHECK])
+def test_gradcheck_fp64(name, kind, kw, weighted, full, device):
+    x, W, t, b, w = make(device, torch.float64, kind, lead=(3,), classes=5, bias=True, weighted=weighted)
+    x, W = x[:, :3], W[:, :3]  # H = 3: few numerical perturbations
+    chunk = 3 if full else 2  # the full Jacobian takes 2 forwards per input element
+    fn = lambda x_, W_, b_: lce(x_, W_, t, linear_bias=b_, weight=w, chunk_size=chunk, **kw)
+    inputs = tuple(a.clone().requires_grad_(True) for a in (x, W, b))
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=not full)
+
+
+def test_double_backward_raises(device):
+    x, W, t, _, _ = make(device, torch.float64)
+    x.requires_grad_(True)
+    loss = lce(x, W.requires_grad_(True), t)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_backward_and_grad_output(reduction, device):
+    """retain_graph: the first backward consumes the forward's gradients (rescaled in
+    place), the second recomputes them; both with a grad_output that is not 1."""
+    x, W, t, b, _ = make(device, bias=True)
+    leaves = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    loss = lce(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction, chunk_size=CHUNK)
+    up = torch.full_like(loss, 2.5) if reduction == "mean" else torch.linspace(-1, 1, M, device=device)
+    first = torch.autograd.grad(loss, leaves, up, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves, up)
+    ref = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    expected = torch.autograd.grad(torch_loss(ref[0], ref[1], t, linear_bias=ref[2], reduction=reduction), ref, up)
+    for g1, g2, e in zip(first, second, expected):
+        torch.testing.assert_close(g1, e)
+        torch.testing.assert_close(g2, e)
+
+
+# --------------------------------------------------------------------------- low precision
+def max_error(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_as_accurate_as_torch(dtype, device):
+    """Against an fp64 reference on the same values: error <= max(torch's own error in
+    ``dtype``, 2 eps of the largest value) for the loss and every gradient (one rounding of
+    the logits, of their gradient and of each result, as in torch)."""
+    gen = torch.Generator().manual_seed(3)
+    n = 24
+    x = torch.randn(n, H, generator=gen)
+    W = torch.randn(C, H, generator=gen) / math.sqrt(H) * 3
+    b = torch.randn(C, generator=gen)
+    t = torch.randint(0, C, (n,), generator=gen)
+    x, W, b, t = (a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device) for a in (x, W, b, t))
+    kw = dict(label_smoothing=0.1)
+    ours = run(lce, x, W, t, b, chunk_size=5, **kw)
+    theirs = run(torch_loss, x, W, t, b, **kw)
+    ref = run(torch_loss, x, W, t, b, dtype=torch.float64, **kw)
+    eps = torch.finfo(dtype).eps
+    for name, a, e, r in zip(["loss", "grad input", "grad weight", "grad bias"], ours, theirs, ref):
+        assert a.dtype == dtype
+        bound = max(max_error(e, r), 2 * eps * r.abs().max().item())
+        assert max_error(a, r) <= bound, f"{name}: error {max_error(a, r):.3e} > {bound:.3e}"
+
+
+def test_grad_weight_accumulated_in_fp32(device):
+    """bf16 weights, 32 chunks of 1 row: one large row, then 31 rows whose contributions to
+    grad_W are each below half a bf16 ulp of the running sum. A bf16 running sum drops them
+    all (4% low); torch's single matmul and an fp32 accumulator keep them."""
+    n, h, v = 32, 4, 4
+    x = torch.ones(n, h)
+    x[0] = 700.0
+    W = torch.zeros(v, h)  # logits 0: p = 1/v, gradient (1/v - onehot) exactly in bf16
+    t = torch.zeros(n, dtype=torch.long)
+    x, W, t = x.to(device, torch.bfloat16), W.to(device, torch.bfloat16), t.to(device)
+    _, _, gw = run(lce, x, W, t, reduction="sum", chunk_size=1)
+    _, _, exp = run(torch_loss, x, W, t, reduction="sum")
+    _, _, ref = run(torch_loss, x, W, t, reduction="sum", dtype=torch.float64)
+    bf16_running_sum = torch.tensor(700.0 * 0.25, dtype=torch.bfloat16)
+    for _ in range(n - 1):
+        bf16_running_sum += 0.25
+    assert abs(bf16_running_sum.item() - ref[1, 0].item()) > 0.03 * abs(ref[1, 0].item())  # the trap
+    eps = torch.finfo(torch.bfloat16).eps
+    assert max_error(gw, ref) <= eps * ref.abs().max().item()
+    assert max_error(gw, ref) <= max_error(exp, ref)
+
+
+def test_autocast_like_torch(device):
+    """Under autocast the projection runs in the autocast dtype and the loss is fp32, as
+    torch's composition; fp32 weights and input, bf16 gradients cast back to fp32."""
+    x, W, t, b, w = make(device, bias=True, weighted=True)
+    device_type = torch.device(device).type
+    got, exp = [], []
+    for fn, store in ((lce, got), (torch_loss, exp)):
+        leaves = [a.clone().requires_grad_(True) for a in (x, W, b)]
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            loss = fn(leaves[0], leaves[1], t, linear_bias=leaves[2], weight=w, chunk_size=CHUNK)
+        loss.backward()
+        store.extend([loss.detach()] + [a.grad for a in leaves])
+    for name, a, e in zip(["loss", "grad input", "grad weight", "grad bias"], got, exp):
+        assert a.dtype == e.dtype == torch.float32, name
+        scale = e.abs().max().item()
+        assert max_error(a, e.double()) <= 4 * torch.finfo(torch.bfloat16).eps * scale, name
+
+
+# --------------------------------------------------------------------------- kernels, ops, compile
+def test_kernel_runs_once_per_chunk(device, monkeypatch):
+    x, W, t, b, _ = make(device, bias=True)
+    if not _backend.use_triton(x):
+        pytest.skip("no Triton path for this device (no CUDA, no interpreter)")
+    counts = _backend.launch_counts
+    matmuls = []
+    real = lce_mod._addmm_into
+    monkeypatch.setattr(lce_mod, "_addmm_into", lambda *a, **k: matmuls.append(1) or real(*a, **k))
+    before = counts["cross_entropy_fwd_kernel"]
+    Wl = W.clone().requires_grad_(True)
+    with torch.no_grad():  # loss only, although W requires grad: no gradient matmul
+        lce(x, Wl, t, linear_bias=b, chunk_size=CHUNK)
+    assert counts["cross_entropy_fwd_kernel"] == before + 3 and not matmuls
+    lce(x, Wl, t, linear_bias=b, chunk_size=CHUNK).backward()
+    assert counts["cross_entropy_fwd_kernel"] == before + 6 and len(matmuls) == 3
+    torch.testing.assert_close(Wl.grad, run(torch_loss, x, W, t, b)[2])
+
+
+def test_torch_path_equals_kernels(device, monkeypatch):
+    x, W, t, b, w = make(device, bias=True, weighted=True)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=CHUNK)
+    kernels = run(lce, x, W, t, b, w, **kw)
+    monkeypatch.setattr(ce_mod, "use_triton", lambda t: False)
+    before = sum(_backend.launch_counts.values())
+    torch_path = run(lce, x, W, t, b, w, **kw)
+    assert sum(_backend.launch_counts.values()) == before
+    assert_all_close(kernels, torch_path, "kernels vs torch path")
+
+
+@pytest.mark.parametrize("grads", [(True, True, True), (False, False, False)])
+def test_opcheck(grads, device):
+    x, W, t, b, w = make(device, bias=True, weighted=True)
+    scalars = torch.tensor([0.2, w.sum().item()], device=device)
+    args = (x, W, b, t, w, scalars, None, -100, 0.1, 1.0, 0.0, 0.0, False, C, 4, *grads)
+    torch.library.opcheck(torch.ops.fused_softmax.linear_cross_entropy_fwd.default, args)
+
+
+def test_torch_compile_fullgraph(device):
+    """One graph with a mean (gradients from the forward) and a 'none' loss (recomputed in
+    backward), leading dims and extras."""
+    x, W, t, b, w = make(device, lead=(2, 3), bias=True, weighted=True)
+    kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=4.0)
+    up = torch.linspace(-1, 1, 6, device=device).reshape(2, 3)
+
+    def f(x_, W_, b_, lossfn, **extra):
+        mean = lossfn(x_, W_, t, linear_bias=b_, **kw, **extra)
+        none = lossfn(x_, W_, t, linear_bias=b_, reduction="none", **kw, **extra)
+        return 3 * mean + (none * up).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    leaves = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    out = compiled(*leaves, lce, chunk_size=4)
+    out.backward()
+    ref = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    expected = f(*ref, torch_loss)
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    for a, e in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+def test_default_chunk_fits_64_mib():
+    """At M=8192, H=4096, V=128256 bf16 the default chunk's logits take <= 64 MiB."""
+    V = 128256
+    rows = lce_mod.default_chunk_rows(8192, V * 2)
+    assert rows == 256 and rows * V * 2 <= 64 << 20
+    assert lce_mod.default_chunk_rows(5, V * 2) == 5
+    assert lce_mod.default_chunk_rows(8192, 10**9) == 1
+
+
+# --------------------------------------------------------------------------- errors
+ERRORS = [
+    ("input/weight features", lambda x, W, t: lce(x, W[:, :-1], t), RuntimeError, "in_features"),
+    ("bias shape", lambda x, W, t: lce(x, W, t, linear_bias=torch.zeros(3, device=x.device)), RuntimeError,
+     "linear_bias shape"),
+    ("weight dim", lambda x, W, t: lce(x, W[0], t), RuntimeError, "dimensionality at least 2"),
+    ("dtype mismatch", lambda x, W, t: lce(x, W.double(), t), RuntimeError, "same dtype"),
+    ("ignore_index with probabilities", lambda x, W, t: lce(x, W, torch.softmax(x @ W.t(), 1), ignore_index=-100),
+     RuntimeError, "ignore_index cannot be specified"),
+    ("K-dim unbatched", lambda x, W, t: lce(x[0], W[:, None], t[0]), RuntimeError, "requires batched input"),
+    ("target shape", lambda x, W, t: lce(x, W, t[:-1]), RuntimeError, "Expected target size"),
+    ("target dtype", lambda x, W, t: lce(x, W, t.float()), RuntimeError, "expected target dtype"),
+    ("reduction", lambda x, W, t: lce(x, W, t, reduction="avg"), ValueError, "not a valid value"),
+    ("label smoothing", lambda x, W, t: lce(x, W, t, label_smoothing=1.5), RuntimeError, "label_smoothing"),
+    ("class weight shape", lambda x, W, t: lce(x, W, t, weight=torch.ones(3, device=x.device)), RuntimeError,
+     "weight tensor should be defined"),
+    ("chunk size", lambda x, W, t: lce(x, W, t, chunk_size=0), ValueError, "chunk_size"),
+    ("integer input", lambda x, W, t: lce(x.long(), W, t), NotImplementedError, "not implemented"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,words", ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors(name, call, exc, words, device):
+    x, W, t, _, _ = make(device)
+    with pytest.raises(exc, match=words):
+        call(x, W, t)
+
+
+def test_class_weight_requiring_grad_with_index_target_errors_like_torch(device):
+    x, W, t, _, w = make(device, weighted=True)
+    w.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="derivative for 'weight' is not implemented"):
+        lce(x, W, t, weight=w)
+
+
+# --------------------------------------------------------------------------- nn module
+def test_module_equals_functional_and_composition(device):
+    torch.manual_seed(5)
+    x, _, t, _, w = make(device, lead=(2, 3), weighted=True)
+    m = LinearCrossEntropyLoss(H, C, bias=True, weight=w, label_smoothing=0.1, chunk_size=4, device=device)
+    loss = m(x, t)
+    loss.backward()
+    Wr = m.linear.weight.detach().clone().requires_grad_(True)
+    br = m.linear.bias.detach().clone().requires_grad_(True)
+    expected = torch_loss(x, Wr, t, linear_bias=br, weight=w, label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(m.linear.weight.grad, Wr.grad)
+    torch.testing.assert_close(m.linear.bias.grad, br.grad)
+    assert "num_classes=19" in repr(m) and "chunk_size=4" in repr(m)
+
+
+@needs_torch_lce
+@pytest.mark.parametrize("cfg", [dict(bias=True, weighted=True), dict(out_features=(2, 1), bias=True)],
+                         ids=["bias+weight", "out_features"])
+def test_module_state_dict_roundtrip_with_torch(cfg, device):
+    cfg = dict(cfg)
+    weighted = cfg.pop("weighted", False)
+    gen = torch.Generator().manual_seed(6)
+    w = (torch.rand(C, generator=gen) + 0.5).to(device) if weighted else None
+    kw = dict(weight=w, label_smoothing=0.1, device=device, **cfg)
+    torch.manual_seed(7)
+    ours = LinearCrossEntropyLoss(H, C, **kw)
+    torch.manual_seed(7)
+    theirs = torch.nn.LinearCrossEntropyLoss(H, C, **kw)
+    sd_ours, sd_theirs = ours.state_dict(), theirs.state_dict()
+    assert list(sd_ours) == list(sd_theirs)
+    for k in sd_ours:  # same construction, same initialisation
+        torch.testing.assert_close(sd_ours[k], sd_theirs[k], rtol=0, atol=0)
+    fresh_torch = torch.nn.LinearCrossEntropyLoss(H, C, **kw)
+    fresh_torch.load_state_dict(sd_ours)
+    fresh_ours = LinearCrossEntropyLoss(H, C, **kw)
+    fresh_ours.load_state_dict(fresh_torch.state_dict())
+    x = torch.randn(4, H, generator=gen).to(device)
+    t = torch.randint(0, C, (4, *cfg.get("out_features", ())), generator=gen).to(device)
+    torch.testing.assert_close(fresh_ours(x, t), fresh_torch(x, t))
+
+
+# --------------------------------------------------------------------------- CUDA only
+@needs_cuda
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_no_host_sync(reduction, device):
+    x, W, t, b, w = make(device, bias=True, weighted=True)
+    kw = dict(weight=w, label_smoothing=0.1, reduction=reduction)
+    run(lce, x, W, t, b, chunk_size=CHUNK, **kw)  # warm-up outside the check: compile the kernels
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        ours = run(lce, x, W, t, b, chunk_size=CHUNK, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_all_close(ours, run(torch_loss, x, W, t, b, **kw), reduction)
+
+
+@needs_cuda
+def test_cuda_peak_extra_memory(device):
+    """M=8192, H=4096, V=128256 bf16, default chunk: peak memory beyond the inputs and the
+    gradients (input, weight) is at most the 64 MiB chunk buffer + the fp32 grad_W
+    accumulator (4 * V * H) + 8 MiB for the per-row vectors and cuBLAS' workspace."""
+    Mb, Hb, Vb = 8192, 4096, 128256
+    gen = torch.Generator(device=device).manual_seed(8)
+    x = torch.randn(Mb, Hb, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+    W = (torch.randn(Vb, Hb, device=device, dtype=torch.bfloat16, generator=gen) * 0.02).requires_grad_(True)
+    t = torch.randint(0, Vb, (Mb,), device=device, generator=gen)
+    lce(x[:256], W, t[:256]).backward()  # warm-up: kernels, cuBLAS workspace
+    x.grad = W.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    lce(x, W, t).backward()
+    torch.cuda.synchronize()
+    grads = x.numel() * 2 + W.numel() * 2
+    extra = torch.cuda.max_memory_allocated() - base - grads
+    budget = (64 << 20) + 4 * W.numel() + (8 << 20)
+    assert extra <= budget, f"peak extra {extra / 2**20:.0f} MiB > {budget / 2**20:.0f} MiB"

@@ -4,11 +4,11 @@ log-sum-exp and cross-entropy, as drop-in replacements of ``torch.nn.functional`
 >>> from fused_softmax import softmax, log_softmax, logsumexp, cross_entropy
 """
 
-from . import nn
+from . import distributed, nn
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
 from .patch import patch, unpatch
 from .softmax import log_softmax, logsumexp, softmax
 
-__all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "linear_cross_entropy", "nn", "patch", "unpatch"]
+__all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "linear_cross_entropy", "nn", "distributed", "patch", "unpatch"]
 __version__ = "0.1.0"

@@ -1,0 +1,419 @@
+"""Vocab-parallel cross-entropy over ``torch.distributed``: public function, autograd,
+custom ops, launchers.
+
+Device code: ``kernels/vocab_parallel.py``. When the vocabulary is split across
+tensor-parallel ranks (Megatron-style), rank ``r`` holds the logits of classes
+``[vocab_start, vocab_start + V_r)`` for every row, and no rank may gather a whole row.
+The loss needs only a few numbers per row from each shard, so that is all that moves:
+
+1. one pass over the local shard (``vocab_parallel_stats``): per row the local max, the sum
+   of ``exp(z - max)``, the target logit where this rank owns the target, and ``sum(w * z)``
+   (label smoothing only);
+2. ``all_reduce(MAX)`` of the row maxima (``N`` floats); each rank rescales its sum of exps
+   to the global max; ``all_reduce(SUM)`` of ``[sum of exp, z_t, sum(w * z)]`` per row plus
+   one float holding ``V_r`` (``2N + 1`` floats, ``3N + 1`` with smoothing), which gives the
+   global log-sum-exp, the target logit and the global ``V = sum(V_r)`` — on the device, so
+   ``eps / V`` needs no host synchronisation and unequal shards need no extra collective;
+3. loss and the per-row gradient coefficients, O(N) elementwise on every rank (every rank
+   gets the same loss).
+
+The backward recomputes the shard's probabilities from the saved global log-sum-exp in one
+pass (``vocab_parallel_bwd``) and communicates nothing: the gradient is taken with respect
+to the local shard only, and every rank backpropagates the same (replicated) loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _backend
+from ._backend import acc_dtype, check_float, split_float, use_triton
+from .cross_entropy import _INDEX_DTYPES, _REDUCTIONS, _type_name
+
+if _backend.HAS_TRITON:
+    from .cross_entropy import _block_and_grid
+    from .kernels import vocab_parallel as _k
+    from .softmax import _tl_acc
+
+
+# --------------------------------------------------------------------------- launchers
+def _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums):
+    n_rows, C = x.shape
+    block_n, num_warps, grid = _block_and_grid(x, C, n_rows)
+    _backend.record_launch("vocab_parallel_stats_kernel")
+    _k.vocab_parallel_stats_kernel[(grid,)](
+        x, target, weight if weight is not None else x, row_max, sums,
+        n_rows, C, x.stride(0), sums.stride(0), vocab_start, *split_float(logit_scale),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=sums.shape[1] == 3,
+        ACC=_tl_acc(x.dtype), BLOCK_N=block_n, num_warps=num_warps,
+    )
+
+
+def _launch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad):
+    n_rows, C = x.shape
+    block_n, num_warps, grid = _block_and_grid(x, C, n_rows)
+    _backend.record_launch("vocab_parallel_bwd_kernel")
+    _k.vocab_parallel_bwd_kernel[(grid,)](
+        x, target, weight if weight is not None else x, lse, coef, grad,
+        n_rows, C, x.stride(0), coef.stride(0), grad.stride(0), vocab_start,
+        *split_float(logit_scale),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=coef.shape[1] == 3,
+        ACC=_tl_acc(x.dtype), BLOCK_N=block_n, num_warps=num_warps,
+    )
+
+
+# --------------------------------------------------------------------------- torch path
+def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    """torch's shift rule for log-sum-exp: an infinite max is replaced by 0."""
+    return torch.where(m.isinf(), 0.0, m)
+
+
+def _torch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums):
+    """The stats kernel's math with torch ops (also serves an empty shard)."""
+    n_rows, C = x.shape
+    if C == 0:  # a rank that holds no classes contributes nothing
+        row_max.fill_(-math.inf)
+        sums.zero_()
+        return
+    z = x.to(row_max.dtype) * logit_scale
+    m = z.amax(-1)
+    s = torch.exp(z - _finite_or_zero(m)[:, None]).sum(-1)
+    sums[:, 0] = torch.where(m == math.inf, math.nan, s)
+    t_local = target.long() - vocab_start
+    owned = (t_local >= 0) & (t_local < C)
+    z_t = z.gather(1, torch.where(owned, t_local, 0)[:, None]).squeeze(1)
+    sums[:, 1] = torch.where(owned, z_t, 0.0)
+    if sums.shape[1] == 3:
+        sums[:, 2] = (z * weight.to(z.dtype)).sum(-1) if weight is not None else z.sum(-1)
+    row_max.copy_(m)
+
+
+def _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad):
+    """The backward kernel's math with torch ops."""
+    z = x.to(coef.dtype) * logit_scale
+    a, b = coef[:, 0:1], coef[:, 1:2]
+    dx = torch.where(a == 0, 0.0, a * torch.exp(z - lse[:, None]))
+    cols = torch.arange(x.shape[1], device=x.device)
+    dx = dx - torch.where(cols == (target.long() - vocab_start)[:, None], b, 0.0)
+    if coef.shape[1] == 3:
+        dx = dx - coef[:, 2:3] * (weight.to(dx.dtype) if weight is not None else 1.0)
+    grad.copy_(dx)
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fused_softmax::vocab_parallel_stats", mutates_args=())
+def vocab_parallel_stats(
+    x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], vocab_start: int,
+    logit_scale: float, smoothing: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row statistics of a ``(rows, C)`` vocabulary shard, ready for the all-reduces.
+
+    Returns ``row_max`` ``(rows,)`` (max of ``z = logit_scale * x``) and ``packed``
+    ``(rows * k + 1,)``: ``k`` values per row — ``sum(exp(z - shift(row_max)))``, the target
+    logit if ``target - vocab_start`` falls in the shard (else 0), and with ``smoothing``
+    ``sum(weight * z)`` (``weight`` = the shard's slice) — then ``C`` in the last slot, so
+    one sum all-reduce also yields the global vocabulary size. fp32 (fp64 for fp64 input).
+    """
+    n_rows, C = x.shape
+    acc = acc_dtype(x.dtype)
+    row_max = torch.empty(n_rows, dtype=acc, device=x.device)
+    packed = torch.empty(n_rows * (3 if smoothing else 2) + 1, dtype=acc, device=x.device)
+    packed[-1:].fill_(C)
+    sums = packed[:-1].view(n_rows, -1)
+    if n_rows > 0 and C > 0 and use_triton(x):
+        _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums)
+    else:
+        _torch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums)
+    return row_max, packed
+
+
+@vocab_parallel_stats.register_fake
+def _(x, target, weight, vocab_start, logit_scale, smoothing):
+    acc = acc_dtype(x.dtype)
+    n_rows = x.shape[0]
+    return (x.new_empty(n_rows, dtype=acc),
+            x.new_empty(n_rows * (3 if smoothing else 2) + 1, dtype=acc))
+
+
+@torch.library.custom_op("fused_softmax::vocab_parallel_bwd", mutates_args=())
+def vocab_parallel_bwd(
+    x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], lse: torch.Tensor,
+    coef: torch.Tensor, vocab_start: int, logit_scale: float,
+) -> torch.Tensor:
+    """Gradient of a ``(rows, C)`` shard: ``a * exp(z - lse) - b * onehot - c * weight`` per
+    row, with ``coef`` rows ``[a, b]`` or ``[a, b, c]`` (``c``: label smoothing)."""
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if grad.numel() == 0:
+        return grad
+    if use_triton(x):
+        _launch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad)
+    else:
+        _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad)
+    return grad
+
+
+@vocab_parallel_bwd.register_fake
+def _(x, target, weight, lse, coef, vocab_start, logit_scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# --------------------------------------------------------------------------- autograd
+def _all_reduce(t: torch.Tensor, op: str, comm) -> torch.Tensor:
+    """In-place all-reduce (``op`` "max" or "sum") over the group; nothing in a world of 1."""
+    group, world = comm
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    return t
+
+
+class VocabParallelCrossEntropyFunction(torch.autograd.Function):
+    """Forward: one pass over the shard + two O(rows) all-reduces. Backward: one pass over
+    the shard from the saved global log-sum-exp, no communication."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, comm, vocab_start, ignore_index, reduction,
+                label_smoothing, logit_scale, z_loss):
+        n_rows, C = x.shape
+        eps = label_smoothing
+        w_local = weight[vocab_start:vocab_start + C].contiguous() if weight is not None else None
+        row_max, packed = torch.ops.fused_softmax.vocab_parallel_stats(
+            x, target, w_local, vocab_start, logit_scale, eps > 0)
+        acc = row_max.dtype
+        sums = packed[:-1].view(n_rows, -1)
+
+        # Global max, then every rank's sum of exps rescaled to it: the log-sum-exp rule.
+        global_max = _all_reduce(row_max.clone(), "max", comm)
+        shift = _finite_or_zero(global_max)
+        sums[:, 0] *= torch.where(row_max == -math.inf, 1.0,
+                                  torch.exp(_finite_or_zero(row_max) - shift))
+        _all_reduce(packed, "sum", comm)
+        lse = shift + torch.log(sums[:, 0])
+        vocab = packed[-1]  # sum of the shard sizes, on the device
+
+        t = target.long()
+        valid = t != ignore_index
+        in_range = (t >= 0) & (t < vocab)
+        if x.device.type == "cpu":
+            # torch's CPU errors; after the collectives, so every rank raises together.
+            _check_after_reduce(t, valid, in_range, vocab, weight)
+        if weight is not None:
+            w_acc = weight.to(acc)
+            w_t = w_acc[t.clamp(0, weight.numel() - 1)]
+            w_sum = w_acc.sum()
+        else:
+            w_t = torch.ones_like(lse)
+            w_sum = vocab
+        eps_v = eps / vocab
+        loss = (1.0 - eps) * w_t * (lse - sums[:, 1])
+        coef = (1.0 - eps) * w_t
+        if eps > 0:
+            loss = loss + eps_v * (w_sum * lse - sums[:, 2])
+            coef = coef + eps_v * w_sum
+        if z_loss != 0:
+            loss = loss + z_loss * lse * lse
+            coef = coef + 2.0 * z_loss * lse
+        loss = torch.where(valid, torch.where(in_range, loss, math.nan), 0.0)
+        # The same on every rank (target and weight are), so a mean agrees everywhere.
+        denom = (w_t * valid).sum() if weight is not None else valid.sum(dtype=acc)
+        if reduction == "sum":
+            out = loss.sum()
+        elif reduction == "mean":
+            out = loss.sum() / denom
+        else:
+            out = loss
+
+        if ctx.needs_input_grad[0]:
+            grad_scale = 1.0 / denom if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
+            # Ignored rows: all coefficients 0; out-of-range targets: NaN (loud, no sync).
+            row_scale = torch.where(valid, torch.where(in_range, grad_scale, math.nan), 0.0)
+            cols = [coef, (1.0 - eps) * w_t] + ([eps_v.expand(n_rows)] if eps > 0 else [])
+            ctx.save_for_backward(x, target, w_local, lse, torch.stack(cols, 1) * row_scale[:, None])
+            ctx.vocab_start, ctx.logit_scale = vocab_start, logit_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dloss):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fused_softmax.distributed.vocab_parallel_cross_entropy does not support double "
+                "backward (create_graph=True)")
+        x, target, w_local, lse, coef = ctx.saved_tensors
+        dloss = dloss.to(coef.dtype)
+        coef = coef * ((dloss[:, None] if dloss.dim() else dloss) * ctx.logit_scale)
+        grad = torch.ops.fused_softmax.vocab_parallel_bwd(
+            x, target, w_local, lse, coef, ctx.vocab_start, ctx.logit_scale)
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def _check_after_reduce(t, valid, in_range, vocab, weight):
+    if weight is not None and int(vocab) != weight.numel():
+        raise ValueError(
+            f"vocab_parallel_cross_entropy: the shards hold {int(vocab)} classes in all, but "
+            f"weight has {weight.numel()}")
+    bad = t[valid & ~in_range]
+    if bad.numel():
+        raise IndexError(f"Target {bad[0].item()} is out of bounds.")
+
+
+# --------------------------------------------------------------------------- public API
+def _rank_and_world(group):
+    """(rank in ``group``, its size); a world of 1 when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError("vocab_parallel_cross_entropy: this process is not a member of group")
+        return rank, dist.get_world_size(group)
+    if group is not None:
+        raise ValueError(
+            "vocab_parallel_cross_entropy: group was given but torch.distributed is not "
+            "initialised (call torch.distributed.init_process_group first)")
+    return 0, 1
+
+
+def _check_args(input, target, weight, vocab_start_index, reduction, label_smoothing,
+                logit_scale, z_loss, world):
+    name = "vocab_parallel_cross_entropy"
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(f"{name}(): local_logits and target must be Tensors")
+    check_float(name, input)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    for arg, value in (("logit_scale", logit_scale), ("z_loss", z_loss)):
+        if not math.isfinite(value):
+            raise ValueError(f"{arg} must be finite, got {value}")
+    if input.dim() == 0:
+        raise RuntimeError(f"{name}: local_logits must have at least 1 dimension (the classes)")
+    if target.is_floating_point():
+        raise ValueError(
+            f"{name}: target must hold class indices (global, in [0, V)); class-probability "
+            "targets are not supported")
+    if target.dtype not in _INDEX_DTYPES:
+        raise RuntimeError(
+            f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
+    if input.dim() == 1:
+        if target.numel() != 1 or target.dim() > 1:
+            raise ValueError(f"For 1D input, target must have one element, got shape {list(target.shape)}")
+    else:
+        expected = [input.shape[0]] + list(input.shape[2:])
+        if list(target.shape) != expected:
+            raise ValueError(f"Expected target size {expected}, got {list(target.shape)}")
+    C = input.shape[0 if input.dim() == 1 else 1]
+    if vocab_start_index is not None:
+        if isinstance(vocab_start_index, bool) or not isinstance(vocab_start_index, int) \
+                or vocab_start_index < 0:
+            raise ValueError(f"vocab_start_index must be an int >= 0, got {vocab_start_index!r}")
+        if world == 1 and vocab_start_index != 0:
+            raise ValueError(
+                f"vocab_start_index={vocab_start_index} in a world of 1: the only rank holds "
+                "the whole vocabulary, which starts at 0")
+    if weight is not None:
+        if weight.dim() != 1:
+            raise RuntimeError(f"weight must be the 1-D class weight (V,), got shape {list(weight.shape)}")
+        if weight.dtype != input.dtype:
+            raise RuntimeError(
+                f"expected scalar type {_type_name(input.dtype)} but found {_type_name(weight.dtype)}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "the derivative for 'weight' is not implemented: cross_entropy with class-index "
+                "targets is not differentiable with respect to argument 'weight'")
+    for arg, t in (("target", target), ("weight", weight)):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found {arg} on {t.device} "
+                f"and local_logits on {input.device}")
+    return C
+
+
+def vocab_parallel_cross_entropy(
+    local_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    vocab_start_index: Optional[int] = None,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    r"""Cross-entropy over logits whose vocabulary is split across the ranks of ``group``.
+
+    Equal to :func:`torch.nn.functional.cross_entropy` on the logits concatenated along the
+    class dimension in vocabulary order (and to :func:`fused_softmax.cross_entropy` with
+    the same extras), without any rank ever holding a whole row: per step the ranks
+    exchange two all-reduces of O(rows) floats — ``(k + 1) * rows + 1`` floats, ``k = 2``
+    (3 with label smoothing), in fp32 (fp64 for fp64 logits) — independent of the vocabulary
+    size. The backward communicates nothing.
+
+    Args:
+        local_logits (Tensor): this rank's shard, ``(V_local,)``, ``(N, V_local)`` or
+            ``(N, V_local, d1, ..., dk)`` (classes on dim 1, as torch); float16, bfloat16,
+            float32 or float64. For ``(seq, batch, V_local)`` activations pass
+            ``logits.reshape(-1, V_local)`` and ``target.reshape(-1)``.
+        target (Tensor): GLOBAL class indices in ``[0, V)`` (int64, int32 or uint8), shaped
+            as for torch; the same on every rank.
+        group (ProcessGroup, optional): the tensor-parallel group (default: the world). If
+            torch.distributed is not initialised and ``group`` is None, the call is a world
+            of 1 and needs no process group.
+        vocab_start_index (int, optional): first global class of this rank's shard; default
+            ``rank * V_local`` (equal shards). Give it for unequal shards; the shards must
+            tile ``[0, V)`` exactly, and ``V`` is the sum of the shard sizes.
+        weight (Tensor, optional): the full ``(V,)`` class weight, the same on every rank,
+            ``local_logits``' dtype.
+        ignore_index, reduction, label_smoothing: as torch; ``'mean'`` divides by the sum of
+            the target weights of non-ignored rows (their count without ``weight``), the
+            same denominator on every rank; all ignored gives NaN.
+        logit_scale (float): multiply the logits first (``1 / temperature``).
+        z_loss (float): add ``z_loss * lse**2`` per non-ignored row (the global
+            log-sum-exp), reduced like the loss.
+
+    Returns:
+        The loss in ``local_logits``' dtype, identical on every rank: a scalar, or
+        ``target``'s shape for ``reduction='none'``. Backpropagate it on every rank with the
+        same ``grad_output``; each rank receives the gradient of its own shard.
+
+    Out-of-range targets: on CPU an ``IndexError`` on every rank (raised after the
+    collectives, so no rank is left waiting); on CUDA that row's loss and gradient are NaN,
+    with no host synchronisation.
+
+    Example (2-way tensor parallelism, each rank holding half of a 32000-class head)::
+
+        >>> V_local = 16000
+        >>> local = hidden @ lm_head_shard.T            # (N, V_local) on this rank
+        >>> loss = vocab_parallel_cross_entropy(local, target, group=tp_group)
+        >>> loss.backward()                              # d loss / d local, no communication
+    """
+    rank, world = _rank_and_world(group)
+    C = _check_args(local_logits, target, weight, vocab_start_index, reduction,
+                    label_smoothing, logit_scale, z_loss, world)
+    start = rank * C if vocab_start_index is None else vocab_start_index
+    if weight is not None and start + C > weight.numel():
+        raise ValueError(
+            f"vocab_parallel_cross_entropy: this rank's shard [{start}, {start + C}) ends past "
+            f"the {weight.numel()} classes of weight")
+    label_smoothing = max(float(label_smoothing), 0.0)
+
+    input = local_logits
+    if input.dim() == 1:
+        x, t = input.unsqueeze(0), target.reshape(1)
+    elif input.dim() == 2:
+        x, t = input, target
+    else:
+        x, t = input.movedim(1, -1).reshape(-1, C), target.reshape(-1)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    t = t.contiguous()
+    loss = VocabParallelCrossEntropyFunction.apply(
+        x, t, weight, (group, world), start, int(ignore_index), reduction, label_smoothing,
+        float(logit_scale), float(z_loss))
+    loss = loss.to(input.dtype)
+    if reduction == "none":
+        loss = loss.reshape(() if input.dim() == 1 else target.shape)
+    return loss

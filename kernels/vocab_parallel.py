@@ -1,0 +1,114 @@
+"""Vocab-parallel cross-entropy: the per-rank passes over a shard of the vocabulary.
+
+Each rank holds the logits of classes ``[vocab_start, vocab_start + C)`` of every row
+(``C`` = the local shard size). With ``z = logit_scale * x``:
+
+* ``vocab_parallel_stats_kernel`` (forward, one pass over the shard) writes, per row, the
+  local max ``m`` and, in one packed row of sums, ``sum(exp(z - shift(m)))``, the target
+  logit ``z_t`` where this rank owns the target (0 elsewhere, so a sum over ranks gathers
+  it), and ``sum(w * z)`` over the shard (only with label smoothing). The host combines
+  ranks with two all-reduces of O(rows) floats (max, then the rescaled sums) into the
+  global log-sum-exp and the loss; the logits never leave the rank.
+* ``vocab_parallel_bwd_kernel`` (backward, one pass) writes the gradient of the shard from
+  the saved global log-sum-exp and three per-row coefficients that already hold the
+  reduction scale, ``grad_output`` and ``logit_scale``::
+
+      dx_j = a * exp(z_j - lse) - b * onehot(t - vocab_start)_j - c * w_j
+
+  (``a = coef``, ``b = (1 - eps) * w_t``, ``c = eps / V``, each times the scales; all 0
+  for an ignored row). No communication: the global quantities are already in ``lse``
+  and the coefficients.
+
+HBM passes: forward one read of the shard (nothing written but O(rows) floats), backward
+one read and one write of the shard — the floor for a loss whose gradient is taken later.
+``shift(m)`` is torch's rule (an infinite max becomes 0, ``finite_or_zero``); a ``+inf``
+logit makes the row's sum NaN, as torch's log-softmax does.
+"""
+
+import triton
+import triton.language as tl
+
+from .softmax import finite_or_zero, float_arg
+
+
+@triton.jit
+def vocab_parallel_stats_kernel(
+    X, TARGET, WEIGHT, MAX, SUMS,
+    n_rows, C, sx, ss, vocab_start, scale_hi, scale_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One row per loop iteration of a persistent grid; ``C >= 1`` (the host serves empty
+    shards). ``SUMS`` rows (stride ``ss``) get ``[sum of exp, owned z_t, sum(w * z)]``;
+    ``WEIGHT`` is the local slice of the class weight."""
+    logit_scale = float_arg(scale_hi, scale_lo, ACC)
+    cols = tl.arange(0, BLOCK_N)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        r = tl.cast(row, tl.int64)
+        xrow = X + r * sx
+        t_local = tl.load(TARGET + r).to(tl.int64) - vocab_start
+        owned = (t_local >= 0) & (t_local < C)
+        z_t = tl.load(xrow + tl.where(owned, t_local, 0)).to(ACC) * logit_scale
+        z_t = tl.where(owned, z_t, 0.0)
+
+        m = tl.full([], -float("inf"), ACC)
+        s_vec = tl.zeros([BLOCK_N], ACC)
+        lin_vec = tl.zeros([BLOCK_N], ACC)
+        for start in range(0, C, BLOCK_N):
+            c = start + cols
+            mask = c < C
+            z = tl.load(xrow + c, mask=mask, other=0.0).to(ACC) * logit_scale
+            z = tl.where(mask, z, -float("inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            shift = finite_or_zero(m_new)
+            alpha = tl.where(m == -float("inf"), 0.0, tl.exp(finite_or_zero(m) - shift))
+            s_vec = s_vec * alpha + tl.exp(z - shift)
+            m = m_new
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
+                    lin_vec += tl.where(mask, w * z, 0.0)
+                else:
+                    lin_vec += tl.where(mask, z, 0.0)
+        s = tl.sum(s_vec, 0)
+        s = tl.where(m == float("inf"), float("nan"), s)  # torch: +inf in a row -> NaN
+        tl.store(MAX + r, m)
+        tl.store(SUMS + r * ss, s)
+        tl.store(SUMS + r * ss + 1, z_t)
+        if HAS_SMOOTHING:
+            tl.store(SUMS + r * ss + 2, tl.sum(lin_vec, 0))
+
+
+@triton.jit
+def vocab_parallel_bwd_kernel(
+    X, TARGET, WEIGHT, LSE, COEF, GRAD,
+    n_rows, C, sx, sc, sg, vocab_start, scale_hi, scale_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Gradient of the shard; ``COEF`` rows (stride ``sc``) hold ``[a, b, c]`` (``c`` only
+    with label smoothing). A row with ``a == 0`` (ignored) gets 0 from the first term
+    whatever ``lse`` holds, so a non-finite ``lse`` cannot turn its zero gradient into NaN."""
+    logit_scale = float_arg(scale_hi, scale_lo, ACC)
+    cols = tl.arange(0, BLOCK_N)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        r = tl.cast(row, tl.int64)
+        xrow = X + r * sx
+        t_local = tl.load(TARGET + r).to(tl.int64) - vocab_start
+        lse = tl.load(LSE + r).to(ACC)
+        a = tl.load(COEF + r * sc).to(ACC)
+        b = tl.load(COEF + r * sc + 1).to(ACC)
+        if HAS_SMOOTHING:
+            c_w = tl.load(COEF + r * sc + 2).to(ACC)
+        for start in range(0, C, BLOCK_N):
+            c = start + cols
+            mask = c < C
+            z = tl.load(xrow + c, mask=mask, other=0.0).to(ACC) * logit_scale
+            dx = tl.where(a == 0.0, 0.0, a * tl.exp(z - lse))
+            dx -= tl.where(c == t_local, b, 0.0)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    dx -= c_w * tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
+                else:
+                    dx -= c_w
+            tl.store(GRAD + r * sg + c, dx.to(GRAD.dtype.element_ty), mask=mask)

@@ -32,7 +32,7 @@ gradient are NaN, so the failure is loud without a host synchronisation.
 import triton
 import triton.language as tl
 
-from .softmax import finite_or_zero, float_arg
+from .softmax import finite_or_zero, float_arg, rescale_factor
 
 
 @triton.jit
@@ -97,9 +97,7 @@ def cross_entropy_fwd_kernel(
             x = tl.load(xrow + c, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
             z = tl.where(mask, scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP), -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
-            shift = finite_or_zero(m_new)
-            alpha = tl.where(m == -float("inf"), 0.0, tl.exp(finite_or_zero(m) - shift))
-            s_vec = s_vec * alpha + tl.exp(z - shift)
+            s_vec = s_vec * rescale_factor(m, m_new) + tl.exp(z - finite_or_zero(m_new))
             m = m_new
             if HAS_WEIGHT:
                 w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)

@@ -54,18 +54,24 @@ def tile_positions(tile, n_pos, K, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def rescale_factor(m_run, m_new):
+    """``exp(m_run - m_new)``, the online-softmax rescale of a running sum when the max grows,
+    under torch's shift rule: 0 while nothing has been summed (``m_run = -inf``), and 1 once
+    the max is +inf (the answer is then +inf or NaN; ``exp(old max - 0)`` could overflow and
+    turn a lane's 0 into NaN)."""
+    return tl.where(m_run == -float("inf"), 0.0,
+                    tl.where(m_new == float("inf"), 1.0,
+                             tl.exp(finite_or_zero(m_run) - finite_or_zero(m_new))))
+
+
+@triton.jit
 def online_update(m_run, s_vec, x):
     """Fold a ``[R, B]`` block into running per-row max ``m_run`` and per-lane sums ``s_vec``.
 
     One ``exp`` per element: the rescale factor is per row, not per lane.
     """
     m_new = tl.maximum(m_run, tl.max(x, 1))
-    shift = finite_or_zero(m_new)
-    # Once the max is +inf the answer is +inf (or NaN): keep the sums as they are, since
-    # exp(old max - 0) could overflow and turn a lane's 0 into NaN.
-    alpha = tl.where(m_run == -float("inf"), 0.0,
-                     tl.where(m_new == float("inf"), 1.0, tl.exp(finite_or_zero(m_run) - shift)))
-    s_vec = s_vec * alpha[:, None] + tl.exp(x - shift[:, None])
+    s_vec = s_vec * rescale_factor(m_run, m_new)[:, None] + tl.exp(x - finite_or_zero(m_new)[:, None])
     return m_new, s_vec
 
 

@@ -28,7 +28,7 @@ logit makes the row's sum NaN, as torch's log-softmax does.
 import triton
 import triton.language as tl
 
-from .softmax import finite_or_zero, float_arg
+from .softmax import finite_or_zero, float_arg, rescale_factor
 
 
 @triton.jit
@@ -60,9 +60,7 @@ def vocab_parallel_stats_kernel(
             z = tl.load(xrow + c, mask=mask, other=0.0).to(ACC) * logit_scale
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
-            shift = finite_or_zero(m_new)
-            alpha = tl.where(m == -float("inf"), 0.0, tl.exp(finite_or_zero(m) - shift))
-            s_vec = s_vec * alpha + tl.exp(z - shift)
+            s_vec = s_vec * rescale_factor(m, m_new) + tl.exp(z - finite_or_zero(m_new))
             m = m_new
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:

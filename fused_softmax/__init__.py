@@ -8,7 +8,8 @@ from . import distributed, nn
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
 from .patch import patch, unpatch
+from .sampling import sample
 from .softmax import log_softmax, logsumexp, softmax
 
-__all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "linear_cross_entropy", "nn", "distributed", "patch", "unpatch"]
+__all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "linear_cross_entropy", "nn", "distributed", "patch", "unpatch", "sample"]
 __version__ = "0.1.0"

@@ -1,0 +1,230 @@
+"""sample: draw token ids from logits with temperature, top-k, top-p and min-p, no sort.
+
+Device code and the algorithm: ``kernels/sampling.py``. Every parameter reaches the kernel
+as a per-row device tensor (a Python number becomes a one-element tensor read with row
+stride 0), and the noise seed is drawn from the caller's generator on the device, so a call
+never synchronises with the host and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from . import _backend
+from ._backend import check_float, use_triton
+
+if _backend.HAS_TRITON:
+    import triton
+
+    from .kernels import sampling as _k
+
+Param = Union[float, int, torch.Tensor, None]
+
+#: Largest int64 a seed may take (``torch.randint``'s bound is exclusive).
+_SEED_HIGH = 2**63 - 1
+
+
+# --------------------------------------------------------------------------- launcher
+def launch_config(n_rows: int, vocab: int, device: torch.device):
+    """Rows per tile and columns per block: whole short rows, several to a tile (a tile of
+    8192 fp32 values, 16 per thread at 16 warps); long rows in 8192-wide blocks. Persistent
+    grid of a few programs per SM."""
+    block_n = min(triton.next_power_of_2(vocab), 8192)
+    block_r = min(max(1, 8192 // block_n), triton.next_power_of_2(n_rows))
+    num_warps = min(16, max(4, block_r * block_n // 512))
+    n_tiles = triton.cdiv(n_rows, block_r)
+    grid = min(n_tiles, _backend.num_programs_per_wave(device) * 4)
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps), grid
+
+
+def _param_args(t: Optional[torch.Tensor], like: torch.Tensor):
+    """(pointer, row stride) of an optional per-row parameter; a dummy when absent."""
+    if t is None:
+        return like, 0
+    return t, t.stride(0)
+
+
+def _launch(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    n_rows, vocab = logits.shape
+    out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
+    if n_rows == 0:
+        return out
+    cfg, grid = launch_config(n_rows, vocab, logits.device)
+    _backend.record_launch("sample_kernel")
+    _k.sample_kernel[(grid,)](
+        logits, out, seed, temperature, temperature.stride(0),
+        *_param_args(top_k, seed), *_param_args(top_p, temperature),
+        *_param_args(min_p, temperature),
+        n_rows, vocab, logits.stride(0),
+        HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
+        **cfg,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------- torch path
+def _torch_sample(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    """The kernel's semantics with torch ops (a sort is fine here: CPU only, no Triton)."""
+    n_rows, vocab = logits.shape
+    if n_rows == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    t = temperature.float()
+    greedy = t == 0
+    inv_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, t))
+    s = logits.float() * inv_t[:, None] + 0.0
+    keep = torch.ones_like(s, dtype=torch.bool)
+    desc = s.sort(dim=1, descending=True).values
+    if top_k is not None:
+        k = top_k.clamp(max=vocab)
+        keep &= s >= desc.gather(1, (k - 1)[:, None])
+    if top_p is not None or min_p is not None:
+        m = s.amax(1, keepdim=True)
+        shift = torch.where(m.isinf(), 0.0, m)
+        e = torch.exp(s - shift)
+    if top_p is not None:
+        mass = torch.exp(desc - shift).cumsum(1)
+        target = top_p.float()[:, None] * e.sum(1, keepdim=True)
+        first = (mass >= target).int().argmax(1, keepdim=True)  # first prefix with enough mass
+        tau = desc.gather(1, first)
+        keep &= (s >= tau) | (top_p[:, None] >= 1)
+    if min_p is not None:
+        keep &= e >= min_p.float()[:, None]
+    gen = torch.Generator(device=logits.device).manual_seed(int(seed[0]))
+    u = torch.rand(s.shape, generator=gen, device=s.device)
+    score = torch.where(greedy[:, None], s, s - torch.log(-torch.log(u)))
+    return torch.where(keep, score, -torch.inf).argmax(1)
+
+
+# --------------------------------------------------------------------------- custom op
+@torch.library.custom_op("fused_softmax::sample", mutates_args=())
+def sample_op(
+    logits: torch.Tensor, seed: torch.Tensor, temperature: torch.Tensor,
+    top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Token ids of a ``(rows, V)`` logits tensor; parameters are ``(rows,)`` tensors
+    (stride 0 to broadcast), ``seed`` one int64 on the logits' device."""
+    if use_triton(logits):
+        return _launch(logits, seed, temperature, top_k, top_p, min_p)
+    return _torch_sample(logits, seed, temperature, top_k, top_p, min_p)
+
+
+@sample_op.register_fake
+def _(logits, seed, temperature, top_k, top_p, min_p):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------- public API
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _row_param(value: Param, name: str, dtype: torch.dtype, logits: torch.Tensor,
+               valid, valid_text: str, clamp: dict) -> Optional[torch.Tensor]:
+    """A parameter as a ``(rows,)`` tensor on the logits' device (stride 0 for a number).
+
+    A number is checked here. A tensor is checked only on the CPU: on CUDA, reading its
+    values would synchronise with the host, so there it is clamped into range instead.
+    """
+    batch = logits.shape[:-1]
+    n_rows = batch.numel()
+    if _is_number(value):
+        if dtype == torch.int64 and not isinstance(value, numbers.Integral):
+            raise TypeError(f"sample(): {name} must be an int or an integer tensor, got {value!r}")
+        if not valid(torch.tensor(float(value), dtype=torch.float64)):
+            raise ValueError(f"sample(): {name} must be {valid_text}, got {value}")
+        return torch.full((1,), value, dtype=dtype, device=logits.device).expand(n_rows)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"sample(): {name} must be a number or a tensor, not {type(value).__name__}")
+    if value.device != logits.device:
+        raise ValueError(
+            f"sample(): {name} is on {value.device} but logits are on {logits.device}")
+    integer_wanted = dtype == torch.int64
+    if ((integer_wanted and value.is_floating_point()) or value.is_complex()
+            or value.dtype == torch.bool):
+        raise TypeError(f"sample(): {name} has dtype {value.dtype}; expected "
+                        + ("an integer tensor" if integer_wanted else "a real tensor"))
+    try:
+        value = torch.broadcast_to(value, batch).reshape(n_rows)
+    except RuntimeError:
+        raise ValueError(
+            f"sample(): {name} of shape {tuple(value.shape)} does not broadcast to the batch "
+            f"shape {tuple(batch)} of logits {tuple(logits.shape)}") from None
+    if value.device.type == "cpu":
+        if not bool(valid(value.double()).all()):
+            raise ValueError(f"sample(): every entry of {name} must be {valid_text}")
+        return value.to(dtype)
+    return value.to(dtype).clamp(**clamp)
+
+
+def sample(
+    logits: torch.Tensor, *, temperature: Param = 1.0, top_k: Param = None,
+    top_p: Param = None, min_p: Param = None, generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    r"""Draw one token id per row of ``logits`` from :math:`\mathrm{softmax}(x / T)`
+    restricted to the top-k, top-p and min-p sets, in one fused kernel and without a sort.
+
+    Args:
+        logits (Tensor): ``(..., V)`` float16 / bfloat16 / float32 / float64; rows are the
+            leading dimensions. Computed in fp32.
+        temperature (float or Tensor): ``T >= 0``; ``T = 0`` is greedy (the argmax, first
+            index on ties, as :func:`torch.argmax`). A tensor gives one value per row
+            (any shape that broadcasts to ``logits.shape[:-1]``); its zero rows are greedy.
+        top_k (int or integer Tensor, optional): keep the ``k >= 1`` largest logits; every
+            token tied with the k-th largest is kept too.
+        top_p (float or Tensor, optional): ``0 < p <= 1``: keep the smallest set of most
+            probable tokens whose probability (under ``softmax(x / T)``) is ``>= p``; every
+            token tied with the least probable member is kept too.
+        min_p (float or Tensor, optional): ``0 <= min_p <= 1``: keep tokens with
+            probability ``>= min_p`` times the largest probability.
+        generator (torch.Generator, optional): on the logits' device; the kernel's seed is
+            drawn from it (on the device, no host synchronisation), so equal generator
+            states give equal draws and successive calls give fresh ones.
+
+    The filters intersect: a token is drawn from ``softmax(x / T)`` renormalised over the
+    tokens that all given filters keep (top-p's mass is that of the full distribution).
+    Per-row tensors are validated on the CPU; on CUDA (where reading them would
+    synchronise) out-of-range entries are clamped into range instead.
+
+    Returns:
+        int64 tensor of shape ``logits.shape[:-1]``.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> fused_softmax.sample(torch.randn(4, 32000), temperature=0.7, top_p=0.9, generator=g)
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"sample(): argument 'logits' must be Tensor, not {type(logits).__name__}")
+    check_float("sample", logits)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"sample(): logits of shape {tuple(logits.shape)} have no vocabulary "
+                         "dimension to sample from")
+    vocab = logits.shape[-1]
+    if top_k is not None and _is_number(top_k) and top_k >= vocab:
+        top_k = None  # keeps everything: skip the search
+    if top_p is not None and _is_number(top_p) and top_p == 1:
+        top_p = None
+    if min_p is not None and _is_number(min_p) and min_p == 0:
+        min_p = None
+    temperature = _row_param(temperature, "temperature", torch.float32, logits,
+                             lambda v: (v >= 0) & v.isfinite(), "a finite number >= 0",
+                             dict(min=0.0))
+    if top_k is not None:
+        top_k = _row_param(top_k, "top_k", torch.int64, logits, lambda v: v >= 1,
+                           "an integer >= 1", dict(min=1))
+    if top_p is not None:
+        top_p = _row_param(top_p, "top_p", torch.float32, logits, lambda v: (v > 0) & (v <= 1),
+                           "in (0, 1]", dict(min=torch.finfo(torch.float32).tiny, max=1.0))
+    if min_p is not None:
+        min_p = _row_param(min_p, "min_p", torch.float32, logits, lambda v: (v >= 0) & (v <= 1),
+                           "in [0, 1]", dict(min=0.0, max=1.0))
+    seed = torch.randint(0, _SEED_HIGH, (1,), generator=generator, device=logits.device)
+    rows = logits.reshape(-1, vocab)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    ids = torch.ops.fused_softmax.sample(rows, seed, temperature, top_k, top_p, min_p)
+    return ids.reshape(logits.shape[:-1])

@@ -1,0 +1,172 @@
+"""Sampling token ids from logits: temperature, top-k, top-p and min-p without a sort.
+
+What it draws. Row ``r`` with logits ``x`` and temperature ``T > 0`` has scaled logits
+``s = x / T`` and probabilities ``softmax(s)``. The kept set ``K`` is the intersection of
+
+* top-k: tokens with ``s >= tau_k``, ``tau_k`` the k-th largest value of ``s``;
+* top-p: tokens with ``s >= tau_p``, ``tau_p`` the largest value whose tokens at or above
+  it carry probability mass ``>= p`` (the smallest most-probable set with mass ``>= p``);
+* min-p: tokens with ``p_i >= min_p * p_max``, i.e. ``exp(s_i - max s) >= min_p``.
+
+Ties at a threshold are all kept (a tie at the k-th value keeps more than k tokens), so
+``K`` is a function of the values alone, never of token order. A token is drawn from
+``softmax(s)`` restricted to ``K`` by the Gumbel-max trick: the argmax of ``s_i + G_i``,
+``G_i = -log(-log U_i)``, over a set ``S`` is distributed as ``p_i / sum_S p_j``. ``T = 0``
+draws the argmax of ``x`` (first index on ties, as ``torch.argmax``), which ``K`` contains.
+
+Why no sort: rejection with a rising floor (the pivot scheme of FlashInfer). All three
+filters keep upper sets of the values, so ``j`` is in the top-k/top-p part of ``K`` iff
+fewer than ``k`` tokens, carrying mass ``< p``, are strictly above ``s_j``: one counting and
+summing pass decides it. Draw ``j`` from ``S = {s > floor} & min-p`` (the floor starts at
+``-inf``); if ``j`` is in ``K``, it is a draw from ``softmax(s)`` restricted to ``K``
+(``K`` is inside ``S``); if not, nothing at or below ``s_j`` is in ``K``, so the floor rises
+to ``s_j`` and we draw again with fresh noise. Each rejection removes at least the drawn
+token and everything below it, so a row ends after at most ``V`` rounds, and in few on
+real logits: a top-p of 0.9 accepts the first draw with probability at least 0.9. The
+counting pass for a candidate also draws, speculatively, the next candidate above it, so a
+round is one pass over the row.
+
+Values are compared through int32 keys with the order of the fp32 values (flip the
+magnitude bits of negatives): ties are exact and the floor is an exclusive key.
+
+HBM passes. Plain temperature sampling: one read of the row (the noise is counter based,
+``tl.rand(seed, f(round, row, token))``, and costs no memory traffic). min-p alone: two (the
+row max first). top-k / top-p: the max-and-sum pass (top-p, min-p), the first draw, then
+one pass per round. Re-reads of a row of 128k bf16 logits (256 KB) hit L2 on an H100.
+Draws depend only on the seed, so equal seeds give equal draws.
+
+Numerics. Everything in fp32 (fp64 logits are rounded to fp32: sampling needs no more).
+``-0.0`` is folded into ``+0.0`` before keying. ``-inf`` logits have probability 0 and are
+never drawn unless the whole row is ``-inf`` (then token 0, as ``torch.argmax``).
+"""
+
+import triton
+import triton.language as tl
+
+from .softmax import finite_or_zero, online_update
+
+
+@triton.jit
+def order_key(s):
+    """int32 key of fp32 ``s`` with the order of the values (``s`` never ``-0.0`` here)."""
+    bits = s.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def scaled_block(X, rows64, rmask, sxm, start, cols, V, inv_t):
+    """Scaled logits ``x * inv_t`` of one ``[R, B]`` block (``-inf`` outside the row)."""
+    c = start + cols
+    mask = rmask[:, None] & (c < V)[None, :]
+    x = tl.load(X + rows64[:, None] * sxm + c[None, :], mask=mask, other=-float("inf"))
+    # + 0.0 turns -0.0 into +0.0, so equal values get equal keys.
+    return x.to(tl.float32) * inv_t[:, None] + 0.0, c, mask
+
+
+@triton.jit
+def gumbel_update(best, best_idx, s, c, keep, start, rows, n_rows, V, greedy, seed, draw):
+    """Fold one block into the running argmax of ``s + Gumbel`` over ``keep`` (greedy rows:
+    of ``s``), with the noise of draw number ``draw``. A row with nothing kept keeps its
+    ``-inf`` best and index 0."""
+    u = tl.rand(seed, ((draw * n_rows + rows) * V)[:, None] + c[None, :])
+    gumbel = -tl.log(-tl.log(u))  # u = 0 gives -inf: never drawn
+    score = tl.where(greedy[:, None], s, s + gumbel)
+    score = tl.where(keep, score, -float("inf"))
+    blk_best = tl.max(score, 1)
+    blk_idx = tl.argmax(score, 1).to(tl.int64) + start
+    better = blk_best > best  # strict: the first index wins ties across blocks
+    return tl.where(better, blk_best, best), tl.where(better, blk_idx, best_idx)
+
+
+@triton.jit
+def sample_kernel(
+    X, OUT, SEED, TEMP, st_t, TOPK, st_k, TOPP, st_p, MINP, st_m,
+    n_rows, V, sxm,
+    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One int64 token id per row of ``X`` (``n_rows x V``, unit stride along ``V``) into ``OUT``.
+
+    ``TEMP``/``TOPK``/``TOPP``/``MINP`` are per-row parameters read with row strides
+    ``st_*`` (0 broadcasts one value); ``SEED`` points to one int64 seed for the noise.
+    """
+    seed = tl.load(SEED)
+    cols = tl.arange(0, BLOCK_N)
+    n_tiles = tl.cdiv(n_rows, BLOCK_R)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        # (zeros + tile) promotes to int64 before the multiply, compiled or interpreted.
+        rows = (tl.zeros([BLOCK_R], tl.int64) + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        t = tl.load(TEMP + rows * st_t, mask=rmask, other=1.0).to(tl.float32)
+        greedy = t == 0.0
+        inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
+
+        # Row max and softmax sum: the reference point of top-p's mass and of min-p.
+        if HAS_TOP_P or HAS_MIN_P:
+            m = tl.full([BLOCK_R], -float("inf"), tl.float32)
+            s_vec = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+            for start in range(0, V, BLOCK_N):
+                s, c, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+                m, s_vec = online_update(m, s_vec, s)
+            shift = finite_or_zero(m)
+            z = tl.sum(s_vec, 1)
+        if HAS_MIN_P:
+            min_p = tl.load(MINP + rows * st_m, mask=rmask, other=0.0).to(tl.float32)
+
+        # First draw, from softmax(s) restricted to min-p.
+        best = tl.full([BLOCK_R], -float("inf"), tl.float32)
+        cand = tl.zeros([BLOCK_R], tl.int64)
+        for start in range(0, V, BLOCK_N):
+            s, c, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+            keep = mask
+            if HAS_MIN_P:
+                keep = keep & (tl.exp(s - shift[:, None]) >= min_p[:, None])
+            best, cand = gumbel_update(best, cand, s, c, keep, start, rows, n_rows, V,
+                                       greedy, seed, 0)
+
+        if HAS_TOP_K or HAS_TOP_P:
+            # A candidate is kept iff fewer than k tokens, of mass < p * z, lie above it; a
+            # switched-off filter (k >= V, p >= 1) accepts everything.
+            if HAS_TOP_K:
+                k = tl.load(TOPK + rows * st_k, mask=rmask, other=1).to(tl.int64)
+                k_target = tl.where(k >= V, V + 1, k)
+            if HAS_TOP_P:
+                p = tl.load(TOPP + rows * st_p, mask=rmask, other=1.0).to(tl.float32)
+                mass_target = tl.where(p >= 1.0, float("inf"), p * z)
+            active = rmask & (best > -float("inf"))  # a row of -inf has no candidate
+            draw = tl.full([], 1, tl.int64)
+            while tl.max(active.to(tl.int32), 0) > 0:
+                # One pass: count / mass above the candidate, and the next candidate drawn
+                # above it (with fresh noise), in case this one is rejected.
+                s_cand = tl.load(X + rows * sxm + cand, mask=rmask, other=0.0)
+                floor = order_key(s_cand.to(tl.float32) * inv_t + 0.0)
+                count = tl.zeros([BLOCK_R], tl.int64)
+                mass = tl.zeros([BLOCK_R], tl.float32)
+                nxt_best = tl.full([BLOCK_R], -float("inf"), tl.float32)
+                nxt = tl.zeros([BLOCK_R], tl.int64)
+                for start in range(0, V, BLOCK_N):
+                    s, c, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+                    above = mask & (order_key(s) > floor[:, None])
+                    if HAS_TOP_K:
+                        count += tl.sum(above.to(tl.int64), 1)
+                    keep = above
+                    if HAS_TOP_P or HAS_MIN_P:
+                        e = tl.exp(s - shift[:, None])
+                        if HAS_TOP_P:
+                            mass += tl.sum(tl.where(above, e, 0.0), 1)
+                        if HAS_MIN_P:
+                            keep = keep & (e >= min_p[:, None])
+                    nxt_best, nxt = gumbel_update(nxt_best, nxt, s, c, keep, start, rows, n_rows,
+                                                  V, greedy, seed, draw)
+                accepted = rmask
+                if HAS_TOP_K:
+                    accepted = accepted & (count < k_target)
+                if HAS_TOP_P:
+                    accepted = accepted & (mass < mass_target)
+                rejected = active & ~accepted
+                cand = tl.where(rejected, nxt, cand)
+                # A rejected candidate always has tokens above it; only noise of -inf on all
+                # of them (U = 0, probability ~2^-31 each) leaves none: stop, not loop.
+                active = rejected & (nxt_best > -float("inf"))
+                draw += 1
+        tl.store(OUT + rows, cand, mask=rmask)

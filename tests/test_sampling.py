@@ -1,0 +1,327 @@
+"""fused_softmax.sample against the exact restricted distribution, computed in fp64.
+
+Many rows of the same logits in one call give many independent draws in one launch (the
+noise is per (row, token)), which keeps the interpreter's cost down. Frequencies are
+compared with a chi-square test at a fixed seed; supports are compared exactly.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fused_softmax
+from fused_softmax import _backend
+from fused_softmax.sampling import _torch_sample, sample
+
+N_DRAWS = 2000
+P_VALUE_FLOOR = 1e-3
+
+
+def reference_probs(x, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """Exact fp64 distribution of ``softmax(x / T)`` restricted to the kept set of a 1-d row.
+
+    Ties at a threshold are kept, as documented. Also returns the smallest distance of a
+    top-p prefix mass (or min-p ratio) from its threshold, so a test can check that its
+    data sit far from fp32 rounding of the boundary.
+    """
+    s = x.double() / temperature
+    p = torch.softmax(s, 0)
+    keep = torch.ones_like(p, dtype=torch.bool)
+    margin = math.inf
+    desc = s.sort(descending=True).values
+    if top_k is not None:
+        keep &= s >= desc[min(top_k, len(s)) - 1]
+    if top_p is not None:
+        cum = torch.softmax(desc, 0).cumsum(0)
+        first = int((cum >= top_p).nonzero()[0])
+        keep &= s >= desc[first]
+        margin = min(margin, float((cum - top_p).abs().min()))
+    if min_p is not None:
+        ratio = p / p.max()
+        keep &= ratio >= min_p
+        margin = min(margin, float((ratio - min_p).abs().min()))
+    q = torch.where(keep, p, 0.0)
+    return q / q.sum(), margin
+
+
+def chi2_pvalue(counts, probs):
+    """Pearson chi-square p-value of ``counts`` against ``probs`` (over the support)."""
+    support = probs > 0
+    n = counts.sum().double()
+    expected = n * probs[support]
+    stat = float(((counts[support].double() - expected) ** 2 / expected).sum())
+    dof = int(support.sum()) - 1
+    if dof == 0:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def check_draws(ids, probs):
+    counts = torch.bincount(ids.reshape(-1), minlength=len(probs))
+    outside = counts[probs == 0]
+    assert int(outside.sum()) == 0, f"drew tokens outside the kept set: {outside.nonzero()}"
+    pv = chi2_pvalue(counts, probs)
+    assert pv > P_VALUE_FLOOR, f"p-value {pv:.2e}; counts {counts.tolist()}, probs {probs.tolist()}"
+
+
+def logits_16():
+    return torch.randn(16, generator=torch.Generator().manual_seed(0)) * 1.5
+
+
+def ties_16():
+    return torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0, 0.5, 0.0, -1.0,
+                         2.0, -2.0, 1.0, 0.0, -3.0, 1.5, 0.3, 0.1])
+
+
+def randn_64():
+    return torch.randn(64, generator=torch.Generator().manual_seed(1))
+
+
+def flat_64():
+    """Nearly flat: a draw rarely lands in a small top set, so rows need many rejection rounds."""
+    return torch.linspace(0.0, 0.05, 64)
+
+
+DISTRIBUTION_CASES = [
+    (logits_16, dict()),
+    (logits_16, dict(temperature=0.5)),
+    (logits_16, dict(temperature=2.0, top_k=3)),
+    (logits_16, dict(top_p=0.7)),
+    (logits_16, dict(min_p=0.2)),
+    (logits_16, dict(temperature=0.7, top_k=6, top_p=0.8, min_p=0.1)),
+    (ties_16, dict(top_k=2)),  # the k-th value (2.0) is tied four ways: all four are kept
+    (randn_64, dict(top_k=12, temperature=1.5)),
+    (flat_64, dict(top_k=3)),
+]
+
+
+@pytest.mark.parametrize("make, kwargs", DISTRIBUTION_CASES,
+                         ids=[f"{c[0].__name__}-{c[1]}" for c in DISTRIBUTION_CASES])
+def test_distribution_and_support(make, kwargs, device):
+    x = make()
+    probs, margin = reference_probs(x, **kwargs)
+    assert margin > 1e-4, "test data too close to a threshold for an fp32 kernel"
+    g = torch.Generator(device=device).manual_seed(1234)
+    ids = sample(x.to(device).expand(N_DRAWS, -1), generator=g, **kwargs)
+    assert ids.shape == (N_DRAWS,) and ids.dtype == torch.int64
+    check_draws(ids.cpu(), probs)
+
+
+def test_ties_keep_every_tied_token(device):
+    ids = sample(ties_16().to(device).expand(N_DRAWS, -1), top_k=2,
+                 generator=torch.Generator(device=device).manual_seed(5))
+    assert set(ids.unique().tolist()) == {0, 1, 2, 3, 8}
+
+
+def test_top_k_one_is_argmax_after_many_rejections(device):
+    x = flat_64().to(device).expand(256, -1)
+    ids = sample(x, top_k=1, generator=torch.Generator(device=device).manual_seed(6))
+    assert (ids == 63).all()
+    ids = sample(x, top_p=1e-6, generator=torch.Generator(device=device).manual_seed(6))
+    assert (ids == 63).all()
+
+
+def test_per_row_parameters(device):
+    """Two groups of rows with different temperature / top_k / top_p, as per-row tensors."""
+    x = logits_16()
+    half = N_DRAWS // 2
+    temperature = torch.tensor([0.5] * half + [2.0] * half)
+    top_k = torch.tensor([4] * half + [16] * half)
+    top_p = torch.tensor([1.0] * half + [0.6] * half)
+    ids = sample(x.to(device).expand(N_DRAWS, -1), temperature=temperature.to(device),
+                 top_k=top_k.to(device), top_p=top_p.to(device),
+                 generator=torch.Generator(device=device).manual_seed(7)).cpu()
+    check_draws(ids[:half], reference_probs(x, temperature=0.5, top_k=4)[0])
+    check_draws(ids[half:], reference_probs(x, temperature=2.0, top_p=0.6)[0])
+
+
+def test_greedy_is_argmax(device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-4, 5, (3, 40, 50), generator=g).float()  # many ties: first index wins
+    x[0, 0, -1] = 100.0  # argmax in the last column
+    expected = x.argmax(-1)
+    x = x.to(device)
+    assert torch.equal(sample(x, temperature=0).cpu(), expected)
+    assert torch.equal(sample(x, temperature=0.0, top_k=3, top_p=0.5, min_p=0.3).cpu(), expected)
+    assert torch.equal(sample(x.to(torch.bfloat16), temperature=0).cpu(), expected)
+    # zero entries of a per-row temperature tensor are greedy; the others sample
+    flat = torch.zeros(400, 16)
+    flat[:, 5] = 1e-3
+    t = torch.tensor([0.0, 1.0]).repeat(200)
+    ids = sample(flat.to(device), temperature=t.to(device)).cpu()
+    assert (ids[t == 0] == 5).all()
+    assert len(ids[t == 1].unique()) > 8
+
+
+def test_min_p_and_top_p_of_one_keep_everything(device):
+    x = logits_16()
+    probs, _ = reference_probs(x)
+    g = torch.Generator(device=device).manual_seed(11)
+    ids = sample(x.to(device).expand(N_DRAWS, -1), top_p=torch.ones(N_DRAWS, device=device),
+                 min_p=torch.zeros((), device=device), generator=g)
+    check_draws(ids.cpu(), probs)
+
+
+def test_long_rows_cross_blocks(device):
+    """V = 9000 spans two 8192-wide blocks: the search and the argmax cross blocks."""
+    x = torch.randn(4, 9000, generator=torch.Generator().manual_seed(2))
+    x[1, 8500] = 20.0
+    x[2, 100] = 20.0
+    ids = sample(x.to(device), top_k=3, top_p=0.9).cpu()
+    for r in range(4):
+        probs, _ = reference_probs(x[r], top_k=3, top_p=0.9)
+        assert probs[ids[r]] > 0
+    assert ids[1] == 8500 and ids[2] == 100
+    assert torch.equal(sample(x.to(device), temperature=0).cpu(), x.argmax(-1))
+
+
+def test_generator_reproducible_and_fresh(device):
+    x = logits_16().to(device).expand(500, -1)
+    a = sample(x, top_p=0.9, generator=torch.Generator(device=device).manual_seed(42))
+    b = sample(x, top_p=0.9, generator=torch.Generator(device=device).manual_seed(42))
+    assert torch.equal(a, b)
+    g = torch.Generator(device=device).manual_seed(42)
+    first, second = sample(x, generator=g), sample(x, generator=g)
+    assert not torch.equal(first, second)
+    torch.manual_seed(9)  # no generator: the default one, so torch.manual_seed reproduces
+    c = sample(x)
+    torch.manual_seed(9)
+    assert torch.equal(c, sample(x))
+
+
+def test_shapes_and_dtypes(device):
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(4)).to(device)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        xd = x.to(dtype)
+        ids = sample(xd, top_k=4, generator=torch.Generator(device=device).manual_seed(8))
+        assert ids.shape == (3, 5) and ids.dtype == torch.int64
+        # rounding to 16 bits can tie the 4th value with the 5th: both are kept then
+        fourth = xd.float().topk(4, dim=-1).values[..., -1]
+        assert (xd.float().gather(-1, ids[..., None])[..., 0] >= fourth).all()
+    assert sample(torch.randn(16, device=device)).shape == ()
+    assert sample(torch.randn(0, 16, device=device)).shape == (0,)
+    x_t = torch.randn(16, 6, device=device).t()  # vocabulary dimension not contiguous
+    ids = sample(x_t, temperature=0)
+    assert torch.equal(ids, x_t.argmax(-1))
+
+
+def test_triton_kernel_ran(device):
+    x = torch.randn(4, 16, device=device)
+    before = _backend.launch_counts["sample_kernel"]
+    fused_softmax.sampling.sample(x, top_k=2)
+    launched = _backend.launch_counts["sample_kernel"] - before
+    assert launched == (1 if _backend.use_triton(x) else 0)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert _backend.use_triton(x), "the interpreter is on: the Triton kernel must serve CPU"
+
+
+def test_torch_path_support():
+    """The torch fallback (CPU without Triton) keeps the same set and samples from it."""
+    x = logits_16()
+    kwargs = dict(temperature=0.7, top_k=6, top_p=0.8, min_p=0.1)
+    probs, _ = reference_probs(x, **kwargs)
+    n = N_DRAWS
+    ids = _torch_sample(x.expand(n, -1), torch.tensor([123]), torch.full((n,), 0.7),
+                        torch.full((n,), 6), torch.full((n,), 0.8), torch.full((n,), 0.1))
+    check_draws(ids, probs)
+
+
+BAD_ARGS = [
+    (dict(top_k=0), ValueError, "top_k"),
+    (dict(top_k=2.5), TypeError, "top_k"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(min_p=-0.1), ValueError, "min_p"),
+    (dict(min_p=1.1), ValueError, "min_p"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(temperature=math.inf), ValueError, "temperature"),
+    (dict(temperature=torch.tensor([1.0, -0.5])), ValueError, "temperature"),
+    (dict(top_k=torch.tensor([1, 0])), ValueError, "top_k"),
+    (dict(top_k=torch.tensor([1.0, 2.0])), TypeError, "top_k"),
+    (dict(top_p=torch.tensor([0.5, 0.5, 0.5])), ValueError, "broadcast"),
+    (dict(temperature="hot"), TypeError, "temperature"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, word", BAD_ARGS, ids=[str(c[0]) for c in BAD_ARGS])
+def test_bad_arguments(kwargs, error, word):
+    with pytest.raises(error, match=word):
+        sample(torch.randn(2, 8), **kwargs)
+
+
+def test_bad_logits():
+    with pytest.raises(NotImplementedError, match="dtype"):
+        sample(torch.randint(0, 5, (2, 8)))
+    with pytest.raises(TypeError, match="Tensor"):
+        sample([1.0, 2.0])
+    with pytest.raises(ValueError, match="vocabulary"):
+        sample(torch.randn(2, 0))
+
+
+def test_custom_op_registration(device):
+    """The op's fake implementation and schema agree with the real one (torch.compile needs it)."""
+    n = 8
+    rows = logits_16().to(device).expand(n, -1).contiguous()
+    full = lambda v: torch.full((n,), v, device=device)  # noqa: E731
+    args = (rows, torch.tensor([5], device=device), full(0.7), full(6), full(0.8), full(0.1))
+    torch.library.opcheck(torch.ops.fused_softmax.sample.default, args)
+
+
+def test_minus_inf_logits_are_never_drawn(device):
+    x = logits_16()
+    x[::3] = -math.inf  # banned tokens, as a logits processor would mark them
+    probs, _ = reference_probs(x, top_p=0.95)
+    ids = sample(x.to(device).expand(N_DRAWS, -1), top_p=0.95,
+                 generator=torch.Generator(device=device).manual_seed(13))
+    check_draws(ids.cpu(), probs)
+    all_banned = torch.full((2, 16), -math.inf, device=device)
+    assert sample(all_banned, top_k=3).tolist() == [0, 0]  # torch.argmax's answer
+
+
+COMPILE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fused_softmax.kernels.sampling import sample_kernel
+
+    PTRS = {"X": "*bf16", "OUT": "*i64", "SEED": "*i64", "TEMP": "*fp32", "TOPK": "*i64",
+            "TOPP": "*fp32", "MINP": "*fp32"}
+    out = {}
+    for flags in json.loads(sys.argv[1]):
+        const = dict(zip(("HAS_TOP_K", "HAS_TOP_P", "HAS_MIN_P"), flags), BLOCK_R=2, BLOCK_N=4096)
+        sig = {n: "constexpr" if n in const else PTRS.get(n, "i64")
+               for n in sample_kernel.arg_names}
+        try:
+            cc = triton.compile(ASTSource(fn=sample_kernel, signature=sig, constexprs=const),
+                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=16))
+            out[repr(tuple(flags))] = "ok" if cc.asm["cubin"] else "no cubin"
+        except Exception as e:
+            out[repr(tuple(flags))] = f"{type(e).__name__}: {e}"[:2000]
+    print(json.dumps(out))
+""")
+
+
+#: (HAS_TOP_K, HAS_TOP_P, HAS_MIN_P): none, each alone (each defines a different subset of
+#: the kernel's variables), and all three.
+COMPILE_FLAGS = [(False, False, False), (True, False, False), (False, True, False),
+                 (False, False, True), (True, True, True)]
+
+
+def test_kernel_compiles_for_sm90():
+    """The interpreter never runs the compiler: compile the constexpr switches for an H100."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(COMPILE_FLAGS)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(results) == {repr(f) for f in COMPILE_FLAGS}
+    assert all(v == "ok" for v in results.values()), results

@@ -99,18 +99,22 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
         t_safe = torch.where(ignored, 0, t)
         w_t = w[t_safe]
         logp_t = logp.gather(1, t_safe[:, None]).squeeze(1)
-        loss = -(1 - eps) * w_t * logp_t - (eps / C) * (w * logp).sum(-1)
+        loss = -(1 - eps) * w_t * logp_t
+        if eps > 0:  # as the kernel's HAS_SMOOTHING: 0 * (-inf logit) would be NaN
+            loss = loss - (eps / C) * (w * logp).sum(-1)
         coef = (1 - eps) * w_t + (eps / C) * w_sum
         dz = coef[:, None] * p - (eps / C) * w
         dz.scatter_add_(1, t_safe[:, None], (-(1 - eps) * w_t)[:, None])
     if z_loss:
         loss = loss + z_loss * lse * lse
         dz = dz + (2 * z_loss * lse)[:, None] * p
+    dz = dz * grad_scale * dzdx
     if not prob_target:
+        # After the scaling, as in the kernel: all rows ignored makes grad_scale 1/0.
         loss = torch.where(ignored, 0.0, loss)
         dz = torch.where(ignored[:, None], 0.0, dz)
     if grad is not None:
-        grad.copy_(dz * grad_scale * dzdx)
+        grad.copy_(dz)
     return loss, lse
 
 

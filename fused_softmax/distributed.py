@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from . import _backend
 from ._backend import acc_dtype, check_float, split_float, use_triton
-from .cross_entropy import _INDEX_DTYPES, _REDUCTIONS, _type_name
+from .cross_entropy import _INDEX_DTYPES, _REDUCTIONS, _target_dtype_error, _type_name
 
 if _backend.HAS_TRITON:
     from .cross_entropy import _block_and_grid
@@ -43,7 +43,7 @@ if _backend.HAS_TRITON:
 # --------------------------------------------------------------------------- launchers
 def _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums):
     n_rows, C = x.shape
-    block_n, num_warps, grid = _block_and_grid(x, C, n_rows)
+    block_n, num_warps, grid = _block_and_grid(x, C, n_rows, grad=False)  # one pass over the row
     _backend.record_launch("vocab_parallel_stats_kernel")
     _k.vocab_parallel_stats_kernel[(grid,)](
         x, target, weight if weight is not None else x, row_max, sums,
@@ -55,7 +55,7 @@ def _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums):
 
 def _launch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad):
     n_rows, C = x.shape
-    block_n, num_warps, grid = _block_and_grid(x, C, n_rows)
+    block_n, num_warps, grid = _block_and_grid(x, C, n_rows, grad=False)  # one pass over the row
     _backend.record_launch("vocab_parallel_bwd_kernel")
     _k.vocab_parallel_bwd_kernel[(grid,)](
         x, target, weight if weight is not None else x, lse, coef, grad,
@@ -294,8 +294,7 @@ def _check_args(input, target, weight, vocab_start_index, reduction, label_smoot
             f"{name}: target must hold class indices (global, in [0, V)); class-probability "
             "targets are not supported")
     if target.dtype not in _INDEX_DTYPES:
-        raise RuntimeError(
-            f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
+        raise _target_dtype_error(input, target)
     if input.dim() == 1:
         if target.numel() != 1 or target.dim() > 1:
             raise ValueError(f"For 1D input, target must have one element, got shape {list(target.shape)}")

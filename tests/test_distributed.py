@@ -267,7 +267,14 @@ def _worker(rank, world, backend, init_file, out_dir, case_names):
                 break
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    # Leave together, then skip the interpreter's teardown: gloo's threads dying there
+    # occasionally abort the process ("terminate called without an active exception")
+    # after every result is saved, which would fail a run whose results are all in.
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_world(world, backend, tmp_dir, case_names, deadline_s=240):

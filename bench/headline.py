@@ -1,6 +1,6 @@
 """Headline cases against torch eager and Liger-Kernel, in one process (CUDA only).
 
-Produced bench/results/headline-h100-2026-11-23.json. Each provider's first call (compile)
+Produced bench/results/headline-*.json (H100 2026-11-23, H200 2026-11-26). Each provider's first call (compile)
 is timed separately, then triton.testing.do_bench (median, L2 flushed). Bytes are what
 must move: inputs read once, outputs written once. Writes $OUT/headline.json (or the path
 in argv[1]).
@@ -39,6 +39,10 @@ def case(name, nbytes, provs):
     R["cases"][name] = dict(bytes=nbytes, **res); json.dump(R, open(OUT, "w"), indent=1)
 x = torch.randn(8192, 32768, device="cuda", dtype=torch.bfloat16)
 case("softmax_fwd_bf16_8192x32768", 4 * x.numel(), dict(ours=lambda: sm.softmax(x, -1), eager=lambda: torch.softmax(x, -1), liger=lambda: LigerSoftmaxFunction.apply(x)))
+xh, xf = x.half(), x.float()  # fp16 and fp32 should be within 5 % of the bf16 bandwidth
+case("softmax_fwd_fp16_8192x32768", 4 * x.numel(), dict(ours=lambda: sm.softmax(xh, -1), eager=lambda: torch.softmax(xh, -1)))
+case("softmax_fwd_fp32_8192x32768", 8 * x.numel(), dict(ours=lambda: sm.softmax(xf, -1), eager=lambda: torch.softmax(xf, -1)))
+del xh, xf
 xg = x.clone().requires_grad_(); dy = torch.randn_like(x)
 def sfb(f):
     def go(): xg.grad = None; f(xg).backward(dy)
@@ -63,3 +67,6 @@ case("softmax_fwd_bf16_32768x8192_dim0", 4 * x.numel(), dict(ours=lambda: sm.sof
 for N in (4096, 1024):
     x = torch.randn((1 << 28) // N, N, device="cuda", dtype=torch.bfloat16)
     case(f"softmax_fwd_bf16_N{N}", 4 * x.numel(), dict(ours=lambda: sm.softmax(x, -1), eager=lambda: torch.softmax(x, -1), liger=lambda: LigerSoftmaxFunction.apply(x)))
+    xg = x.clone().requires_grad_(); dy = torch.randn_like(x)
+    case(f"softmax_fwdbwd_bf16_N{N}", 10 * x.numel(), dict(ours=sfb(lambda t: sm.softmax(t, -1)), eager=sfb(lambda t: torch.softmax(t, -1)), liger=sfb(LigerSoftmaxFunction.apply)))
+    del xg, dy

@@ -437,6 +437,36 @@ def test_default_chunk_fits_64_mib():
     assert lce_mod.default_chunk_rows(8192, 10**9) == 1
 
 
+def test_default_chunk_is_one_when_logits_fit_the_accumulator():
+    """With a bf16 weight that needs a gradient, several chunks need an fp32 grad_W
+    accumulator (4 V H bytes): the buffer may take as much; when all the logits fit in
+    it, one chunk is both leaner and faster (no accumulator at all)."""
+    V, H = 128256, 4096
+    assert lce_mod.default_chunk_rows(8192, V * 2, 4 * V * H) == 8192  # M = 2 H: one chunk
+    assert lce_mod.default_chunk_rows(8193, V * 2, 4 * V * H) == 8192  # buffer <= accumulator
+    assert lce_mod.default_chunk_rows(8192, V * 2, 4 * V * 2048) == 4096
+    assert lce_mod.default_chunk_rows(8192, V * 2, 0) == 256            # no accumulator
+
+
+@pytest.mark.parametrize("needs_grad,weight_dtype,expect_one", [
+    (True, torch.bfloat16, True), (False, torch.bfloat16, False), (True, torch.float32, False)])
+def test_default_chunk_choice_in_the_call(monkeypatch, needs_grad, weight_dtype, expect_one):
+    """The call passes the accumulator size only when a half-precision weight needs a
+    gradient (frozen or fp32 heads keep the 64 MiB chunks)."""
+    seen = {}
+    real = lce_mod.default_chunk_rows
+
+    def spy(n_rows, row_bytes, acc_bytes=0):
+        seen["acc"] = acc_bytes
+        return real(n_rows, row_bytes, acc_bytes)
+    monkeypatch.setattr(lce_mod, "default_chunk_rows", spy)
+    x = torch.randn(6, 8, dtype=weight_dtype)
+    W = torch.randn(20, 8, dtype=weight_dtype, requires_grad=needs_grad)
+    lce(x, W, torch.randint(0, 20, (6,)))
+    assert (seen["acc"] == 4 * W.numel()) == expect_one
+    assert real(6, 20 * x.element_size(), seen["acc"]) == 6  # tiny: one chunk either way
+
+
 # --------------------------------------------------------------------------- errors
 ERRORS = [
     ("input/weight features", lambda x, W, t: lce(x, W[:, :-1], t), RuntimeError, "in_features"),

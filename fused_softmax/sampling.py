@@ -28,16 +28,33 @@ _SEED_HIGH = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- launcher
-def launch_config(n_rows: int, vocab: int, device: torch.device):
-    """Rows per tile and columns per block: whole short rows, several to a tile (a tile of
-    8192 fp32 values, 16 per thread at 16 warps); long rows in 8192-wide blocks. Persistent
-    grid of a few programs per SM."""
-    block_n = min(triton.next_power_of_2(vocab), 8192)
+def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool = False):
+    """``(meta-parameters, n_split, split_cols, grid)`` of ``sample_kernel``.
+
+    Whole short rows, several to a tile (a tile of 8192 fp32 values, 16 per thread at 16
+    warps); long rows in 8192-wide blocks; a persistent grid of a few programs per SM.
+    Plain temperature sampling (``split_ok``) of fewer rows than fill the GPU four times
+    over cuts each row into parts of 2048-wide blocks, one program each (then
+    ``sample_finish_kernel`` picks each row's best part): one program walking a 128k row
+    alone took 0.075 ms on an H200, most of it generating the noise.
+    """
+    per_wave = _backend.num_programs_per_wave(device)
+    block_n = max(4, min(triton.next_power_of_2(vocab), 8192))  # >= 4: one Philox call per 4 tokens
     block_r = min(max(1, 8192 // block_n), triton.next_power_of_2(n_rows))
-    num_warps = min(16, max(4, block_r * block_n // 512))
     n_tiles = triton.cdiv(n_rows, block_r)
-    grid = min(n_tiles, _backend.num_programs_per_wave(device) * 4)
-    return dict(BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps), grid
+    want = 4 * per_wave
+    if split_ok and n_tiles < want and vocab > 2048:
+        block_n, block_r = 2048, 1
+        n_blocks = triton.cdiv(vocab, block_n)
+        n_split = min(n_blocks, triton.cdiv(want, n_rows))
+        split_cols = triton.cdiv(n_blocks, n_split) * block_n
+        n_split = triton.cdiv(vocab, split_cols)
+        grid = min(n_rows * n_split, per_wave * 8)
+        return dict(BLOCK_R=1, BLOCK_N=block_n, SPLIT=True, num_warps=4), n_split, split_cols, grid
+    num_warps = min(16, max(4, block_r * block_n // 512))
+    grid = min(n_tiles, per_wave * 4)
+    return (dict(BLOCK_R=block_r, BLOCK_N=block_n, SPLIT=False, num_warps=num_warps),
+            1, vocab, grid)
 
 
 def _param_args(t: Optional[torch.Tensor], like: torch.Tensor):
@@ -47,21 +64,32 @@ def _param_args(t: Optional[torch.Tensor], like: torch.Tensor):
     return t, t.stride(0)
 
 
-def _launch(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tensor:
+def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torch.Tensor:
     n_rows, vocab = logits.shape
     out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
     if n_rows == 0:
         return out
-    cfg, grid = launch_config(n_rows, vocab, logits.device)
+    plain = top_k is None and top_p is None and min_p is None
+    cfg, n_split, split_cols, grid = config or launch_config(n_rows, vocab, logits.device, plain)
+    if cfg["SPLIT"]:
+        assert plain, "the split kernel draws without filters"
+        part_best = torch.empty((n_rows, n_split), dtype=torch.float32, device=logits.device)
+        part_idx = torch.empty((n_rows, n_split), dtype=torch.int64, device=logits.device)
+    else:
+        part_best, part_idx = temperature, seed  # unused
     _backend.record_launch("sample_kernel")
     _k.sample_kernel[(grid,)](
         logits, out, seed, temperature, temperature.stride(0),
         *_param_args(top_k, seed), *_param_args(top_p, temperature),
-        *_param_args(min_p, temperature),
-        n_rows, vocab, logits.stride(0),
+        *_param_args(min_p, temperature), part_best, part_idx,
+        n_rows, vocab, logits.stride(0), n_split, split_cols,
         HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
         **cfg,
     )
+    if cfg["SPLIT"]:
+        _backend.record_launch("sample_finish_kernel")
+        _k.sample_finish_kernel[(n_rows,)](part_best, part_idx, out, n_split,
+                                           BLOCK_S=triton.next_power_of_2(n_split))
     return out
 
 

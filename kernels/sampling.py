@@ -30,7 +30,7 @@ Values are compared through int32 keys with the order of the fp32 values (flip t
 magnitude bits of negatives): ties are exact and the floor is an exclusive key.
 
 HBM passes. Plain temperature sampling: one read of the row (the noise is counter based,
-``tl.rand(seed, f(round, row, token))``, and costs no memory traffic). min-p alone: two (the
+Philox of ``(seed, f(round, row, token // 4))``, and costs no memory traffic). min-p alone: two (the
 row max first). top-k / top-p: the max-and-sum pass (top-p, min-p), the first draw, then
 one pass per round. Re-reads of a row of 128k bf16 logits (256 KB) hit L2 on an H100.
 Draws depend only on the seed, so equal seeds give equal draws.
@@ -64,36 +64,67 @@ def scaled_block(X, rows64, rmask, sxm, start, cols, V, inv_t):
 
 
 @triton.jit
-def gumbel_update(best, best_idx, s, c, keep, start, rows, n_rows, V, greedy, seed, draw):
+def block_uniform(seed, draw, rows, n_rows, V, start, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Uniforms in [0, 1) for the ``[R, B]`` block at column ``start`` of draw ``draw``.
+
+    One Philox call gives four 32-bit words (``randint4x``), so a call serves four adjacent
+    tokens: counter ``(draw * n_rows + row) * ceil(V / 4) + column // 4`` (``start`` is a
+    multiple of ``BLOCK_N >= 4``), unique per token and draw. The generator is
+    the costly part of a sampling pass, a quarter of it with ``tl.rand`` per token.
+    """
+    q = tl.arange(0, BLOCK_N // 4)
+    ctr = ((draw * n_rows + rows) * tl.cdiv(V, 4) + start // 4)[:, None] + q[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
+    bits = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3))
+    return tl.reshape(tl.random.uint_to_uniform_float(bits), (BLOCK_R, BLOCK_N))
+
+
+@triton.jit
+def gumbel_update(best, best_idx, s, c, keep, start, rows, n_rows, V, greedy, seed, draw,
+                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """Fold one block into the running argmax of ``s + Gumbel`` over ``keep`` (greedy rows:
     of ``s``), with the noise of draw number ``draw``. A row with nothing kept keeps its
-    ``-inf`` best and index 0."""
-    u = tl.rand(seed, ((draw * n_rows + rows) * V)[:, None] + c[None, :])
-    gumbel = -tl.log(-tl.log(u))  # u = 0 gives -inf: never drawn
-    score = tl.where(greedy[:, None], s, s + gumbel)
-    score = tl.where(keep, score, -float("inf"))
-    blk_best = tl.max(score, 1)
-    blk_idx = tl.argmax(score, 1).to(tl.int64) + start
-    better = blk_best > best  # strict: the first index wins ties across blocks
-    return tl.where(better, blk_best, best), tl.where(better, blk_idx, best_idx)
+    ``-inf`` best and index 0. A block with nothing kept costs no noise."""
+    if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
+        u = block_uniform(seed, draw, rows, n_rows, V, start, BLOCK_R, BLOCK_N)
+        gumbel = -tl.log(-tl.log(u))  # u = 0 gives -inf: never drawn
+        score = tl.where(greedy[:, None], s, s + gumbel)
+        score = tl.where(keep, score, -float("inf"))
+        blk_best = tl.max(score, 1)
+        blk_idx = tl.argmax(score, 1).to(tl.int64) + start
+        better = blk_best > best  # strict: the first index wins ties across blocks
+        best = tl.where(better, blk_best, best)
+        best_idx = tl.where(better, blk_idx, best_idx)
+    return best, best_idx
 
 
 @triton.jit
 def sample_kernel(
-    X, OUT, SEED, TEMP, st_t, TOPK, st_k, TOPP, st_p, MINP, st_m,
-    n_rows, V, sxm,
+    X, OUT, SEED, TEMP, st_t, TOPK, st_k, TOPP, st_p, MINP, st_m, PART_BEST, PART_IDX,
+    n_rows, V, sxm, n_split, split_cols,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One int64 token id per row of ``X`` (``n_rows x V``, unit stride along ``V``) into ``OUT``.
 
     ``TEMP``/``TOPK``/``TOPP``/``MINP`` are per-row parameters read with row strides
     ``st_*`` (0 broadcasts one value); ``SEED`` points to one int64 seed for the noise.
+
+    ``SPLIT`` (plain temperature sampling only, no filter): each row is cut into
+    ``n_split`` parts of ``split_cols`` columns (a multiple of ``BLOCK_N``), one program
+    each, so that a few rows still fill the GPU; a part's best score and its index go to
+    ``PART_BEST`` / ``PART_IDX`` (``n_rows x n_split``) and ``sample_finish_kernel`` takes
+    the argmax. The noise of a token depends on its row and column only, so the draw is the
+    same, split or not. Without ``SPLIT``, ``n_split`` is 1 and ``split_cols`` is ``V``.
     """
     seed = tl.load(SEED)
     cols = tl.arange(0, BLOCK_N)
     n_tiles = tl.cdiv(n_rows, BLOCK_R)
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+    for work in range(tl.program_id(0), n_tiles * n_split, tl.num_programs(0)):
+        tile = work // n_split
+        part = work % n_split
+        col_lo = part * split_cols
+        col_hi = tl.minimum(col_lo + split_cols, V)
         # (zeros + tile) promotes to int64 before the multiply, compiled or interpreted.
         rows = (tl.zeros([BLOCK_R], tl.int64) + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n_rows
@@ -116,13 +147,13 @@ def sample_kernel(
         # First draw, from softmax(s) restricted to min-p.
         best = tl.full([BLOCK_R], -float("inf"), tl.float32)
         cand = tl.zeros([BLOCK_R], tl.int64)
-        for start in range(0, V, BLOCK_N):
+        for start in range(col_lo, col_hi, BLOCK_N):
             s, c, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
             keep = mask
             if HAS_MIN_P:
                 keep = keep & (tl.exp(s - shift[:, None]) >= min_p[:, None])
             best, cand = gumbel_update(best, cand, s, c, keep, start, rows, n_rows, V,
-                                       greedy, seed, 0)
+                                       greedy, seed, 0, BLOCK_R, BLOCK_N)
 
         if HAS_TOP_K or HAS_TOP_P:
             # A candidate is kept iff fewer than k tokens, of mass < p * z, lie above it; a
@@ -157,7 +188,7 @@ def sample_kernel(
                         if HAS_MIN_P:
                             keep = keep & (e >= min_p[:, None])
                     nxt_best, nxt = gumbel_update(nxt_best, nxt, s, c, keep, start, rows, n_rows,
-                                                  V, greedy, seed, draw)
+                                                  V, greedy, seed, draw, BLOCK_R, BLOCK_N)
                 accepted = rmask
                 if HAS_TOP_K:
                     accepted = accepted & (count < k_target)
@@ -169,4 +200,19 @@ def sample_kernel(
                 # of them (U = 0, probability ~2^-31 each) leaves none: stop, not loop.
                 active = rejected & (nxt_best > -float("inf"))
                 draw += 1
-        tl.store(OUT + rows, cand, mask=rmask)
+        if SPLIT:
+            tl.store(PART_BEST + rows * n_split + part, best, mask=rmask)
+            tl.store(PART_IDX + rows * n_split + part, cand, mask=rmask)
+        else:
+            tl.store(OUT + rows, cand, mask=rmask)
+
+
+@triton.jit
+def sample_finish_kernel(PART_BEST, PART_IDX, OUT, n_split, BLOCK_S: tl.constexpr):
+    """Row ``program_id``'s token: the index of the best of its ``n_split`` parts (the first
+    part on ties, so the first column wins, as without the split)."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    best = tl.load(PART_BEST + row * n_split + s, mask=s < n_split, other=-float("inf"))
+    part = tl.argmax(best, 0)
+    tl.store(OUT + row, tl.load(PART_IDX + row * n_split + part))

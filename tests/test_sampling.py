@@ -222,6 +222,37 @@ def test_triton_kernel_ran(device):
         assert _backend.use_triton(x), "the interpreter is on: the Triton kernel must serve CPU"
 
 
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("n_rows, vocab", [(1, 5000), (3, 2049), (2, 8192)])
+def test_split_rows_draw_the_same_tokens(n_rows, vocab, device):
+    """Plain temperature sampling of few rows cuts each row across programs: the noise of a
+    token depends only on its row and column, so split and whole rows draw the same ids,
+    greedy rows and first-index ties included."""
+    x = torch.randn(n_rows, vocab, generator=torch.Generator().manual_seed(vocab)).to(device)
+    x[0, 7] = x[0, vocab - 1] = x[0].max() + 1  # a greedy tie across parts: the first wins
+    if not _backend.use_triton(x):
+        pytest.skip("the Triton kernels do not serve this device here")
+    temperature = torch.linspace(0.0, 1.5, n_rows, device=device)
+    seed = torch.tensor([12345], device=device)
+    sampling_mod = sys.modules["fused_softmax.sampling"]
+    split = sampling_mod.launch_config(n_rows, vocab, x.device, split_ok=True)
+    assert split[0]["SPLIT"] and split[1] > 1
+    for seed_value in (12345, 999):
+        seed.fill_(seed_value)
+        whole = sampling_mod._launch(x, seed, temperature, None, None, None,
+                                     config=sampling_mod.launch_config(n_rows, vocab, x.device))
+        parts = sampling_mod._launch(x, seed, temperature, None, None, None, config=split)
+        assert torch.equal(whole, parts), (whole, parts)
+    assert int(parts[0]) == 7  # temperature 0: argmax, first index
+
+
+def test_split_only_without_filters():
+    cfg = sys.modules["fused_softmax.sampling"].launch_config
+    assert cfg(2, 128256, torch.device("cpu"), split_ok=True)[0]["SPLIT"]
+    assert not cfg(2, 128256, torch.device("cpu"), split_ok=False)[0]["SPLIT"]
+    assert not cfg(2, 1000, torch.device("cpu"), split_ok=True)[0]["SPLIT"]  # one block anyway
+
+
 def test_torch_path_support():
     """The torch fallback (CPU without Triton) keeps the same set and samples from it."""
     x = logits_16()
@@ -290,29 +321,37 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fused_softmax.kernels.sampling import sample_kernel
+    from fused_softmax.kernels.sampling import sample_finish_kernel, sample_kernel
 
     PTRS = {"X": "*bf16", "OUT": "*i64", "SEED": "*i64", "TEMP": "*fp32", "TOPK": "*i64",
-            "TOPP": "*fp32", "MINP": "*fp32"}
+            "TOPP": "*fp32", "MINP": "*fp32", "PART_BEST": "*fp32", "PART_IDX": "*i64"}
+    H100 = GPUTarget("cuda", 90, 32)
     out = {}
     for flags in json.loads(sys.argv[1]):
-        const = dict(zip(("HAS_TOP_K", "HAS_TOP_P", "HAS_MIN_P"), flags), BLOCK_R=2, BLOCK_N=4096)
+        const = dict(zip(("HAS_TOP_K", "HAS_TOP_P", "HAS_MIN_P", "SPLIT"), flags), BLOCK_R=2,
+                     BLOCK_N=4096)
         sig = {n: "constexpr" if n in const else PTRS.get(n, "i64")
                for n in sample_kernel.arg_names}
         try:
             cc = triton.compile(ASTSource(fn=sample_kernel, signature=sig, constexprs=const),
-                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=16))
+                                target=H100, options=dict(num_warps=16))
             out[repr(tuple(flags))] = "ok" if cc.asm["cubin"] else "no cubin"
         except Exception as e:
             out[repr(tuple(flags))] = f"{type(e).__name__}: {e}"[:2000]
+    sig = {n: "constexpr" if n == "BLOCK_S" else PTRS.get(n, "i64")
+           for n in sample_finish_kernel.arg_names}
+    cc = triton.compile(ASTSource(fn=sample_finish_kernel, signature=sig,
+                                  constexprs=dict(BLOCK_S=64)), target=H100)
+    out["finish"] = "ok" if cc.asm["cubin"] else "no cubin"
     print(json.dumps(out))
 """)
 
 
-#: (HAS_TOP_K, HAS_TOP_P, HAS_MIN_P): none, each alone (each defines a different subset of
-#: the kernel's variables), and all three.
-COMPILE_FLAGS = [(False, False, False), (True, False, False), (False, True, False),
-                 (False, False, True), (True, True, True)]
+#: (HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, SPLIT): none (whole rows and split rows), each filter
+#: alone (each defines a different subset of the kernel's variables), and all three.
+COMPILE_FLAGS = [(False, False, False, False), (False, False, False, True),
+                 (True, False, False, False), (False, True, False, False),
+                 (False, False, True, False), (True, True, True, False)]
 
 
 def test_kernel_compiles_for_sm90():
@@ -323,5 +362,5 @@ def test_kernel_compiles_for_sm90():
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(results) == {repr(f) for f in COMPILE_FLAGS}
+    assert set(results) == {repr(f) for f in COMPILE_FLAGS} | {"finish"}
     assert all(v == "ok" for v in results.values()), results

@@ -1,0 +1,93 @@
+"""sample() against torch's softmax + sort + multinomial path (CUDA only).
+
+Batch 1 ... 256 rows x V = 128256, bf16 logits. Per batch: our fused ``sample`` with plain
+temperature, top-k = 50, top-p = 0.9 and min-p = 0.05; torch's usual path for the same
+(``softmax(x / T)`` then ``multinomial``; for top-k ``topk`` first; for top-p a full
+descending sort, cumulative sum, mask and ``multinomial``); and one read of the logits
+(``amax`` over the row: the floor a one-pass sampler can reach). Decoding loops replay
+such steps from CUDA graphs, so every callable is timed by graph replay
+(``triton.testing.do_bench_cudagraph``); the plain ``do_bench`` time (host launch cost
+included) is recorded too.
+
+    python bench/sampling.py bench/results/sampling-<device>-<date>.json
+"""
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from fused_softmax import sample
+
+t0 = time.time()
+OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.environ.get("OUT", "."), "sampling.json")
+V, T, K, P, MINP = 128256, 0.8, 50, 0.9, 0.05
+R = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+         torch=torch.__version__, triton=triton.__version__, vocab=V, dtype="bfloat16",
+         temperature=T, top_k=K, top_p=P, min_p=MINP, cases={})
+
+
+def log(*a):
+    print(f"[{time.time() - t0:6.1f}s]", *a, flush=True)
+
+
+def torch_temperature(x):
+    return torch.multinomial(torch.softmax(x.float() / T, -1), 1).squeeze(-1)
+
+
+def torch_top_k(x):
+    v, i = torch.topk(x.float() / T, K, dim=-1)
+    return i.gather(-1, torch.multinomial(torch.softmax(v, -1), 1)).squeeze(-1)
+
+
+def torch_top_p(x):
+    probs = torch.softmax(x.float() / T, -1)
+    p, i = torch.sort(probs, dim=-1, descending=True)
+    p = p.masked_fill(p.cumsum(-1) - p > P, 0.0)
+    return i.gather(-1, torch.multinomial(p, 1)).squeeze(-1)
+
+
+def torch_min_p(x):
+    probs = torch.softmax(x.float() / T, -1)
+    probs = probs.masked_fill(probs < MINP * probs.amax(-1, keepdim=True), 0.0)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+for B in (1, 16, 64, 256):
+    g = torch.Generator(device="cuda").manual_seed(B)
+    x = (torch.randn(B, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    fns = {
+        "one_read_amax": lambda: x.amax(-1),
+        "ours_temperature": lambda: sample(x, temperature=T),
+        "torch_temperature": lambda: torch_temperature(x),
+        "ours_top_k": lambda: sample(x, temperature=T, top_k=K),
+        "torch_top_k": lambda: torch_top_k(x),
+        "ours_top_p": lambda: sample(x, temperature=T, top_p=P),
+        "torch_top_p": lambda: torch_top_p(x),
+        "ours_min_p": lambda: sample(x, temperature=T, min_p=MINP),
+        "torch_min_p": lambda: torch_min_p(x),
+    }
+    case = R["cases"][f"B{B}"] = dict(bytes=x.numel() * 2)
+    for name, fn in fns.items():
+        row = {}
+        try:
+            fn(); torch.cuda.synchronize()
+            row["ms_launch"] = do_bench(fn, warmup=25, rep=100, return_mode="median")
+            row["ms_graph"] = do_bench_cudagraph(fn, rep=100, return_mode="median")
+        except Exception as e:
+            row["error"] = repr(e)[:300]
+        case[name] = row
+        log(B, name, row)
+        json.dump(R, open(OUT, "w"), indent=1)
+    for kind in ("temperature", "top_k", "top_p", "min_p"):
+        ours, ref = case[f"ours_{kind}"], case[f"torch_{kind}"]
+        if "ms_graph" in ours and "ms_graph" in ref:
+            case[f"speedup_{kind}"] = ref["ms_graph"] / ours["ms_graph"]
+    if "ms_graph" in case["ours_temperature"] and "ms_graph" in case["one_read_amax"]:
+        case["temperature_over_one_read"] = case["ours_temperature"]["ms_graph"] / case["one_read_amax"]["ms_graph"]
+    json.dump(R, open(OUT, "w"), indent=1)
+    log(B, {k: round(v, 2) for k, v in case.items() if k.startswith(("speedup", "temperature_over"))})

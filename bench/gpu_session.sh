@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One lent-GPU session in one call: the CUDA tests, then every benchmark, each bounded in
+# time so that the whole run ends inside one device call (~9 minutes). Results land in
+# $OUT (or ./gpu-out) as <what>-<device>-<date>.json; copy them to bench/results/.
+#
+#   bash bench/gpu_session.sh            # from the repository root, on a CUDA machine
+#
+# Liger-Kernel, when wanted, comes as a wheel in .whl/ (installed --no-deps). The package
+# is used from the source tree: fused_softmax.kernels is linked to kernels/.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+[ -e fused_softmax/kernels ] || ln -s ../kernels fused_softmax/kernels
+python3 -c "import fused_softmax.kernels.softmax" || exit 1
+DEV=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+TAG=$DEV-$(date +%F)
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+STEPS=${STEPS:-"tests headline linear-ce sampling train-step"}  # which steps, in this order
+step() {  # step SECONDS NAME COMMAND...: run, bounded, and log its wall time
+  local s=$1 name=$2; shift 2; local t=$SECONDS
+  case " $STEPS " in *" $name "*) ;; *) return ;; esac
+  echo "=== $name (limit ${s}s)"
+  timeout -s INT -k 15 "$s" "$@"; echo "=== $name rc=$? in $((SECONDS - t))s"
+}
+step ${T_TESTS:-130} tests python3 -m pytest ${TESTS:-tests} -q --maxfail=10 -n 8 -p no:cacheprovider -o console_output_style=classic > "$OUT/cuda-tests-$TAG.log" 2>&1
+[ -f "$OUT/cuda-tests-$TAG.log" ] && tail -25 "$OUT/cuda-tests-$TAG.log"
+step ${T_HEADLINE:-90} headline python3 bench/headline.py "$OUT/headline-$TAG.json"
+step ${T_LINEAR:-180} linear-ce python3 bench/linear_ce.py "$OUT/linear-ce-$TAG.json"
+step ${T_SAMPLING:-90} sampling python3 bench/sampling.py "$OUT/sampling-$TAG.json"
+step ${T_TRAIN:-60} train-step python3 bench/train_step.py --chunk-sizes 4096 --json "$OUT/train-step-$TAG.json"
+step ${T_TUNE:-160} tune env DEADLINE=${DEADLINE:-140} python3 bench/tune.py "$OUT/tune-$TAG.json"
+ls -la "$OUT"

@@ -8,6 +8,7 @@ never synchronises with the host and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Union
 
@@ -22,6 +23,9 @@ if _backend.HAS_TRITON:
     from .kernels import sampling as _k
 
 Param = Union[float, int, torch.Tensor, None]
+
+#: Temperatures below this are greedy (kernels/sampling.py's GREEDY_BELOW).
+_k_GREEDY_BELOW = 1e-30
 
 #: Largest int64 a seed may take (``torch.randint``'s bound is exclusive).
 _SEED_HIGH = 2**63 - 1
@@ -100,7 +104,7 @@ def _torch_sample(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tenso
     if n_rows == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     t = temperature.float()
-    greedy = t == 0
+    greedy = t < _k_GREEDY_BELOW
     inv_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, t))
     s = logits.float() * inv_t[:, None] + 0.0
     keep = torch.ones_like(s, dtype=torch.bool)
@@ -149,20 +153,23 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _row_param(value: Param, name: str, dtype: torch.dtype, logits: torch.Tensor,
-               valid, valid_text: str, clamp: dict) -> Optional[torch.Tensor]:
-    """A parameter as a ``(rows,)`` tensor on the logits' device (stride 0 for a number).
+def _in_bounds(v, low, low_excluded: bool, high):
+    """``low (<|<=) v <= high`` for a number or elementwise for a tensor (NaN is out)."""
+    above = (v > low) if low_excluded else (v >= low)
+    return above & (v <= high)
 
-    A number is checked here. A tensor is checked only on the CPU: on CUDA, reading its
+
+def _row_param(value: Param, name: str, dtype: torch.dtype, logits: torch.Tensor,
+               bounds: tuple, valid_text: str, clamp: dict) -> torch.Tensor:
+    """A parameter as a ``(rows,)`` tensor on the logits' device (stride 0 for a number,
+    which the caller has checked).
+
+    A tensor is checked only on the CPU and outside ``torch.compile``: on CUDA, reading its
     values would synchronise with the host, so there it is clamped into range instead.
     """
     batch = logits.shape[:-1]
     n_rows = batch.numel()
     if _is_number(value):
-        if dtype == torch.int64 and not isinstance(value, numbers.Integral):
-            raise TypeError(f"sample(): {name} must be an int or an integer tensor, got {value!r}")
-        if not valid(torch.tensor(float(value), dtype=torch.float64)):
-            raise ValueError(f"sample(): {name} must be {valid_text}, got {value}")
         return torch.full((1,), value, dtype=dtype, device=logits.device).expand(n_rows)
     if not isinstance(value, torch.Tensor):
         raise TypeError(
@@ -181,8 +188,8 @@ def _row_param(value: Param, name: str, dtype: torch.dtype, logits: torch.Tensor
         raise ValueError(
             f"sample(): {name} of shape {tuple(value.shape)} does not broadcast to the batch "
             f"shape {tuple(batch)} of logits {tuple(logits.shape)}") from None
-    if value.device.type == "cpu":
-        if not bool(valid(value.double()).all()):
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(_in_bounds(value.double(), *bounds).all()):
             raise ValueError(f"sample(): every entry of {name} must be {valid_text}")
         return value.to(dtype)
     return value.to(dtype).clamp(**clamp)
@@ -198,9 +205,12 @@ def sample(
     Args:
         logits (Tensor): ``(..., V)`` float16 / bfloat16 / float32 / float64; rows are the
             leading dimensions. Computed in fp32.
-        temperature (float or Tensor): ``T >= 0``; ``T = 0`` is greedy (the argmax, first
-            index on ties, as :func:`torch.argmax`). A tensor gives one value per row
-            (any shape that broadcasts to ``logits.shape[:-1]``); its zero rows are greedy.
+        temperature (float or Tensor): ``T >= 0``; ``T = 0`` (or below 1e-30, where
+            ``x / T`` would overflow) is greedy. A number that small returns
+            :func:`torch.argmax` itself (first index on ties, NaN counts as the largest, fp64
+            compared exactly) and consumes no random numbers. A tensor gives one value per
+            row (any shape that broadcasts to ``logits.shape[:-1]``); its greedy rows take
+            the argmax inside the kernel, in fp32 (rows holding NaN: unspecified).
         top_k (int or integer Tensor, optional): keep the ``k >= 1`` largest logits; every
             token tied with the k-th largest is kept too.
         top_p (float or Tensor, optional): ``0 < p <= 1``: keep the smallest set of most
@@ -232,24 +242,36 @@ def sample(
         raise ValueError(f"sample(): logits of shape {tuple(logits.shape)} have no vocabulary "
                          "dimension to sample from")
     vocab = logits.shape[-1]
+    f32_max = torch.finfo(torch.float32).max
+    specs = dict(  # name: (value, dtype, (low, low excluded, high), in words, clamp on CUDA)
+        temperature=(temperature, torch.float32, (0.0, False, f32_max), "a finite number >= 0",
+                     dict(min=0.0)),
+        top_k=(top_k, torch.int64, (1, False, math.inf), "an integer >= 1", dict(min=1)),
+        top_p=(top_p, torch.float32, (0.0, True, 1.0), "in (0, 1]",
+               dict(min=torch.finfo(torch.float32).tiny, max=1.0)),
+        min_p=(min_p, torch.float32, (0.0, False, 1.0), "in [0, 1]", dict(min=0.0, max=1.0)),
+    )
+    for name, (value, dtype, bounds, words, _) in specs.items():
+        if value is not None and _is_number(value):  # in Python: nothing for torch.compile to trace
+            if dtype == torch.int64 and not isinstance(value, numbers.Integral):
+                raise TypeError(f"sample(): {name} must be an int or an integer tensor, got {value!r}")
+            if not _in_bounds(value, *bounds):
+                raise ValueError(f"sample(): {name} must be {words}, got {value}")
+    if _is_number(temperature) and temperature < _k_GREEDY_BELOW:
+        return logits.argmax(-1)  # greedy: torch.argmax itself (its NaN rule, fp64 exact)
+    # Filters that keep everything: skip their search.
     if top_k is not None and _is_number(top_k) and top_k >= vocab:
-        top_k = None  # keeps everything: skip the search
+        top_k = None
     if top_p is not None and _is_number(top_p) and top_p == 1:
         top_p = None
     if min_p is not None and _is_number(min_p) and min_p == 0:
         min_p = None
-    temperature = _row_param(temperature, "temperature", torch.float32, logits,
-                             lambda v: (v >= 0) & v.isfinite(), "a finite number >= 0",
-                             dict(min=0.0))
-    if top_k is not None:
-        top_k = _row_param(top_k, "top_k", torch.int64, logits, lambda v: v >= 1,
-                           "an integer >= 1", dict(min=1))
-    if top_p is not None:
-        top_p = _row_param(top_p, "top_p", torch.float32, logits, lambda v: (v > 0) & (v <= 1),
-                           "in (0, 1]", dict(min=torch.finfo(torch.float32).tiny, max=1.0))
-    if min_p is not None:
-        min_p = _row_param(min_p, "min_p", torch.float32, logits, lambda v: (v >= 0) & (v <= 1),
-                           "in [0, 1]", dict(min=0.0, max=1.0))
+    params = {}
+    for name, (_, dtype, bounds, words, clamp) in specs.items():
+        value = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)[name]
+        params[name] = None if value is None else _row_param(value, name, dtype, logits,
+                                                              bounds, words, clamp)
+    temperature, top_k, top_p, min_p = (params[n] for n in ("temperature", "top_k", "top_p", "min_p"))
     seed = torch.randint(0, _SEED_HIGH, (1,), generator=generator, device=logits.device)
     rows = logits.reshape(-1, vocab)
     if rows.stride(1) != 1:

@@ -46,6 +46,11 @@ import triton.language as tl
 from .softmax import finite_or_zero, online_update
 
 
+#: Temperatures below this are greedy: ``1 / T`` would overflow fp32 (and below it any
+#: logit gap of 1e-29 or more already decides the draw).
+GREEDY_BELOW = tl.constexpr(1e-30)
+
+
 @triton.jit
 def order_key(s):
     """int32 key of fp32 ``s`` with the order of the values (``s`` never ``-0.0`` here)."""
@@ -129,7 +134,7 @@ def sample_kernel(
         rows = (tl.zeros([BLOCK_R], tl.int64) + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n_rows
         t = tl.load(TEMP + rows * st_t, mask=rmask, other=1.0).to(tl.float32)
-        greedy = t == 0.0
+        greedy = t < GREEDY_BELOW  # 0, or so small that x / T would overflow fp32
         inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
 
         # Row max and softmax sum: the reference point of top-p's mass and of min-p.

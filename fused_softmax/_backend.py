@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import operator
 import os
 
 import numpy as np
@@ -73,13 +74,31 @@ def check_float(name: str, t: torch.Tensor) -> None:
 def wrap_dim(dim: int, ndim: int) -> int:
     """torch's dimension wrapping, with torch's IndexError for a dimension out of range."""
     n = max(ndim, 1)
-    if not isinstance(dim, int) or isinstance(dim, bool):
+    if isinstance(dim, bool) or not hasattr(type(dim), "__index__"):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    dim = operator.index(dim)  # numpy and 0-d tensor integers too, as torch
     if not -n <= dim < n:
         raise IndexError(
             f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})"
         )
     return dim % n
+
+
+def needs_torch_ops(*tensors) -> bool:
+    """True for inputs of ``torch.func`` transforms (``grad``, ``vmap``, ``jvp``,
+    ``jacfwd``, ...) and forward-mode AD dual tensors. The custom ops define reverse-mode
+    autograd only (no batching or forward-AD rule, where torch would silently give a zero
+    tangent), so such calls go through torch's own ops: same semantics, every transform."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+        if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return True
+    return False
 
 
 def split_float(v: float) -> tuple:

@@ -9,12 +9,13 @@ exactly 1 on the device.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
 
 from . import _backend
-from ._backend import acc_dtype, check_float, split_float, use_triton
+from ._backend import acc_dtype, check_float, needs_torch_ops, split_float, use_triton
 
 if _backend.HAS_TRITON:
     import triton
@@ -119,10 +120,13 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
         w_t = w[t_safe]
         logp_t = logp.gather(1, t_safe[:, None]).squeeze(1)
         loss = -(1 - eps) * w_t * logp_t
-        if eps > 0:  # as the kernel's HAS_SMOOTHING: 0 * (-inf logit) would be NaN
+        coef = (1 - eps) * w_t
+        if eps > 0:  # as the kernel's HAS_SMOOTHING: 0 * (-inf logit or inf weight) is NaN
             loss = loss - (eps / C) * (w * logp).sum(-1)
-        coef = (1 - eps) * w_t + (eps / C) * w_sum
-        dz = coef[:, None] * p - (eps / C) * w
+            coef = coef + (eps / C) * w_sum
+        dz = coef[:, None] * p
+        if eps > 0:
+            dz = dz - (eps / C) * w
         dz.scatter_add_(1, t_safe[:, None], (-(1 - eps) * w_t)[:, None])
     if z_loss:
         loss = loss + z_loss * lse * lse
@@ -319,21 +323,47 @@ def _target_dtype_error(input: torch.Tensor, target: torch.Tensor) -> RuntimeErr
     return kind(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
 
 
+def _is_finite(v) -> bool:
+    """``math.isfinite`` that also takes the symbolic floats of ``torch.compile(dynamic=True)``
+    (``inf - inf`` and ``nan - nan`` are NaN, which equals nothing)."""
+    return v - v == 0
+
+
+def check_ignore_index(ignore_index, fn: str = "cross_entropy") -> int:
+    """torch's argument parser: an int (anything with ``__index__``, not a bool)."""
+    if isinstance(ignore_index, bool) or not hasattr(type(ignore_index), "__index__"):
+        raise TypeError(f"{fn}(): argument 'ignore_index' must be int, not "
+                        f"{type(ignore_index).__name__}")
+    return operator.index(ignore_index)
+
+
+def smoothing_value(label_smoothing) -> float:
+    """The smoothing applied: torch applies it only when ``> 0`` (a negative value or NaN
+    is no smoothing)."""
+    return float(label_smoothing) if label_smoothing > 0 else 0.0
+
+
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
                 logit_scale, softcap):
     """torch's checks, torch's error types and messages, in torch's order."""
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("cross_entropy(): input and target must be Tensors")
-    check_float("cross_entropy", input)
-    if reduction not in _REDUCTIONS:
+    ignore_index = check_ignore_index(ignore_index)
+    if reduction not in _REDUCTIONS:  # torch parses the reduction before the dtype
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    if label_smoothing > 1.0:  # torch rejects > 1 and treats a negative value as 0
+    check_float("cross_entropy", input)
+    if label_smoothing > 1.0:  # torch rejects > 1 and treats a negative value (or NaN) as 0
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if not math.isfinite(logit_scale):
+    if not _is_finite(logit_scale):
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
-    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+    if softcap is not None and not (softcap > 0 and _is_finite(softcap)):
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap}")
     if input.dim() == 0:
+        if target.dim() == 0 and target.is_floating_point():  # torch: a probability target
+            raise IndexError("Dimension specified as 1 but tensor has no dimensions")
+        if target.dim() == 0:
+            raise RuntimeError("Expected floating point type for target with class "
+                               f"probabilities, got {_type_name(target.dtype)}")
         raise RuntimeError("cross_entropy: input must have at least 1 dimension (the classes)")
     C = input.shape[0 if input.dim() == 1 else 1]
     prob_target = target.shape == input.shape
@@ -352,16 +382,18 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             if target.dim() == 1 and target.shape[0] != 1:
                 raise ValueError(
                     f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
-        elif input.dim() == 2:
-            if target.dim() != 1:
-                raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-            if target.shape[0] != input.shape[0]:
-                raise ValueError(
-                    f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target.shape[0]}).")
         else:
+            target_batch = target.shape[0] if target.dim() else 0
+            if target_batch != input.shape[0] and (input.dim() > 2 or target.dim() <= 1):
+                raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match "
+                                 f"target batch_size ({target_batch}).")
+            if input.dim() == 2 and target.dim() != 1:
+                raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
             expected = [input.shape[0]] + list(input.shape[2:])
-            if list(target.shape) != expected:
+            if input.dim() > 2 and list(target.shape) != expected:
                 raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+            if input.dim() > 2 and target.dtype == torch.uint8:
+                raise RuntimeError("expected scalar type Long but found Byte")
     if weight is not None:
         if weight.dim() != 1 or weight.numel() != C:
             raise RuntimeError(
@@ -457,7 +489,30 @@ def cross_entropy(
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
                                  label_smoothing, logit_scale, softcap)
-    label_smoothing = max(float(label_smoothing), 0.0)
+    ignore_index = operator.index(ignore_index)
+    label_smoothing = smoothing_value(label_smoothing)
+    if C == 0:  # nothing to fuse: torch's own answers (zeros, NaN, or its IndexError)
+        loss = torch.nn.functional.cross_entropy(input, target, weight, None, ignore_index,
+                                                 None, reduction, label_smoothing)
+        if return_lse:
+            lead = (input.shape[:1] + input.shape[2:]) if prob_target else target.shape
+            return loss, torch.full(lead, -math.inf, dtype=acc_dtype(input.dtype),
+                                    device=input.device)
+        return loss
+    if needs_torch_ops(input, target, weight):  # torch.func transforms, forward-mode AD
+        if z_loss != 0 or return_lse:
+            raise NotImplementedError(
+                "fused_softmax.cross_entropy: z_loss and return_lse are not supported under "
+                "torch.func transforms or forward-mode AD")
+        z = input if logit_scale == 1.0 else input * logit_scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        return torch.nn.functional.cross_entropy(z, target, weight, None, ignore_index, None,
+                                                 reduction, label_smoothing)
+    if not prob_target and target.dtype == torch.uint8:
+        target = target.long()  # compared with ignore_index (-100) as integers, not bytes
+    if weight is not None:
+        weight = weight.contiguous()  # the kernel reads weight[c] at unit stride
     out_dtype = input.dtype
     if prob_target:  # torch computes -(log_softmax(input) * target * weight): promotes
         out_dtype = torch.promote_types(out_dtype, target.dtype)

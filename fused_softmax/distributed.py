@@ -25,6 +25,7 @@ to the local shard only, and every rank backpropagates the same (replicated) los
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -32,7 +33,8 @@ import torch.distributed as dist
 
 from . import _backend
 from ._backend import acc_dtype, check_float, split_float, use_triton
-from .cross_entropy import _INDEX_DTYPES, _REDUCTIONS, _target_dtype_error, _type_name
+from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _is_finite, _target_dtype_error, _type_name,
+                            check_ignore_index, smoothing_value)
 
 if _backend.HAS_TRITON:
     from .cross_entropy import _block_and_grid
@@ -191,7 +193,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         sums[:, 0] *= torch.where(row_max == -math.inf, 1.0,
                                   torch.exp(_finite_or_zero(row_max) - shift))
         _all_reduce(packed, "sum", comm)
-        lse = shift + torch.log(sums[:, 0])
+        log_s = torch.log(sums[:, 0])
+        lse = shift + log_s
         vocab = packed[-1]  # sum of the shard sizes, on the device
 
         t = target.long()
@@ -208,7 +211,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             w_t = torch.ones_like(lse)
             w_sum = vocab
         eps_v = eps / vocab
-        loss = (1.0 - eps) * w_t * (lse - sums[:, 1])
+        loss = (1.0 - eps) * w_t * ((shift - sums[:, 1]) + log_s)  # lse - z_t, no cancellation
         coef = (1.0 - eps) * w_t
         if eps > 0:
             loss = loss + eps_v * (w_sum * lse - sums[:, 2])
@@ -251,7 +254,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
 
 def _check_after_reduce(t, valid, in_range, vocab, weight):
     if weight is not None and int(vocab) != weight.numel():
-        raise ValueError(
+        raise RuntimeError(  # torch's type for a class weight of the wrong size
             f"vocab_parallel_cross_entropy: the shards hold {int(vocab)} classes in all, but "
             f"weight has {weight.numel()}")
     bad = t[valid & ~in_range]
@@ -274,23 +277,24 @@ def _rank_and_world(group):
     return 0, 1
 
 
-def _check_args(input, target, weight, vocab_start_index, reduction, label_smoothing,
-                logit_scale, z_loss, world):
+def _check_args(input, target, weight, vocab_start_index, ignore_index, reduction,
+                label_smoothing, logit_scale, z_loss, world):
     name = "vocab_parallel_cross_entropy"
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError(f"{name}(): local_logits and target must be Tensors")
+    check_ignore_index(ignore_index, name)
     check_float(name, input)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     for arg, value in (("logit_scale", logit_scale), ("z_loss", z_loss)):
-        if not math.isfinite(value):
+        if not _is_finite(value):
             raise ValueError(f"{arg} must be finite, got {value}")
     if input.dim() == 0:
         raise RuntimeError(f"{name}: local_logits must have at least 1 dimension (the classes)")
     if target.is_floating_point():
-        raise ValueError(
+        raise RuntimeError(
             f"{name}: target must hold class indices (global, in [0, V)); class-probability "
             "targets are not supported")
     if target.dtype not in _INDEX_DTYPES:
@@ -390,14 +394,15 @@ def vocab_parallel_cross_entropy(
         >>> loss.backward()                              # d loss / d local, no communication
     """
     rank, world = _rank_and_world(group)
-    C = _check_args(local_logits, target, weight, vocab_start_index, reduction,
+    C = _check_args(local_logits, target, weight, vocab_start_index, ignore_index, reduction,
                     label_smoothing, logit_scale, z_loss, world)
     start = rank * C if vocab_start_index is None else vocab_start_index
     if weight is not None and start + C > weight.numel():
-        raise ValueError(
+        raise RuntimeError(  # torch's type for a class weight of the wrong size
             f"vocab_parallel_cross_entropy: this rank's shard [{start}, {start + C}) ends past "
             f"the {weight.numel()} classes of weight")
-    label_smoothing = max(float(label_smoothing), 0.0)
+    ignore_index = operator.index(ignore_index)
+    label_smoothing = smoothing_value(label_smoothing)
 
     input = local_logits
     if input.dim() == 1:

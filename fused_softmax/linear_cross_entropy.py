@@ -54,8 +54,9 @@ from typing import Optional
 
 import torch
 
-from ._backend import acc_dtype, check_float
-from .cross_entropy import _check_args, _prob_target_grads, _reduction_scalars
+from ._backend import acc_dtype, check_float, needs_torch_ops
+from .cross_entropy import (_check_args, _prob_target_grads, _reduction_scalars,
+                            check_ignore_index, smoothing_value)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -275,13 +276,44 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def _composed(input, w, target, b, weight, reduction, ignore_index, label_smoothing,
+              logit_scale, softcap, z_loss, lead, C, out, prob_target):
+    """``cross_entropy(linear(input, w, b), target, ...)`` with the logits materialised."""
+    from .cross_entropy import cross_entropy
+    H = input.shape[-1]
+    logits = torch.nn.functional.linear(input, w.reshape(-1, H), None if b is None else b.reshape(-1))
+    logits = logits.reshape(*lead, C, *out)  # (N, C, d...): torch's layout for K-dim losses
+    if len(lead) > 1:  # our extension: (..., H) input; torch's layout is (N, C, d...)
+        n = math.prod(lead)
+        logits = logits.reshape(n, C, *out)
+        target = target.reshape(n, C, *out) if prob_target else target.reshape(n, *out)
+    loss = cross_entropy(logits, target, weight, ignore_index=ignore_index,
+                         reduction=reduction, label_smoothing=label_smoothing,
+                         logit_scale=logit_scale, softcap=softcap, z_loss=z_loss)
+    if reduction == "none" and len(lead) > 1:
+        loss = loss.reshape(*lead, *out)
+    return loss
+
+
 # --------------------------------------------------------------------------- public API
+def _autocast_on(device_type: str) -> bool:
+    """``torch.is_autocast_enabled`` for devices it knows (it raises for ``meta``)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _check_linear_args(input, linear_weight, target, linear_bias):
     """torch's checks of ``linear_cross_entropy``'s own arguments (the cross-entropy ones
     are ``cross_entropy``'s). Returns ``(lead, C, out_features, prob_target)``."""
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"linear_cross_entropy(): {name} must be a Tensor, got {type(t).__name__}")
+    if input.dtype != linear_weight.dtype and not _autocast_on(input.device.type):
+        raise RuntimeError(  # torch's matmul error, which comes before any dtype support check
+            f"expected m1 and m2 to have the same dtype, but got: {input.dtype} != "
+            f"{linear_weight.dtype}")
     check_float("linear_cross_entropy", input)
     if input.dim() < 1:
         raise RuntimeError(f"expected input with dimensionality at least 1, got {input.dim()}")
@@ -307,12 +339,18 @@ def _check_linear_args(input, linear_weight, target, linear_bias):
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found {name} on {t.device} "
                 f"and input on {input.device}")
-        if t.dtype != input.dtype and not torch.is_autocast_enabled(input.device.type):
+        if t.dtype != input.dtype and not _autocast_on(input.device.type):
             raise RuntimeError(
                 f"linear_cross_entropy: expected input and {name} to have the same dtype, but "
                 f"got {input.dtype} and {t.dtype}")
     prob_target = tuple(target.shape) == (*lead, C, *out)
     index_shapes = [(*lead, *out)] + ([(1,)] if not lead else [])  # (1,) as torch for 1-D input
+    if not prob_target and tuple(target.shape) not in index_shapes and len(lead) <= 1:
+        # torch's own error for these logits and this target (ValueError for a batch size
+        # that does not match, ...): cross_entropy's checks on a stand-in of the logits.
+        logits_like = torch.empty((), dtype=input.dtype, device=input.device).expand(
+            (*lead, C, *out))
+        _check_args(logits_like, target, None, -100, "mean", 0.0, 1.0, None)
     if not prob_target and tuple(target.shape) not in index_shapes:
         raise RuntimeError(
             f"Expected target size {list(index_shapes[0])} (class indices) or "
@@ -399,9 +437,16 @@ def linear_cross_entropy(
     lead, C, out, prob_target = _check_linear_args(input, linear_weight, target, linear_bias)
     if prob_target and ignore_index is not None:
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
-    ignore_index = -100 if ignore_index is None else ignore_index
+    ignore_index = -100 if ignore_index is None else check_ignore_index(ignore_index)
+    label_smoothing_applied = smoothing_value(label_smoothing)
+    if C == 0 or needs_torch_ops(input, linear_weight, target, linear_bias, weight):
+        # No logits to fuse (torch's zeros, NaN or IndexError), or torch.func transforms /
+        # forward-mode AD, which the custom op has no rules for: torch's composition.
+        return _composed(input, linear_weight, target, linear_bias, weight, reduction,
+                         ignore_index, label_smoothing_applied, logit_scale, softcap, z_loss,
+                         lead, C, out, prob_target)
     device_type = input.device.type
-    autocast = torch.is_autocast_enabled(device_type)
+    autocast = _autocast_on(device_type)
     if autocast:  # torch: linear runs in the autocast dtype, cross_entropy in fp32
         low = torch.get_autocast_dtype(device_type)
         input, linear_weight = input.to(low), linear_weight.to(low)
@@ -436,6 +481,10 @@ def linear_cross_entropy(
         t = target.movedim(len(lead), -1).reshape(-1, C).contiguous()
     else:
         t = target.reshape(-1).contiguous()
+        if t.dtype == torch.uint8:
+            t = t.long()  # compared with ignore_index (-100) as integers, not bytes
+    if weight is not None:
+        weight = weight.contiguous()
     acc = acc_dtype(input.dtype)
     denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc)
     if chunk_size is None:
@@ -445,7 +494,7 @@ def linear_cross_entropy(
                                         4 * w.numel() if needs_acc else 0)
     chunk_size = max(1, min(chunk_size, M))
 
-    args = (ignore_index, max(float(label_smoothing), 0.0), float(logit_scale),
+    args = (ignore_index, label_smoothing_applied, float(logit_scale),
             float(softcap) if softcap is not None else 0.0, float(z_loss), prob_target, C)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         loss = LinearCrossEntropyFunction.apply(x, w, b, t, weight, scalars, denom, reduction,

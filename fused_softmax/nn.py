@@ -11,18 +11,13 @@ from .cross_entropy import cross_entropy
 from .linear_cross_entropy import LinearCrossEntropyLoss  # noqa: F401
 
 
-class _SoftmaxBase(torch.nn.Module):
-    __constants__ = ["dim"]
-    _fn = None
+class _TemperatureMixin:
+    """The keyword-only ``temperature`` of the softmax modules, on top of torch's module."""
 
-    def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.dim = dim
-        self.temperature = temperature
+    _fn = None
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("dim", None)
         self.__dict__.setdefault("temperature", 1.0)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -33,8 +28,9 @@ class _SoftmaxBase(torch.nn.Module):
         return f"dim={self.dim}{extra}"
 
 
-class Softmax(_SoftmaxBase):
-    """Drop-in for :class:`torch.nn.Softmax` (plus keyword-only ``temperature``).
+class Softmax(_TemperatureMixin, torch.nn.Softmax):
+    """Drop-in for :class:`torch.nn.Softmax` (a subclass of it, plus keyword-only
+    ``temperature``).
 
     Example::
 
@@ -45,15 +41,25 @@ class Softmax(_SoftmaxBase):
 
     _fn = staticmethod(_softmax.softmax)
 
+    def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
+        super().__init__(dim)
+        self.temperature = temperature
 
-class LogSoftmax(_SoftmaxBase):
-    """Drop-in for :class:`torch.nn.LogSoftmax` (plus keyword-only ``temperature``)."""
+
+class LogSoftmax(_TemperatureMixin, torch.nn.LogSoftmax):
+    """Drop-in for :class:`torch.nn.LogSoftmax` (a subclass of it, plus keyword-only
+    ``temperature``)."""
 
     _fn = staticmethod(_softmax.log_softmax)
 
+    def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
+        super().__init__(dim)
+        self.temperature = temperature
 
-class CrossEntropyLoss(torch.nn.Module):
-    """Drop-in for :class:`torch.nn.CrossEntropyLoss`, backed by :func:`fused_softmax.cross_entropy`.
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """Drop-in for :class:`torch.nn.CrossEntropyLoss` (a subclass of it), backed by
+    :func:`fused_softmax.cross_entropy`.
 
     Same constructor and forward as torch's, plus the keyword-only extras of
     :func:`fused_softmax.cross_entropy` (``logit_scale``, ``softcap``, ``z_loss``,
@@ -66,20 +72,12 @@ class CrossEntropyLoss(torch.nn.Module):
         >>> loss = loss_fn(torch.randn(4, 10, requires_grad=True), torch.tensor([1, 0, 9, 3]))
     """
 
-    __constants__ = ["ignore_index", "reduction", "label_smoothing"]
-
     def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None,
                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
                  label_smoothing: float = 0.0, *, logit_scale: float = 1.0,
                  softcap: Optional[float] = None, z_loss: float = 0.0,
                  inplace_backward: bool = False) -> None:
-        super().__init__()
-        if size_average is not None or reduce is not None:
-            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.logit_scale = logit_scale
         self.softcap = softcap
         self.z_loss = z_loss

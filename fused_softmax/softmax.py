@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _backend
-from ._backend import acc_dtype, check_float, split_float, use_triton, wrap_dim
+from ._backend import acc_dtype, check_float, needs_torch_ops, split_float, use_triton, wrap_dim
 
 if _backend.HAS_TRITON:
     import triton
@@ -224,17 +224,18 @@ def _apply(x, dim, mode, inv_t):
 
 # --------------------------------------------------------------------------- public API
 def _legacy_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
-    warnings.warn(
-        f"Implicit dimension choice for {name} has been deprecated. "
-        "Change the call to include dim=X as an argument.",
-        stacklevel=stacklevel,
-    )
+    if not torch.compiler.is_compiling():  # a graph break under torch.compile
+        warnings.warn(
+            f"Implicit dimension choice for {name} has been deprecated. "
+            "Change the call to include dim=X as an argument.",
+            stacklevel=stacklevel,
+        )
     return 0 if ndim in (0, 1, 3) else 1
 
 
 def _inv_temperature(temperature) -> float:
-    t = float(temperature)
-    if not (t > 0.0 and math.isfinite(t)):
+    t = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
+    if not (t > 0.0 and t - t == 0):  # finite (also for torch.compile's symbolic floats)
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return 1.0 / t
 
@@ -244,12 +245,18 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{name}(): argument 'input' must be Tensor, not {type(input).__name__}")
     if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not "
+                            f"{type(dtype).__name__}")
         input = input.to(dtype)
     check_float(name, input)
     if dim is None:
         dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
     dim = wrap_dim(dim, input.dim())
     inv_t = _inv_temperature(temperature)
+    if needs_torch_ops(input):  # torch.func transforms, forward-mode AD
+        torch_fn = torch.softmax if mode == SOFTMAX else torch.log_softmax
+        return torch_fn(input if inv_t == 1.0 else input * inv_t, dim)
     if input.dim() == 0:
         return _apply(input.reshape(1), 0, mode, inv_t).reshape(())
     return _apply(input, dim, mode, inv_t)
@@ -303,7 +310,8 @@ def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int
     return _softmax_like(LOG_SOFTMAX, input, dim, _stacklevel, dtype, temperature)
 
 
-def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False) -> torch.Tensor:
+def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False, *,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""``log(sum(exp(input)))`` over ``dim``, computed stably: :math:`m + \log\sum_j e^{x_j - m}`.
 
     Drop-in for :func:`torch.logsumexp`.
@@ -313,9 +321,11 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
             float dtype, as torch does.
         dim (int or tuple of ints): dimension(s) to reduce.
         keepdim (bool): keep the reduced dimensions with size 1.
+        out (Tensor, optional, keyword-only): written with the result, as torch's ``out=``.
 
     Returns:
-        Tensor in ``input``'s (float) dtype. An all ``-inf`` slice gives ``-inf``, a
+        Tensor in ``input``'s (float) dtype (complex input and ``torch.func`` transforms
+        use ``torch.logsumexp`` itself). An all ``-inf`` slice gives ``-inf``, a
         ``+inf`` gives ``+inf``, an empty slice gives ``-inf``, as torch. The gradient is
         ``softmax(input)`` scaled by the incoming gradient, computed from an fp32 log-sum-exp.
 
@@ -326,11 +336,22 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"logsumexp(): argument 'input' must be Tensor, not {type(input).__name__}")
-    if not (input.is_floating_point() or input.is_complex()):
+    if not isinstance(keepdim, bool):
+        raise TypeError(f"logsumexp(): argument 'keepdim' must be bool, not {type(keepdim).__name__}")
+    if out is not None:  # torch's out= semantics: compute, then resize and copy into out
+        result = logsumexp(input, dim, keepdim)
+        out.resize_(result.shape)
+        return out.copy_(result)
+    if input.is_complex() or needs_torch_ops(input):  # complex: torch's own kernel
+        return torch.logsumexp(input, dim, keepdim)
+    if not input.is_floating_point():
         input = input.to(torch.get_default_dtype())
     check_float("logsumexp", input)
     ndim = input.dim()
-    dims = [dim] if isinstance(dim, int) else list(dim)
+    dims = [dim] if hasattr(type(dim), "__index__") else list(dim)
+    if not dims and not keepdim and ndim > 0:
+        raise RuntimeError(  # torch 2.13 reduces everything but cannot squeeze the result
+            f"output with shape [] doesn't match the broadcast shape {[1] * ndim}")
     dims = [wrap_dim(d, ndim) for d in dims] if dims else list(range(max(ndim, 1)))
     if len(set(dims)) != len(dims):
         raise RuntimeError(f"dim {dims} appears multiple times in the list of dims")

@@ -87,6 +87,12 @@ def cross_entropy_fwd_kernel(
                 w_t = tl.load(WEIGHT + t_safe).to(ACC)
 
         # ---- pass 1: max, sum of exp, and the linear sums the loss needs
+        # The linear sums are taken relative to the row's first logit r0, so that the loss
+        # (lse - z terms) does not cancel when the logits sit far from 0 (1e4 + noise).
+        r0 = 0.0
+        if PROB_TARGET or HAS_SMOOTHING:
+            r0 = finite_or_zero(scaled_logits(tl.load(xrow).to(ACC), logit_scale, softcap,
+                                              HAS_SOFTCAP))
         m = tl.full([], -float("inf"), ACC)
         s_vec = tl.zeros([BLOCK_N], ACC)
         lin_vec = tl.zeros([BLOCK_N], ACC)  # sum(w * z) or sum(w * q' * z)
@@ -107,23 +113,25 @@ def cross_entropy_fwd_kernel(
                 q = tl.load(TARGET + r * st + c, mask=mask, other=0.0).to(ACC)
                 wq = w * (q * (1.0 - smoothing) + eps_c)
                 wq_vec += wq
-                lin_vec += tl.where(mask, wq * z, 0.0)
+                lin_vec += tl.where(mask, wq * (z - r0), 0.0)
             elif HAS_SMOOTHING:
-                lin_vec += tl.where(mask, w * z, 0.0)
+                lin_vec += tl.where(mask, w * (z - r0), 0.0)
         shift = finite_or_zero(m)
         s = tl.sum(s_vec, 0)
         # torch: a +inf logit makes log_softmax NaN (inf - inf), so the loss is NaN too.
         s = tl.where(m == float("inf"), float("nan"), s)
-        lse = shift + tl.log(s)
+        log_s = tl.log(s)
+        lse = shift + log_s
+        lse_r0 = (shift - r0) + log_s  # lse - r0, without the cancellation
 
         if PROB_TARGET:
             coef = tl.sum(wq_vec, 0)
-            loss = coef * lse - tl.sum(lin_vec, 0)
+            loss = coef * lse_r0 - tl.sum(lin_vec, 0)
         else:
-            loss = (1.0 - smoothing) * w_t * (lse - z_t)
+            loss = (1.0 - smoothing) * w_t * ((shift - z_t) + log_s)
             coef = (1.0 - smoothing) * w_t
             if HAS_SMOOTHING:
-                loss += eps_c * (w_sum * lse - tl.sum(lin_vec, 0))
+                loss += eps_c * (w_sum * lse_r0 - tl.sum(lin_vec, 0))
                 coef += eps_c * w_sum
         if HAS_Z_LOSS:
             loss += z_loss * lse * lse

@@ -477,14 +477,16 @@ ERRORS = [
     ("ignore_index with probabilities", lambda x, W, t: lce(x, W, torch.softmax(x @ W.t(), 1), ignore_index=-100),
      RuntimeError, "ignore_index cannot be specified"),
     ("K-dim unbatched", lambda x, W, t: lce(x[0], W[:, None], t[0]), RuntimeError, "requires batched input"),
-    ("target shape", lambda x, W, t: lce(x, W, t[:-1]), RuntimeError, "Expected target size"),
+    ("target shape", lambda x, W, t: lce(x, W, t[:-1]), ValueError, "to match target batch_size"),
     ("target dtype", lambda x, W, t: lce(x, W, t.float()), RuntimeError, "expected target dtype"),
     ("reduction", lambda x, W, t: lce(x, W, t, reduction="avg"), ValueError, "not a valid value"),
     ("label smoothing", lambda x, W, t: lce(x, W, t, label_smoothing=1.5), RuntimeError, "label_smoothing"),
     ("class weight shape", lambda x, W, t: lce(x, W, t, weight=torch.ones(3, device=x.device)), RuntimeError,
      "weight tensor should be defined"),
     ("chunk size", lambda x, W, t: lce(x, W, t, chunk_size=0), ValueError, "chunk_size"),
-    ("integer input", lambda x, W, t: lce(x.long(), W, t), NotImplementedError, "not implemented"),
+    ("integer input", lambda x, W, t: lce(x.long(), W, t), RuntimeError, "same dtype"),
+    ("integer input and weight", lambda x, W, t: lce(x.long(), W.long(), t), NotImplementedError,
+     "not implemented"),
 ]
 
 

@@ -8,7 +8,8 @@ importable — it records:
 * ``ms``: the median time of :func:`triton.testing.do_bench`, which flushes L2 before
   every repetition;
 * ``GB/s``: the bytes a perfect kernel must move (``Case.bytes_moved``) over that time,
-  and that as a percentage of the device-to-device copy bandwidth measured in the same run;
+  and that as a percentage of the device-to-device copy bandwidth measured in the same run
+  (``TFLOP/s`` instead for linear_cross_entropy, which matmuls bound: ``Case.flops``);
 * ``peak MB``: ``torch.cuda.max_memory_allocated`` during one call, beyond what was
   allocated before it (the inputs): outputs, saved tensors and temporaries;
 * ``max|Δ| vs ours``: the largest absolute difference between the provider's outputs
@@ -56,8 +57,13 @@ class Unavailable(Exception):
 
 
 # --------------------------------------------------------------------------- providers
+def _torch_linear_cross_entropy(x, weight, target):
+    return F.cross_entropy(F.linear(x, weight), target)
+
+
 _TORCH_FNS = dict(softmax=torch.softmax, log_softmax=torch.log_softmax,
-                  logsumexp=torch.logsumexp, cross_entropy=F.cross_entropy)
+                  logsumexp=torch.logsumexp, cross_entropy=F.cross_entropy,
+                  linear_cross_entropy=_torch_linear_cross_entropy)
 
 
 def _forward(case: Case, fns: dict) -> Callable:
@@ -65,6 +71,9 @@ def _forward(case: Case, fns: dict) -> Callable:
     if case.op == "cross_entropy":
         ce = fns["cross_entropy"]
         return lambda x, target: ce(x, target)
+    if case.op == "linear_cross_entropy":
+        lce = fns["linear_cross_entropy"]
+        return lambda x, weight, target: lce(x, weight, target)
     fn, dim = fns[case.op], case.dim
     return lambda x: fn(x, dim)
 
@@ -97,10 +106,15 @@ def _liger_forward(case: Case) -> Callable:
             from liger_kernel.ops.softmax import LigerSoftmaxFunction
         elif case.op == "cross_entropy":
             from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+        elif case.op == "linear_cross_entropy":
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         else:
             raise Unavailable(f"Liger-Kernel has no {case.op} op")
     except ImportError as e:
         raise Unavailable(f"liger_kernel not importable ({e})") from None
+    if case.op == "linear_cross_entropy":
+        loss_fn = LigerFusedLinearCrossEntropyLoss()  # its own defaults: bf16 grad_W accumulation
+        return lambda x, weight, target: loss_fn(weight, x, target)
     if case.op == "softmax":
         _last_dim_2d(case, "Liger-Kernel softmax")
         return LigerSoftmaxFunction.apply
@@ -168,6 +182,18 @@ def build(case: Case, provider: str, inputs: Dict[str, torch.Tensor]) -> Callabl
     forward = _FORWARDS[provider](case)
     x = inputs["x"]
     args = (inputs["target"],) if case.op == "cross_entropy" else ()
+    if case.op == "linear_cross_entropy":
+        w, t = inputs["weight"], inputs["target"]
+        if case.mode == "fwd":
+            return lambda: (forward(x, w, t),)
+        x_leaf, w_leaf = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+        def lce_step():
+            out = forward(x_leaf, w_leaf, t)
+            dx, dw = torch.autograd.grad(out, (x_leaf, w_leaf))
+            return out.detach(), dx, dw
+
+        return lce_step
     if case.mode == "fwd":
         return lambda: (forward(x, *args),)
     if provider == "liger" and case.op == "cross_entropy":
@@ -237,7 +263,8 @@ def bench_case(case: Case, providers: Sequence[str], copy_gbps: float,
         progress.step(f"{case.name} · {provider}")
         row = {"case": case.name, "op": case.op, "mode": case.mode, "dtype": case.dtype,
                "shape": list(case.shape), "dim": case.dim, "provider": provider,
-               "bytes": nbytes, "status": "ok", "ms": None, "gbps": None,
+               "bytes": nbytes, "flops": case.flops(), "tflops": None,
+               "status": "ok", "ms": None, "gbps": None,
                "pct_of_copy": None, "peak_extra_mb": None, "max_abs_diff_vs_ours": None,
                "note": ""}
         if provider == "liger" and case.op == "cross_entropy" and case.mode == "fwd+bwd":
@@ -253,6 +280,8 @@ def bench_case(case: Case, providers: Sequence[str], copy_gbps: float,
             row["peak_extra_mb"] = _peak_extra_bytes(step) / 2**20
             ms = do_bench(step, warmup=warmup, rep=rep, return_mode="median")
             row.update(ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9)
+            if row["flops"]:
+                row["tflops"] = row["flops"] / (ms * 1e-3) / 1e12
             row["pct_of_copy"] = 100.0 * row["gbps"] / copy_gbps
         except Unavailable as e:
             row.update(status="n/a", note=str(e))
@@ -302,22 +331,28 @@ def _fmt(v, spec: str) -> str:
 def format_case(rows: List[dict]) -> str:
     """The table of one case: a line per provider."""
     first = rows[0]
-    lines = [f"{first['case']}  ({first['bytes'] / 1e9:.2f} GB to move)",
-             f"  {'provider':<15}{'ms':>9}{'GB/s':>8}{'%copy':>8}{'peak MB':>10}  max|Δ| vs ours"]
+    if first.get("flops"):  # matmul-bound: TFLOP/s, not bandwidth
+        lines = [f"{first['case']}  ({first['flops'] / 1e12:.1f} TFLOP of matmuls)",
+                 f"  {'provider':<15}{'ms':>9}{'TFLOP/s':>8}{'':>8}{'peak MB':>10}  max|Δ| vs ours"]
+    else:
+        lines = [f"{first['case']}  ({first['bytes'] / 1e9:.2f} GB to move)",
+                 f"  {'provider':<15}{'ms':>9}{'GB/s':>8}{'%copy':>8}{'peak MB':>10}  max|Δ| vs ours"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"  {r['provider']:<15}{r['status']}: {r['note']}")
             continue
+        rate = (_fmt(r.get("tflops"), "8.0f") + " " * 8) if r.get("flops") else (
+            _fmt(r["gbps"], "8.0f") + _fmt(r["pct_of_copy"], "7.1f") + "%")
         lines.append(
-            f"  {r['provider']:<15}{_fmt(r['ms'], '9.3f')}{_fmt(r['gbps'], '8.0f')}"
-            f"{_fmt(r['pct_of_copy'], '7.1f')}%{_fmt(r['peak_extra_mb'], '10.0f')}  "
+            f"  {r['provider']:<15}{_fmt(r['ms'], '9.3f')}{rate}"
+            f"{_fmt(r['peak_extra_mb'], '10.0f')}  "
             f"{_fmt(r['max_abs_diff_vs_ours'], '.2e')}{'  (' + r['note'] + ')' if r['note'] else ''}")
     return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
-    """Bar charts of GB/s per provider, one panel per (op, mode, dtype), copy bandwidth
-    as a dashed line."""
+    """Bar charts of GB/s per provider (TFLOP/s for linear_cross_entropy), one panel per
+    (op, mode, dtype), copy bandwidth as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,19 +367,21 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.6 * nrows), squeeze=False)
     for ax, ((op, mode, dtype), rows) in zip(axes.flat, groups.items()):
         labels = list(dict.fromkeys(r["case"] for r in rows))
+        rate = "tflops" if rows[0].get("flops") else "gbps"  # matmul-bound cases: TFLOP/s
         width = 0.8 / len(providers)
         for k, p in enumerate(providers):
             ys = []
             for label in labels:
                 hit = [r for r in rows if r["case"] == label and r["provider"] == p]
-                ys.append((hit[0]["gbps"] or 0.0) if hit else 0.0)
+                ys.append((hit[0][rate] or 0.0) if hit else 0.0)
             ax.bar([i + k * width for i in range(len(labels))], ys, width, label=p)
-        ax.axhline(result["copy_gbps"], color="black", linestyle="--", linewidth=1)
+        if rate == "gbps":
+            ax.axhline(result["copy_gbps"], color="black", linestyle="--", linewidth=1)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
         ax.set_xticklabels([lbl.split(" ", 3)[3] for lbl in labels], rotation=30,
                            ha="right", fontsize=7)
         ax.set_title(f"{op} {mode} {dtype}", fontsize=10)
-        ax.set_ylabel("effective GB/s")
+        ax.set_ylabel("TFLOP/s" if rate == "tflops" else "effective GB/s")
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -370,6 +407,8 @@ examples:
       the headline cases (bf16), every available provider
   python -m fused_softmax bench --op softmax --dtype bf16 --json bench/results/softmax-bf16.json --plot bench/results/softmax-bf16.png
   python -m fused_softmax bench --op cross_entropy --providers fused_softmax,torch.compile,liger
+  python -m fused_softmax bench --op linear_cross_entropy --mode fwd+bwd
+      the LM-head loss (8192 tokens, hidden 4096, V = 128256 / 256000): TFLOP/s and memory
   python -m fused_softmax bench --mode fwd+bwd --rep 200
 
 Needs a CUDA GPU; on a machine without one it exits with status 1.

@@ -14,7 +14,10 @@ The standard table, for each of bf16, fp16 and fp32:
 * softmax forward along a non-last dimension: dim 0 of ``32768 × 8192`` and dim 1 of
   ``64 × 4096 × 1024``;
 * cross-entropy over ``8192 × V`` logits for ``V = 32000, 128256, 256000`` (Llama-2,
-  Llama-3 and Gemma vocabularies), forward and forward + backward.
+  Llama-3 and Gemma vocabularies), forward and forward + backward;
+* linear + cross-entropy (the LM-head loss) for ``8192`` tokens of hidden size ``4096``
+  and ``V = 128256, 256000``, bf16 only (the training dtype), forward and forward +
+  backward: shape ``(tokens, hidden, V)``; a matmul-bound op, so its cases also count flops.
 
 ``quick`` cases are the headline subset, bf16 only: the rows of the design notes' table.
 """
@@ -27,7 +30,7 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-OPS = ("softmax", "log_softmax", "logsumexp", "cross_entropy")
+OPS = ("softmax", "log_softmax", "logsumexp", "cross_entropy", "linear_cross_entropy")
 MODES = ("fwd", "fwd+bwd")
 DTYPES: Dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -42,6 +45,7 @@ HEADLINE_SHAPE = (8192, 32768)
 NON_LAST_DIM = (((32768, 8192), 0), ((64, 4096, 1024), 1))
 CE_ROWS = 8192
 CE_VOCABS = (32000, 128256, 256000)
+LCE_SHAPES = ((8192, 4096, 128256), (8192, 4096, 256000))
 #: Bytes of one class-index target (int64).
 TARGET_BYTES = 8
 
@@ -66,6 +70,8 @@ class Case:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {tuple(DTYPES)}")
         if self.op == "cross_entropy" and (len(self.shape) != 2 or self.dim != -1):
             raise ValueError("cross_entropy cases are (rows, vocabulary) logits over the last dim")
+        if self.op == "linear_cross_entropy" and (len(self.shape) != 3 or self.dim != -1):
+            raise ValueError("linear_cross_entropy cases are (tokens, hidden, vocabulary)")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -90,7 +96,18 @@ class Case:
     @property
     def rows(self) -> int:
         """Number of independent reductions (slices along ``dim``)."""
+        if self.op == "linear_cross_entropy":
+            return self.shape[0]
         return self.numel // self.shape[self.dim]
+
+    def flops(self) -> int:
+        """Matmul flops a perfect implementation must do: 0 for the reductions; for
+        linear_cross_entropy ``2·M·H·V`` for the logits, and as much again for each of the
+        input and weight gradients in ``fwd+bwd``."""
+        if self.op != "linear_cross_entropy":
+            return 0
+        M, H, V = self.shape
+        return 2 * M * H * V * (1 if self.mode == "fwd" else 3)
 
     def bytes_moved(self) -> int:
         """Bytes a perfect implementation must move: inputs read once, outputs written once.
@@ -102,8 +119,13 @@ class Case:
         * cross_entropy (class-index targets, mean reduction): forward reads the logits and
           the targets; forward + backward, fused, reads the logits once and writes their
           gradient once, plus the targets. The scalar loss is not counted.
+        * linear_cross_entropy: the hidden states and the head's weight (and their
+          gradients), plus the targets; the logits need not touch memory at all.
         """
         e = torch.empty((), dtype=self.torch_dtype).element_size()
+        if self.op == "linear_cross_entropy":  # read x and W (and write their gradients)
+            M, H, V = self.shape
+            return (M * H + V * H) * e * (1 if self.mode == "fwd" else 2) + M * TARGET_BYTES
         full = self.numel * e
         per_row = self.rows * e
         if self.op in ("softmax", "log_softmax"):
@@ -117,6 +139,12 @@ class Case:
         """Inputs on ``device``: ``x`` (logits, N(0, 1)), and ``target`` (cross-entropy) or
         ``dy`` (the incoming gradient of a softmax-like op in ``fwd+bwd`` mode)."""
         g = torch.Generator(device=device).manual_seed(seed)
+        if self.op == "linear_cross_entropy":
+            M, H, V = self.shape
+            x = torch.randn((M, H), device=device, generator=g).to(self.torch_dtype)
+            w = (torch.randn((V, H), device=device, generator=g) * H ** -0.5).to(self.torch_dtype)
+            target = torch.randint(0, V, (M,), device=device, generator=g)
+            return {"x": x, "weight": w, "target": target}
         x = torch.randn(self.shape, dtype=self.torch_dtype, device=device, generator=g)
         inputs = {"x": x}
         if self.op == "cross_entropy":
@@ -147,6 +175,10 @@ def _standard_cases() -> Tuple[Case, ...]:
             for mode in MODES:
                 cases.append(Case("cross_entropy", mode, dtype, (CE_ROWS, vocab),
                                   quick=headline and vocab == 128256))
+    for shape in LCE_SHAPES:
+        for mode in MODES:
+            cases.append(Case("linear_cross_entropy", mode, "bf16", shape,
+                              quick=mode == "fwd+bwd" and shape[2] == 128256))
     return tuple(cases)
 
 

@@ -147,14 +147,17 @@ def test_bench_rejects_unknown_filters(capsys):
 
 
 @pytest.mark.parametrize("op,mode", [("softmax", "fwd+bwd"), ("logsumexp", "fwd+bwd"),
-                                     ("cross_entropy", "fwd+bwd"), ("log_softmax", "fwd")])
+                                     ("cross_entropy", "fwd+bwd"), ("log_softmax", "fwd"),
+                                     ("linear_cross_entropy", "fwd+bwd"),
+                                     ("linear_cross_entropy", "fwd")])
 def test_bench_steps_agree_with_torch(op, mode, device):
-    """The benchmark's step for ours computes what torch's does (forward and gradient)."""
-    case = cases.Case(op, mode, "fp32", (4, 64))
+    """The benchmark's step for ours computes what torch's does (forward and gradients)."""
+    case = cases.Case(op, mode, "fp32", (4, 16, 64) if op == "linear_cross_entropy" else (4, 64))
     inputs = case.make_inputs(device)
     ours = bench.build(case, "fused_softmax", inputs)()
     ref = bench.build(case, "torch", inputs)()
-    assert len(ours) == (2 if mode == "fwd+bwd" else 1)
+    n_grads = 2 if op == "linear_cross_entropy" else 1
+    assert len(ours) == (1 + n_grads if mode == "fwd+bwd" else 1)
     assert bench.max_abs_diff(ours, ref) < 1e-5
 
 
@@ -189,6 +192,8 @@ def test_case_table_matches_the_standard_cases():
     assert ce == {((8192, v), m) for v in (32000, 128256, 256000) for m in ("fwd", "fwd+bwd")}
     non_last = {(c.shape, c.dim) for c in cases.CASES if c.dim != -1}
     assert non_last == {((32768, 8192), 0), ((64, 4096, 1024), 1)}
+    lce = {(c.shape, c.mode, c.dtype) for c in cases.CASES if c.op == "linear_cross_entropy"}
+    assert lce == {((8192, 4096, v), m, "bf16") for v in (128256, 256000) for m in ("fwd", "fwd+bwd")}
     assert len({c.id for c in cases.CASES}) == len(cases.CASES)
 
 
@@ -212,6 +217,11 @@ def test_bytes_moved():
     assert cases.Case("logsumexp", "fwd", "fp32", (8, 16)).bytes_moved() == 8 * 16 * 4 + 8 * 4
     ce = cases.Case("cross_entropy", "fwd+bwd", "bf16", (8192, 128256))
     assert ce.bytes_moved() == 2 * 8192 * 128256 * e2 + 8192 * 8
+    assert ce.flops() == 0
+    lce = cases.Case("linear_cross_entropy", "fwd+bwd", "bf16", (8192, 4096, 128256))
+    assert lce.flops() == 3 * 2 * 8192 * 4096 * 128256
+    assert lce.bytes_moved() == 2 * (8192 + 128256) * 4096 * e2 + 8192 * 8
+    assert cases.Case("linear_cross_entropy", "fwd", "bf16", (8, 4, 16)).flops() == 2 * 8 * 4 * 16
 
 
 def test_pytest_benchmark_suite_uses_the_same_table():
@@ -225,3 +235,13 @@ def test_pytest_benchmark_suite_uses_the_same_table():
     expected = {f"test_bench[{c.id}-{p}]" for c in cases.select(["cross_entropy"])
                 for p in ("fused_softmax", "torch")}
     assert collected == expected
+
+
+def test_format_case_reports_tflops_for_matmul_bound_cases():
+    row = dict(case="linear_cross_entropy fwd+bwd bf16 8192x4096x128256", provider="fused_softmax",
+               status="ok", ms=38.5, gbps=1.0, pct_of_copy=0.1, tflops=671.3, peak_extra_mb=2004.0,
+               max_abs_diff_vs_ours=None, note="", bytes=10**9, flops=25.8e12)
+    text = bench.format_case([row])
+    assert "TFLOP/s" in text and "GB/s" not in text and "671" in text and "25.8 TFLOP" in text
+    plain = dict(row, case="softmax fwd bf16 8192x32768", flops=0, tflops=None, gbps=3150.0)
+    assert "GB/s" in bench.format_case([plain]) and "3150" in bench.format_case([plain])

@@ -258,8 +258,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         if reduction == "sum":
             loss = loss.sum()
         elif reduction == "mean":
-            loss = loss.sum() / denom
+            loss = mean_of(loss, denom)
         ctx.mark_non_differentiable(lse)
+        # 'none': an ignored row's gradient is 0 whatever its grad_output (NaN, inf).
+        ctx.ignored = (target == args[0]) if reduction == "none" and not args[-1] else None
         if compute_grad or target_grad:
             # The gradient is kept outside save_for_backward: the first backward rescales
             # it in place and hands it on; a later backward through the same graph
@@ -277,6 +279,8 @@ class CrossEntropyFunction(torch.autograd.Function):
                 "(create_graph=True): its gradient comes from a fused kernel. Use "
                 "torch.nn.functional.cross_entropy where second derivatives are needed.")
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
+        if ctx.ignored is not None:
+            dscale = dscale.masked_fill(ctx.ignored, 0.0)
         grad_x = grad_target = None
         if ctx.needs_input_grad[0]:
             grad_x, ctx.fused_grad = ctx.fused_grad, None
@@ -299,6 +303,12 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- public API
+def mean_of(loss: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """``sum(loss) / denom``, NaN when ``denom`` is 0 (torch's 0 / 0 for a batch whose
+    target weights sum to 0, even when label smoothing made the sum non-zero)."""
+    return torch.where(denom == 0, math.nan, loss.sum() / denom)
+
+
 def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc):
     """The mean's denominator and ``scalars = [grad_scale, sum(weight)]`` as device values, so
     nothing downstream needs the host: the gradient scale is 1/denominator for a mean."""

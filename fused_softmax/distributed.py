@@ -34,7 +34,7 @@ import torch.distributed as dist
 from . import _backend
 from ._backend import acc_dtype, check_float, split_float, use_triton
 from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _is_finite, _target_dtype_error, _type_name,
-                            check_ignore_index, smoothing_value)
+                            check_ignore_index, mean_of, smoothing_value)
 
 if _backend.HAS_TRITON:
     from .cross_entropy import _block_and_grid
@@ -225,7 +225,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         if reduction == "sum":
             out = loss.sum()
         elif reduction == "mean":
-            out = loss.sum() / denom
+            out = mean_of(loss, denom)
         else:
             out = loss
 

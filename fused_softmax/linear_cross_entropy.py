@@ -56,7 +56,7 @@ import torch
 
 from ._backend import acc_dtype, check_float, needs_torch_ops
 from .cross_entropy import (_check_args, _prob_target_grads, _reduction_scalars,
-                            check_ignore_index, smoothing_value)
+                            check_ignore_index, mean_of, smoothing_value)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -235,7 +235,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "sum":
             loss = loss.sum()
         elif reduction == "mean":
-            loss = loss.sum() / denom
+            loss = mean_of(loss, denom)
         if need_x or need_w or need_b or need_t or need_cw:
             # Kept outside save_for_backward: the first backward rescales them in place and
             # hands them on; a later backward (retain_graph) recomputes them.
@@ -264,6 +264,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                         torch.ops.fused_softmax.cross_entropy_bwd_(g, dloss)
             else:
                 row_scale = dloss.reshape(-1) if dloss.dim() else dloss.expand(target.shape[0])
+                if not ctx.args[5]:  # an ignored row's gradient is 0 whatever its grad_output
+                    row_scale = row_scale.masked_fill(target == ctx.args[0], 0.0)
                 _, _, gx, gw, gb = torch.ops.fused_softmax.linear_cross_entropy_fwd(
                     x, w, b, target, weight, scalars, row_scale, *ctx.args, ctx.chunk_size,
                     need_x, need_w, need_b)
@@ -308,8 +310,9 @@ def _check_linear_args(input, linear_weight, target, linear_bias):
     """torch's checks of ``linear_cross_entropy``'s own arguments (the cross-entropy ones
     are ``cross_entropy``'s). Returns ``(lead, C, out_features, prob_target)``."""
     for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"linear_cross_entropy(): {name} must be a Tensor, got {type(t).__name__}")
+        if not isinstance(t, torch.Tensor):  # torch reads input.dim(): an AttributeError
+            raise AttributeError(f"'{type(t).__name__}' object has no attribute 'dim' "
+                                 f"(linear_cross_entropy(): {name} must be a Tensor)")
     if input.dtype != linear_weight.dtype and not _autocast_on(input.device.type):
         raise RuntimeError(  # torch's matmul error, which comes before any dtype support check
             f"expected m1 and m2 to have the same dtype, but got: {input.dtype} != "
@@ -372,6 +375,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
+    options=None,
 ) -> torch.Tensor:
     r"""Cross-entropy of a linear projection, ``cross_entropy(linear(input, linear_weight,
     linear_bias), target, ...)``, computed chunk by chunk without holding the logits.
@@ -408,6 +412,8 @@ def linear_cross_entropy(
             largest power of two whose logits fit in that accumulator's size or 64 MiB,
             whichever is larger (256 rows at C = 128256 in bf16 for a frozen head). Larger
             chunks are faster and take more memory.
+        options: accepted for torch's signature (its ``LinearCrossEntropyOptions`` tune
+            torch's own chunked path) and ignored: here ``chunk_size`` sizes the chunks.
 
     Returns:
         The loss: a scalar, or of the target's index shape for ``reduction='none'``; in
@@ -512,9 +518,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     Owns the projection as ``self.linear`` (an :class:`torch.nn.Linear` with
     ``num_classes * prod(out_features)`` outputs, flat as torch stores it) and the class
     ``weight`` as a buffer, so its ``state_dict`` loads into torch's module and back. Same
-    constructor as torch's except ``options`` (the chunking is always on here; size it with
-    ``chunk_size``), plus the keyword-only extras ``logit_scale``, ``softcap``, ``z_loss``
-    and ``chunk_size``.
+    constructor as torch's (``options`` is kept and ignored: the chunking is always on
+    here; size it with ``chunk_size``), plus the keyword-only extras ``logit_scale``,
+    ``softcap``, ``z_loss`` and ``chunk_size``.
 
     Example::
 
@@ -530,7 +536,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  weight: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
                  label_smoothing: float = 0.0, logit_scale: float = 1.0,
                  softcap: Optional[float] = None, z_loss: float = 0.0,
-                 chunk_size: Optional[int] = None) -> None:
+                 chunk_size: Optional[int] = None, options=None) -> None:
         if weight is not None and weight.shape != (num_classes,):
             raise RuntimeError(
                 f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
@@ -540,7 +546,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
-        self.out_features = tuple(out_features)
+        self.out_features = out_features  # as given (torch keeps a list a list)
+        self.options = options
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
@@ -548,7 +555,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.softcap = softcap
         self.z_loss = z_loss
         self.chunk_size = chunk_size
-        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes),
+        self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes),
                                       bias=bias, device=device, dtype=dtype)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -559,7 +566,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             linear_bias=bias, weight=self.weight, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             logit_scale=self.logit_scale, softcap=self.softcap, z_loss=self.z_loss,
-            chunk_size=self.chunk_size)
+            chunk_size=self.chunk_size, options=self.options)
 
     def extra_repr(self) -> str:
         extras = "".join(f", {k}={getattr(self, k)}" for k, default in (
@@ -568,4 +575,4 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
                 f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
                 f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}{extras}")
+                f"label_smoothing={self.label_smoothing}, options={self.options}{extras}")

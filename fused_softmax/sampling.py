@@ -242,6 +242,8 @@ def sample(
         raise ValueError(f"sample(): logits of shape {tuple(logits.shape)} have no vocabulary "
                          "dimension to sample from")
     vocab = logits.shape[-1]
+    if temperature is None:
+        raise TypeError("sample(): temperature must be a number or a tensor, not None")
     f32_max = torch.finfo(torch.float32).max
     specs = dict(  # name: (value, dtype, (low, low excluded, high), in words, clamp on CUDA)
         temperature=(temperature, torch.float32, (0.0, False, f32_max), "a finite number >= 0",

@@ -242,8 +242,9 @@ def _inv_temperature(temperature) -> float:
 
 def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     name = _NAMES[mode]
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if not isinstance(input, torch.Tensor):  # torch calls input.softmax(...): AttributeError
+        raise AttributeError(f"'{type(input).__name__}' object has no attribute '{name}' "
+                             f"({name}() takes a Tensor)")
     if dtype is not None:
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not "

@@ -259,3 +259,48 @@ def test_sample_compiles_fullgraph(device):
     g = torch.compile(lambda a, t: fs.sample(a, temperature=t), fullgraph=True)
     ids = g(x, torch.tensor([0.5, 0.0, 1.0], device=device))
     assert int(ids[1]) == int(x[1].argmax())
+
+
+def test_ignored_row_gradient_is_zero_whatever_grad_output(device):
+    """reduction='none': a NaN or inf grad_output on an ignored row leaves its gradient 0
+    (torch's too: nll_loss never reads it)."""
+    t = torch.tensor([-100, 1], device=device)
+    up = torch.tensor([math.nan, 1.0], device=device)
+    x = torch.zeros(2, 3, device=device, requires_grad=True)
+    fs.cross_entropy(x, t, reduction="none").backward(up)
+    x2 = torch.zeros(2, 3, device=device, requires_grad=True)
+    F.cross_entropy(x2, t, reduction="none").backward(up)
+    torch.testing.assert_close(x.grad, x2.grad)
+    h = torch.randn(2, 4, device=device, requires_grad=True)
+    W = torch.randn(3, 4, device=device, requires_grad=True)
+    fs.linear_cross_entropy(h, W, t, reduction="none").backward(up)
+    h2, W2 = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+    F.cross_entropy(F.linear(h2, W2), t, reduction="none").backward(up)
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(W.grad, W2.grad)
+
+
+def test_mean_over_zero_total_weight_is_nan(device):
+    x = torch.zeros(2, 3, device=device)
+    t = torch.tensor([0, 1], device=device)
+    w = torch.tensor([0.0, 0.0, 1.0], device=device)
+    for smoothing in (0.0, 0.2):
+        assert torch.isnan(F.cross_entropy(x, t, weight=w, label_smoothing=smoothing))
+        assert torch.isnan(fs.cross_entropy(x, t, weight=w, label_smoothing=smoothing))
+        assert torch.isnan(fs.linear_cross_entropy(torch.zeros(2, 4, device=device),
+                                                   torch.zeros(3, 4, device=device), t,
+                                                   weight=w, label_smoothing=smoothing))
+
+
+def test_sample_temperature_none_is_a_type_error(device):
+    with pytest.raises(TypeError, match="temperature"):
+        fs.sample(torch.randn(10, device=device), temperature=None)
+
+
+def test_linear_cross_entropy_takes_torchs_options_argument(device):
+    x, W = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
+    t = torch.tensor([0, 4, 2], device=device)
+    torch.testing.assert_close(fs.linear_cross_entropy(x, W, t, options=None),
+                               F.cross_entropy(F.linear(x, W), t))
+    m = fs.nn.LinearCrossEntropyLoss(4, 5, out_features=[2])
+    assert m.out_features == [2] and m.options is None and "options=None" in repr(m)

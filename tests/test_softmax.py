@@ -749,12 +749,15 @@ def test_bad_temperature_raises_valueerror(name, temperature, device):
             -1, temperature=temperature)(x)
 
 
-def test_non_tensor_input_raises_typeerror():
-    for fn in (fs.softmax, fs.log_softmax):
-        with pytest.raises(TypeError):
-            fn([1.0, 2.0], 0)
-    with pytest.raises(TypeError):
-        fs.logsumexp([1.0, 2.0], 0)
+def test_non_tensor_input_raises_like_torch():
+    """torch: F.softmax / F.log_softmax call ``input.softmax``, so a list gives an
+    AttributeError; torch.logsumexp's argument parser gives a TypeError."""
+    for ours, theirs in ((fs.softmax, F.softmax), (fs.log_softmax, F.log_softmax),
+                         (fs.logsumexp, torch.logsumexp)):
+        with pytest.raises(Exception) as e_theirs:
+            theirs([1.0, 2.0], 0)
+        with pytest.raises(e_theirs.type):
+            ours([1.0, 2.0], 0)
 
 
 def test_temperature_is_keyword_only():

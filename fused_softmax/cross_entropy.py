@@ -237,6 +237,52 @@ def _prob_target_grads(x, target, weight, scalars, lse, dscale, args):
     return grad_target, grad_weight
 
 
+def torch_cross_entropy(input, target, weight, ignore_index: int, reduction: str,
+                        label_smoothing: float) -> torch.Tensor:
+    """torch's own cross-entropy (the ATen op behind ``F.cross_entropy``), called directly so
+    that ``fused_softmax.patch()`` can never route it back here."""
+    return torch._C._nn.cross_entropy_loss(input, target, weight,
+                                           torch.nn._reduction.get_enum(reduction),
+                                           ignore_index, label_smoothing)
+
+
+def _loss_rows(x, target, weight, args):
+    """Per-row losses of ``(rows, C)`` logits with differentiable torch ops: the forward's
+    formula (torch's cross-entropy of the scaled / capped logits, plus the z-loss)."""
+    ignore_index, eps, logit_scale, softcap, z_loss, prob_target = args
+    z = x * logit_scale if logit_scale != 1.0 else x
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    rows = torch_cross_entropy(z, target, weight, ignore_index, "none", eps)
+    if z_loss:
+        lse = torch.logsumexp(z, -1)
+        if not prob_target:
+            lse = torch.where(target == ignore_index, 0.0, lse)
+        rows = rows + z_loss * lse * lse
+    return rows
+
+
+def _differentiable_backward(ctx, dscale):
+    """``create_graph=True`` (double backward, gradient penalties, Hessians): the gradient
+    recomputed from the saved logits with torch ops, so that it is itself differentiable."""
+    if ctx.inplace:
+        raise RuntimeError(
+            "fused_softmax.cross_entropy(inplace_backward=True): the logits were overwritten "
+            "by the gradient, so no gradient of the gradient can be formed")
+    ctx.fused_grad = None
+    x, target, weight, scalars, _ = ctx.saved_tensors
+    wanted = [(i, t) for i, t in enumerate((x, target, weight)) if ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        rows = _loss_rows(x, target, weight, ctx.args)
+        total = (rows * (dscale * scalars[0]).to(rows.dtype)).sum()
+        grads = torch.autograd.grad(total, [t for _, t in wanted], create_graph=True,
+                                    allow_unused=True)
+    out = [None] * 9
+    for (i, t), g in zip(wanted, grads):
+        out[i] = torch.zeros_like(t) if g is None else g
+    return tuple(out)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused forward (loss + gradient), backward = in-place rescale of that gradient."""
 
@@ -260,8 +306,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         elif reduction == "mean":
             loss = mean_of(loss, denom)
         ctx.mark_non_differentiable(lse)
-        # 'none': an ignored row's gradient is 0 whatever its grad_output (NaN, inf).
-        ctx.ignored = (target == args[0]) if reduction == "none" and not args[-1] else None
+        # An ignored row's gradient is 0 whatever grad_output holds (NaN, inf), as torch's.
+        ctx.ignored = (target == args[0]) if not args[-1] else None
         if compute_grad or target_grad:
             # The gradient is kept outside save_for_backward: the first backward rescales
             # it in place and hands it on; a later backward through the same graph
@@ -273,14 +319,11 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss, dlse):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fused_softmax.cross_entropy does not support double backward "
-                "(create_graph=True): its gradient comes from a fused kernel. Use "
-                "torch.nn.functional.cross_entropy where second derivatives are needed.")
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
-        if ctx.ignored is not None:
-            dscale = dscale.masked_fill(ctx.ignored, 0.0)
+        if ctx.ignored is not None:  # a per-row scale, 0 on ignored rows
+            dscale = dscale.expand(ctx.ignored.shape).masked_fill(ctx.ignored, 0.0)
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, dscale)
         grad_x = grad_target = None
         if ctx.needs_input_grad[0]:
             grad_x, ctx.fused_grad = ctx.fused_grad, None
@@ -405,7 +448,8 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             if input.dim() > 2 and target.dtype == torch.uint8:
                 raise RuntimeError("expected scalar type Long but found Byte")
     if weight is not None:
-        if weight.dim() != 1 or weight.numel() != C:
+        # torch's nll_loss takes any weight of C elements for (N, C, d...) inputs
+        if weight.numel() != C or (weight.dim() != 1 and input.dim() <= 2):
             raise RuntimeError(
                 f"weight tensor should be defined either for all {C} classes or no classes "
                 f"but got weight tensor of shape: {list(weight.shape)}")
@@ -484,6 +528,9 @@ def cross_entropy(
         The loss in ``input``'s dtype: a scalar, or ``target``'s shape for
         ``reduction='none'``; ``(loss, lse)`` when ``return_lse``.
 
+    Gradients come from the fused kernel; with ``create_graph=True`` (double backward) they
+    are recomputed with torch ops from the saved logits, so second derivatives are exact.
+
     Out-of-range targets: on CPU an ``IndexError`` naming the value, as torch. On CUDA the
     kernel never uses such a target as an address; that row's loss and gradient are NaN
     (so a mean loss is NaN), with no host synchronisation to find out.
@@ -502,8 +549,8 @@ def cross_entropy(
     ignore_index = operator.index(ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
     if C == 0:  # nothing to fuse: torch's own answers (zeros, NaN, or its IndexError)
-        loss = torch.nn.functional.cross_entropy(input, target, weight, None, ignore_index,
-                                                 None, reduction, label_smoothing)
+        loss = torch_cross_entropy(input, target, weight, ignore_index, reduction,
+                                   label_smoothing)
         if return_lse:
             lead = (input.shape[:1] + input.shape[2:]) if prob_target else target.shape
             return loss, torch.full(lead, -math.inf, dtype=acc_dtype(input.dtype),
@@ -517,12 +564,11 @@ def cross_entropy(
         z = input if logit_scale == 1.0 else input * logit_scale
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
-        return torch.nn.functional.cross_entropy(z, target, weight, None, ignore_index, None,
-                                                 reduction, label_smoothing)
+        return torch_cross_entropy(z, target, weight, ignore_index, reduction, label_smoothing)
     if not prob_target and target.dtype == torch.uint8:
         target = target.long()  # compared with ignore_index (-100) as integers, not bytes
     if weight is not None:
-        weight = weight.contiguous()  # the kernel reads weight[c] at unit stride
+        weight = weight.reshape(-1).contiguous()  # the kernel reads weight[c] at unit stride
     out_dtype = input.dtype
     if prob_target:  # torch computes -(log_softmax(input) * target * weight): promotes
         out_dtype = torch.promote_types(out_dtype, target.dtype)

@@ -181,7 +181,14 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 label_smoothing, logit_scale, z_loss):
         n_rows, C = x.shape
         eps = label_smoothing
-        w_local = weight[vocab_start:vocab_start + C].contiguous() if weight is not None else None
+        w_local = None
+        if weight is not None:
+            w_local = weight[vocab_start:vocab_start + C]
+            if w_local.numel() < C:
+                # A weight too short for this shard: run the collectives with zeros, so that
+                # no rank is left waiting, and raise after them (every rank, on the CPU).
+                w_local = torch.cat([w_local, w_local.new_zeros(C - w_local.numel())])
+            w_local = w_local.contiguous()
         row_max, packed = torch.ops.fused_softmax.vocab_parallel_stats(
             x, target, w_local, vocab_start, logit_scale, eps > 0)
         acc = row_max.dtype
@@ -203,6 +210,10 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         if x.device.type == "cpu":
             # torch's CPU errors; after the collectives, so every rank raises together.
             _check_after_reduce(t, valid, in_range, vocab, weight)
+        if weight is not None and vocab_start + C > weight.numel():
+            raise RuntimeError(  # torch's type for a class weight of the wrong size
+                f"vocab_parallel_cross_entropy: this rank's shard [{vocab_start}, "
+                f"{vocab_start + C}) ends past the {weight.numel()} classes of weight")
         if weight is not None:
             w_acc = weight.to(acc)
             w_t = w_acc[t.clamp(0, weight.numel() - 1)]
@@ -246,7 +257,10 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 "backward (create_graph=True)")
         x, target, w_local, lse, coef = ctx.saved_tensors
         dloss = dloss.to(coef.dtype)
-        coef = coef * ((dloss[:, None] if dloss.dim() else dloss) * ctx.logit_scale)
+        # Ignored rows have all-zero coefficients: their gradient stays 0 whatever
+        # grad_output holds (NaN, inf), as torch's.
+        coef = torch.where(coef == 0, 0.0,
+                           coef * ((dloss[:, None] if dloss.dim() else dloss) * ctx.logit_scale))
         grad = torch.ops.fused_softmax.vocab_parallel_bwd(
             x, target, w_local, lse, coef, ctx.vocab_start, ctx.logit_scale)
         return grad, None, None, None, None, None, None, None, None, None
@@ -299,6 +313,8 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
             "targets are not supported")
     if target.dtype not in _INDEX_DTYPES:
         raise _target_dtype_error(input, target)
+    if input.dim() > 2 and target.dtype == torch.uint8:
+        raise RuntimeError("expected scalar type Long but found Byte")  # as cross_entropy
     if input.dim() == 1:
         if target.numel() != 1 or target.dim() > 1:
             raise ValueError(f"For 1D input, target must have one element, got shape {list(target.shape)}")
@@ -397,14 +413,17 @@ def vocab_parallel_cross_entropy(
     C = _check_args(local_logits, target, weight, vocab_start_index, ignore_index, reduction,
                     label_smoothing, logit_scale, z_loss, world)
     start = rank * C if vocab_start_index is None else vocab_start_index
-    if weight is not None and start + C > weight.numel():
-        raise RuntimeError(  # torch's type for a class weight of the wrong size
-            f"vocab_parallel_cross_entropy: this rank's shard [{start}, {start + C}) ends past "
-            f"the {weight.numel()} classes of weight")
     ignore_index = operator.index(ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
 
     input = local_logits
+    if input.dim() > 1 and input.shape[0] == 0:
+        # No rows anywhere (the target, hence the batch, is the same on every rank): torch's
+        # answers (mean NaN, sum 0, none empty), differentiable, with no collective.
+        per_row = (input * 0).sum(1)
+        if reduction == "none":
+            return per_row
+        return per_row.sum() / 0.0 if reduction == "mean" else per_row.sum()
     if input.dim() == 1:
         x, t = input.unsqueeze(0), target.reshape(1)
     elif input.dim() == 2:

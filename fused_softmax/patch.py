@@ -77,7 +77,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                   reduce=None, reduction="mean", label_smoothing=0.0):
     """:func:`torch.nn.functional.cross_entropy`, served by :func:`fused_softmax.cross_entropy` when it can."""
     args = (input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-    if _kernels_serve(input, target, weight) and _float_after_cast(input, None):
+    if (_kernels_serve(input, target, weight) and _float_after_cast(input, None)
+            and target.dtype != torch.int32):  # torch refuses int32 targets: its error
         return _routed(_fused_cross_entropy, *args)
     return _ORIGINALS[(F, "cross_entropy")](*args)
 

@@ -304,3 +304,57 @@ def test_linear_cross_entropy_takes_torchs_options_argument(device):
                                F.cross_entropy(F.linear(x, W), t))
     m = fs.nn.LinearCrossEntropyLoss(4, 5, out_features=[2])
     assert m.out_features == [2] and m.options is None and "options=None" in repr(m)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.2, reduction="sum"),
+                                dict(reduction="none", ignore_index=1)], ids=["mean", "smooth-sum", "none"])
+def test_cross_entropy_double_backward_matches_torch(kw, device):
+    """create_graph=True (gradient penalties, Hessians; patched F.cross_entropy too)."""
+    x = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.tensor([0, kw.get("ignore_index", -100), 3, 1], device=device)
+    w = torch.rand(5, dtype=torch.float64, device=device)
+    ours = torch.autograd.functional.hessian(lambda a: fs.cross_entropy(a, t, w, **kw).sum(), x)
+    theirs = torch.autograd.functional.hessian(lambda a: F.cross_entropy(a, t, w, **kw).sum(), x)
+    torch.testing.assert_close(ours, theirs)
+    assert torch.autograd.gradgradcheck(lambda a: fs.cross_entropy(a, t, **kw), (x,))
+    with fs.patch():
+        g, = torch.autograd.grad(F.cross_entropy(x, t, w, **kw).sum(), x, create_graph=True)
+        (g * g).sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    g2, = torch.autograd.grad(F.cross_entropy(ref_x, t, w, **kw).sum(), ref_x, create_graph=True)
+    (g2 * g2).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+def test_ignored_rows_ignore_an_infinite_scalar_grad_output(device):
+    x = torch.zeros(2, 3, device=device, requires_grad=True)
+    fs.cross_entropy(x, torch.tensor([-100, 1], device=device)).backward(torch.tensor(math.inf, device=device))
+    assert torch.equal(x.grad[0], torch.zeros(3, device=device))
+
+
+def test_vocab_parallel_edges_in_a_world_of_one(device):
+    from fused_softmax.distributed import vocab_parallel_cross_entropy as vp
+    for reduction in ("mean", "sum", "none"):
+        x = torch.randn(0, 5, device=device, requires_grad=True)
+        t = torch.zeros(0, dtype=torch.long, device=device)
+        torch.testing.assert_close(vp(x, t, reduction=reduction), F.cross_entropy(x, t, reduction=reduction),
+                                   equal_nan=True)
+    x = torch.randn(3, 5, device=device, requires_grad=True)
+    t = torch.tensor([1, -100, 2], device=device)
+    vp(x, t, reduction="none").backward(torch.tensor([1.0, math.nan, 1.0], device=device))
+    assert torch.equal(x.grad[1], torch.zeros(5, device=device))
+    with pytest.raises(RuntimeError, match="Long but found Byte"):
+        vp(torch.randn(2, 5, 3, device=device), torch.zeros(2, 3, dtype=torch.uint8, device=device))
+    with pytest.raises(RuntimeError):
+        vp(torch.randn(2, 5, device=device), torch.tensor([0, 1], device=device), weight=torch.ones(4, device=device))
+
+
+def test_class_weight_shapes_like_torch(device):
+    x3, t3 = torch.randn(2, 5, 3, device=device), torch.randint(0, 5, (2, 3), device=device)
+    w = torch.rand(1, 5, device=device)
+    torch.testing.assert_close(fs.cross_entropy(x3, t3, weight=w), F.cross_entropy(x3, t3, weight=w))
+    same_error(F.cross_entropy, fs.cross_entropy, torch.randn(2, 5, device=device),
+               torch.tensor([0, 1], device=device), weight=w)
+    with fs.patch():
+        same_error(fs.patch.__globals__["_ORIGINALS"][(F, "cross_entropy")], F.cross_entropy,
+                   torch.randn(2, 5, device=device), torch.tensor([0, 1], device=device).int())

@@ -21,11 +21,11 @@ modules do, a name bound earlier by ``from torch.nn.functional import softmax`` 
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import has_torch_function
+from torch.overrides import handle_torch_function, has_torch_function
 
 from . import _backend
 from .cross_entropy import cross_entropy as _fused_cross_entropy
@@ -59,41 +59,89 @@ def _float_after_cast(input: torch.Tensor, dtype) -> bool:
     return (dtype or input.dtype) in _backend.FLOAT_DTYPES
 
 
-def softmax(input, dim=None, _stacklevel=3, dtype=None):
-    """:func:`torch.nn.functional.softmax`, served by :func:`fused_softmax.softmax` when it can."""
+#: torch's functions as imported, before any patch: what scripted code (TorchScript) calls.
+_TORCH_SOFTMAX = F.softmax
+_TORCH_LOG_SOFTMAX = F.log_softmax
+_TORCH_CROSS_ENTROPY = F.cross_entropy
+
+
+def _fall_through(name: str, args: tuple, tensors: tuple):
+    """torch's function for ``name``. A ``__torch_function__`` override sees torch's own
+    function object (not this wrapper), exactly as without the patch."""
+    original = _ORIGINALS[(F, name)]
+    present = tuple(t for t in tensors if t is not None)
+    if has_torch_function(present):
+        return handle_torch_function(original, present, *args)
+    return original(*args)
+
+
+@torch.jit.unused
+def _softmax_eager(input: torch.Tensor, dim: Optional[int], _stacklevel: int,
+                   dtype: Optional[int]) -> torch.Tensor:
     if _kernels_serve(input) and _float_after_cast(input, dtype):
-        return _routed(_fused_softmax, input, dim, _stacklevel + 2, dtype)
-    return _ORIGINALS[(F, "softmax")](input, dim, _stacklevel + 1, dtype)
+        return _routed(_fused_softmax, input, dim, _stacklevel + 3, dtype)
+    return _fall_through("softmax", (input, dim, _stacklevel + 3, dtype), (input,))
 
 
-def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
-    """:func:`torch.nn.functional.log_softmax`, served by :func:`fused_softmax.log_softmax` when it can."""
+@torch.jit.unused
+def _log_softmax_eager(input: torch.Tensor, dim: Optional[int], _stacklevel: int,
+                       dtype: Optional[int]) -> torch.Tensor:
     if _kernels_serve(input) and _float_after_cast(input, dtype):
-        return _routed(_fused_log_softmax, input, dim, _stacklevel + 2, dtype)
-    return _ORIGINALS[(F, "log_softmax")](input, dim, _stacklevel + 1, dtype)
+        return _routed(_fused_log_softmax, input, dim, _stacklevel + 3, dtype)
+    return _fall_through("log_softmax", (input, dim, _stacklevel + 3, dtype), (input,))
 
 
-def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
-                  reduce=None, reduction="mean", label_smoothing=0.0):
-    """:func:`torch.nn.functional.cross_entropy`, served by :func:`fused_softmax.cross_entropy` when it can."""
+@torch.jit.unused
+def _cross_entropy_eager(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                         size_average: Optional[bool], ignore_index: int, reduce: Optional[bool],
+                         reduction: str, label_smoothing: float) -> torch.Tensor:
     args = (input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
     if (_kernels_serve(input, target, weight) and _float_after_cast(input, None)
             and target.dtype != torch.int32):  # torch refuses int32 targets: its error
         return _routed(_fused_cross_entropy, *args)
-    return _ORIGINALS[(F, "cross_entropy")](*args)
+    return _fall_through("cross_entropy", args, (input, target, weight))
 
 
-def _softmax_forward(self, input):
+# The wrappers are TorchScript-compatible: scripted code calls torch's own function.
+def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+            dtype: Optional[int] = None) -> torch.Tensor:
+    """:func:`torch.nn.functional.softmax`, served by :func:`fused_softmax.softmax` when it can."""
+    if torch.jit.is_scripting():
+        return _TORCH_SOFTMAX(input, dim, _stacklevel, dtype)
+    return _softmax_eager(input, dim, _stacklevel, dtype)
+
+
+def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
+                dtype: Optional[int] = None) -> torch.Tensor:
+    """:func:`torch.nn.functional.log_softmax`, served by :func:`fused_softmax.log_softmax` when it can."""
+    if torch.jit.is_scripting():
+        return _TORCH_LOG_SOFTMAX(input, dim, _stacklevel, dtype)
+    return _log_softmax_eager(input, dim, _stacklevel, dtype)
+
+
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                  size_average: Optional[bool] = None, ignore_index: int = -100,
+                  reduce: Optional[bool] = None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """:func:`torch.nn.functional.cross_entropy`, served by :func:`fused_softmax.cross_entropy` when it can."""
+    if torch.jit.is_scripting():
+        return _TORCH_CROSS_ENTROPY(input, target, weight, size_average, ignore_index, reduce,
+                                    reduction, label_smoothing)
+    return _cross_entropy_eager(input, target, weight, size_average, ignore_index, reduce,
+                                reduction, label_smoothing)
+
+
+def _softmax_forward(self, input: torch.Tensor) -> torch.Tensor:
     """``torch.nn.Softmax.forward`` through the patched :func:`softmax`."""
     return softmax(input, self.dim, _stacklevel=5)
 
 
-def _log_softmax_forward(self, input):
+def _log_softmax_forward(self, input: torch.Tensor) -> torch.Tensor:
     """``torch.nn.LogSoftmax.forward`` through the patched :func:`log_softmax`."""
     return log_softmax(input, self.dim, _stacklevel=5)
 
 
-def _cross_entropy_forward(self, input, target):
+def _cross_entropy_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``torch.nn.CrossEntropyLoss.forward`` through the patched :func:`cross_entropy`."""
     return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                          reduction=self.reduction, label_smoothing=self.label_smoothing)

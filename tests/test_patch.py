@@ -183,3 +183,27 @@ def test_patched_softmax_traces_with_torch_compile(device):
     with patch():
         got = torch.compile(f, backend="eager", fullgraph=True)(x)
     torch.testing.assert_close(got, torch.log_softmax(x * 2, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_patched_functions_script_and_keep_torch_function_overrides():
+    """TorchScript compiles code that calls the patched functions (scripted code runs
+    torch's own), and a __torch_function__ override sees torch's function objects."""
+    originals = (F.softmax, F.log_softmax, F.cross_entropy)
+    with patch():
+        sm = torch.jit.script(torch.nn.Softmax(1))
+        ce = torch.jit.script(torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+        x, t = torch.randn(3, 4), torch.tensor([0, 3, 1])
+        torch.testing.assert_close(sm(x), torch.softmax(x, 1))
+        ref = torch._C._nn.cross_entropy_loss(x, t, None, 1, -100, 0.1)
+        torch.testing.assert_close(ce(x, t), ref)
+        seen = []
+
+        class Logged(torch.Tensor):
+            @classmethod
+            def __torch_function__(cls, func, types, args=(), kwargs=None):
+                seen.append(func)
+                return super().__torch_function__(func, types, args, kwargs or {})
+
+        F.softmax(x.as_subclass(Logged), 1)
+        F.cross_entropy(x.as_subclass(Logged), t)
+    assert originals[0] in seen and originals[2] in seen

@@ -102,8 +102,7 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     acc = acc_dtype(x.dtype)
     z, dzdx = _scaled_logits(x, logit_scale, softcap)
     logp = torch.log_softmax(z, -1)  # torch's NaN rules for +-inf rows
-    lse = torch.logsumexp(z, -1)
-    lse = torch.where(z.amax(-1) == math.inf, math.nan, lse)  # as the kernel: +inf -> NaN
+    lse = torch.logsumexp(z, -1)  # +inf for a row holding +inf, as the kernel stores it
     p = logp.exp()
     w = weight.to(acc) if weight is not None else torch.ones(C, dtype=acc, device=x.device)
     grad_scale, w_sum = scalars[0], scalars[1]
@@ -131,7 +130,8 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     if z_loss:
         loss = loss + z_loss * lse * lse
         dz = dz + (2 * z_loss * lse)[:, None] * p
-    dz = dz * grad_scale * dzdx
+    # A mean over zero total weight: the kernel's inf - inf gives NaN, as torch's 0 / 0.
+    dz = torch.where(torch.isinf(grad_scale), math.nan, dz * grad_scale) * dzdx
     if not prob_target:
         # After the scaling, as in the kernel: all rows ignored makes grad_scale 1/0.
         loss = torch.where(ignored, 0.0, loss)
@@ -228,6 +228,7 @@ def _prob_target_grads(x, target, weight, scalars, lse, dscale, args):
     C = x.shape[1]
     z, _ = _scaled_logits(x, logit_scale, softcap)
     row_scale = scalars[0] * (dscale[:, None] if dscale.dim() else dscale)
+    lse = torch.where(lse == math.inf, math.nan, lse)  # a +inf logit: log_softmax is NaN
     dlogp = -(z - lse[:, None]) * row_scale  # d loss / d (w * q'), per element
     w = weight.to(z.dtype) if weight is not None else None
     grad_target = (1 - eps) * dlogp * (w if w is not None else 1.0)
@@ -505,7 +506,9 @@ def cross_entropy(
         weight (Tensor, optional): per-class weights ``(C,)``, ``input``'s dtype.
         size_average, reduce: deprecated, as in torch.
         ignore_index (int): target value that contributes neither loss nor gradient (any
-            value, also one in ``[0, C)``); index targets only.
+            value, also one in ``[0, C)``); index targets only. An ignored row's gradient is
+            0 whatever its logits or ``grad_output`` hold (torch gives NaN for an ignored
+            row holding +inf or NaN logits).
         reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. ``'mean'`` divides by the sum of
             the target weights of non-ignored elements (by their count without ``weight``;
             by the number of rows for probability targets); all ignored gives NaN.
@@ -518,7 +521,8 @@ def cross_entropy(
         return_lse (bool, keyword-only): also return the per-row log-sum-exp of the
             (scaled, capped) logits, shaped like ``target`` (without the class dim for
             probability targets), in the accumulation dtype (fp32, fp64 for fp64 input);
-            not differentiable.
+            not differentiable. As :func:`torch.logsumexp`: ``+inf`` for a row holding
+            ``+inf``, ``-inf`` for an all ``-inf`` row.
         inplace_backward (bool, keyword-only): write the gradient over ``input``'s storage
             instead of a new buffer (saves one logits-sized allocation). ``input`` is
             overwritten: use only when nothing else reads the logits afterwards. Off by

@@ -71,12 +71,27 @@ def check_float(name: str, t: torch.Tensor) -> None:
         )
 
 
+def as_index(value):
+    """``value`` as a Python int where torch's argument parser takes it as one (anything
+    with ``__index__``: numpy and 0-d tensor integers too, not a bool); else ``None``."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return None
+    return operator.index(value)
+
+
+def is_finite(v) -> bool:
+    """``math.isfinite`` that also takes the symbolic floats of ``torch.compile(dynamic=True)``
+    (``inf - inf`` and ``nan - nan`` are NaN, which equals nothing)."""
+    return v - v == 0
+
+
 def wrap_dim(dim: int, ndim: int) -> int:
     """torch's dimension wrapping, with torch's IndexError for a dimension out of range."""
     n = max(ndim, 1)
-    if isinstance(dim, bool) or not hasattr(type(dim), "__index__"):
+    index = as_index(dim)
+    if index is None:
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    dim = operator.index(dim)  # numpy and 0-d tensor integers too, as torch
+    dim = index
     if not -n <= dim < n:
         raise IndexError(
             f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})"

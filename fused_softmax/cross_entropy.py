@@ -9,13 +9,13 @@ exactly 1 on the device.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
 import torch
 
 from . import _backend
-from ._backend import acc_dtype, check_float, needs_torch_ops, split_float, use_triton
+from ._backend import (acc_dtype, as_index, check_float, is_finite, needs_torch_ops,
+                       split_float, use_triton)
 
 if _backend.HAS_TRITON:
     import triton
@@ -377,18 +377,13 @@ def _target_dtype_error(input: torch.Tensor, target: torch.Tensor) -> RuntimeErr
     return kind(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
 
 
-def _is_finite(v) -> bool:
-    """``math.isfinite`` that also takes the symbolic floats of ``torch.compile(dynamic=True)``
-    (``inf - inf`` and ``nan - nan`` are NaN, which equals nothing)."""
-    return v - v == 0
-
-
 def check_ignore_index(ignore_index, fn: str = "cross_entropy") -> int:
     """torch's argument parser: an int (anything with ``__index__``, not a bool)."""
-    if isinstance(ignore_index, bool) or not hasattr(type(ignore_index), "__index__"):
+    index = as_index(ignore_index)
+    if index is None:
         raise TypeError(f"{fn}(): argument 'ignore_index' must be int, not "
                         f"{type(ignore_index).__name__}")
-    return operator.index(ignore_index)
+    return index
 
 
 def smoothing_value(label_smoothing) -> float:
@@ -408,9 +403,9 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     check_float("cross_entropy", input)
     if label_smoothing > 1.0:  # torch rejects > 1 and treats a negative value (or NaN) as 0
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if not _is_finite(logit_scale):
+    if not is_finite(logit_scale):
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
-    if softcap is not None and not (softcap > 0 and _is_finite(softcap)):
+    if softcap is not None and not (softcap > 0 and is_finite(softcap)):
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap}")
     if input.dim() == 0:
         if target.dim() == 0 and target.is_floating_point():  # torch: a probability target
@@ -550,7 +545,7 @@ def cross_entropy(
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
                                  label_smoothing, logit_scale, softcap)
-    ignore_index = operator.index(ignore_index)
+    ignore_index = as_index(ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
     if C == 0:  # nothing to fuse: torch's own answers (zeros, NaN, or its IndexError)
         loss = torch_cross_entropy(input, target, weight, ignore_index, reduction,

@@ -25,15 +25,14 @@ to the local shard only, and every rank backpropagates the same (replicated) los
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from . import _backend
-from ._backend import acc_dtype, check_float, split_float, use_triton
-from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _is_finite, _target_dtype_error, _type_name,
+from ._backend import acc_dtype, as_index, check_float, is_finite, split_float, use_triton
+from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _target_dtype_error, _type_name,
                             check_ignore_index, mean_of, smoothing_value)
 
 if _backend.HAS_TRITON:
@@ -303,7 +302,7 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
     if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     for arg, value in (("logit_scale", logit_scale), ("z_loss", z_loss)):
-        if not _is_finite(value):
+        if not is_finite(value):
             raise ValueError(f"{arg} must be finite, got {value}")
     if input.dim() == 0:
         raise RuntimeError(f"{name}: local_logits must have at least 1 dimension (the classes)")
@@ -413,7 +412,7 @@ def vocab_parallel_cross_entropy(
     C = _check_args(local_logits, target, weight, vocab_start_index, ignore_index, reduction,
                     label_smoothing, logit_scale, z_loss, world)
     start = rank * C if vocab_start_index is None else vocab_start_index
-    ignore_index = operator.index(ignore_index)
+    ignore_index = as_index(ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
 
     input = local_logits

@@ -13,7 +13,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _backend
-from ._backend import acc_dtype, check_float, needs_torch_ops, split_float, use_triton, wrap_dim
+from ._backend import (acc_dtype, check_float, is_finite, needs_torch_ops, split_float,
+                       use_triton, wrap_dim)
 
 if _backend.HAS_TRITON:
     import triton
@@ -235,7 +236,7 @@ def _legacy_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
 
 def _inv_temperature(temperature) -> float:
     t = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
-    if not (t > 0.0 and t - t == 0):  # finite (also for torch.compile's symbolic floats)
+    if not (t > 0.0 and is_finite(t)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return 1.0 / t
 

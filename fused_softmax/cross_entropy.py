@@ -247,13 +247,31 @@ def torch_cross_entropy(input, target, weight, ignore_index: int, reduction: str
                                            ignore_index, label_smoothing)
 
 
+def _capped_logits(x, logit_scale, softcap):
+    """The extras' logit transform in ``x``'s dtype, differentiable: ``x * logit_scale``,
+    then ``softcap * tanh(z / softcap)`` (``softcap`` None or 0 for none)."""
+    z = x * logit_scale if logit_scale != 1.0 else x
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def _kernel_operands(target, weight, prob_target):
+    """Target and class weight as the kernels read them: uint8 indices widened (compared
+    with ignore_index, -100, as integers, not bytes), the weight flat and contiguous (read
+    as ``weight[c]`` at unit stride)."""
+    if not prob_target and target.dtype == torch.uint8:
+        target = target.long()
+    if weight is not None:
+        weight = weight.reshape(-1).contiguous()
+    return target, weight
+
+
 def _loss_rows(x, target, weight, args):
     """Per-row losses of ``(rows, C)`` logits with differentiable torch ops: the forward's
     formula (torch's cross-entropy of the scaled / capped logits, plus the z-loss)."""
     ignore_index, eps, logit_scale, softcap, z_loss, prob_target = args
-    z = x * logit_scale if logit_scale != 1.0 else x
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
+    z = _capped_logits(x, logit_scale, softcap)
     rows = torch_cross_entropy(z, target, weight, ignore_index, "none", eps)
     if z_loss:
         lse = torch.logsumexp(z, -1)
@@ -308,7 +326,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = mean_of(loss, denom)
         ctx.mark_non_differentiable(lse)
         # An ignored row's gradient is 0 whatever grad_output holds (NaN, inf), as torch's.
-        ctx.ignored = (target == args[0]) if not args[-1] else None
+        ctx.ignored = (target == args[0]) if compute_grad and not args[-1] else None
         if compute_grad or target_grad:
             # The gradient is kept outside save_for_backward: the first backward rescales
             # it in place and hands it on; a later backward through the same graph
@@ -560,14 +578,9 @@ def cross_entropy(
             raise NotImplementedError(
                 "fused_softmax.cross_entropy: z_loss and return_lse are not supported under "
                 "torch.func transforms or forward-mode AD")
-        z = input if logit_scale == 1.0 else input * logit_scale
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        return torch_cross_entropy(z, target, weight, ignore_index, reduction, label_smoothing)
-    if not prob_target and target.dtype == torch.uint8:
-        target = target.long()  # compared with ignore_index (-100) as integers, not bytes
-    if weight is not None:
-        weight = weight.reshape(-1).contiguous()  # the kernel reads weight[c] at unit stride
+        return torch_cross_entropy(_capped_logits(input, logit_scale, softcap), target, weight,
+                                   ignore_index, reduction, label_smoothing)
+    target, weight = _kernel_operands(target, weight, prob_target)
     out_dtype = input.dtype
     if prob_target:  # torch computes -(log_softmax(input) * target * weight): promotes
         out_dtype = torch.promote_types(out_dtype, target.dtype)

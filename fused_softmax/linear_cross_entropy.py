@@ -55,8 +55,9 @@ from typing import Optional
 import torch
 
 from ._backend import acc_dtype, check_float, needs_torch_ops
-from .cross_entropy import (_check_args, _prob_target_grads, _reduction_scalars,
-                            check_ignore_index, mean_of, smoothing_value)
+from .cross_entropy import (_check_args, _kernel_operands, _prob_target_grads,
+                            _reduction_scalars, check_ignore_index, cross_entropy, mean_of,
+                            smoothing_value)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -281,7 +282,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 def _composed(input, w, target, b, weight, reduction, ignore_index, label_smoothing,
               logit_scale, softcap, z_loss, lead, C, out, prob_target):
     """``cross_entropy(linear(input, w, b), target, ...)`` with the logits materialised."""
-    from .cross_entropy import cross_entropy
     H = input.shape[-1]
     logits = torch.nn.functional.linear(input, w.reshape(-1, H), None if b is None else b.reshape(-1))
     logits = logits.reshape(*lead, C, *out)  # (N, C, d...): torch's layout for K-dim losses
@@ -487,10 +487,7 @@ def linear_cross_entropy(
         t = target.movedim(len(lead), -1).reshape(-1, C).contiguous()
     else:
         t = target.reshape(-1).contiguous()
-        if t.dtype == torch.uint8:
-            t = t.long()  # compared with ignore_index (-100) as integers, not bytes
-    if weight is not None:
-        weight = weight.contiguous()
+    t, weight = _kernel_operands(t, weight, prob_target)
     acc = acc_dtype(input.dtype)
     denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc)
     if chunk_size is None:

@@ -25,7 +25,7 @@ if _backend.HAS_TRITON:
 Param = Union[float, int, torch.Tensor, None]
 
 #: Temperatures below this are greedy (kernels/sampling.py's GREEDY_BELOW).
-_k_GREEDY_BELOW = 1e-30
+_GREEDY_BELOW = 1e-30
 
 #: Largest int64 a seed may take (``torch.randint``'s bound is exclusive).
 _SEED_HIGH = 2**63 - 1
@@ -104,7 +104,7 @@ def _torch_sample(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tenso
     if n_rows == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     t = temperature.float()
-    greedy = t < _k_GREEDY_BELOW
+    greedy = t < _GREEDY_BELOW
     inv_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, t))
     s = logits.float() * inv_t[:, None] + 0.0
     keep = torch.ones_like(s, dtype=torch.bool)
@@ -259,7 +259,7 @@ def sample(
                 raise TypeError(f"sample(): {name} must be an int or an integer tensor, got {value!r}")
             if not _in_bounds(value, *bounds):
                 raise ValueError(f"sample(): {name} must be {words}, got {value}")
-    if _is_number(temperature) and temperature < _k_GREEDY_BELOW:
+    if _is_number(temperature) and temperature < _GREEDY_BELOW:
         return logits.argmax(-1)  # greedy: torch.argmax itself (its NaN rule, fp64 exact)
     # Filters that keep everything: skip their search.
     if top_k is not None and _is_number(top_k) and top_k >= vocab:
@@ -268,12 +268,10 @@ def sample(
         top_p = None
     if min_p is not None and _is_number(min_p) and min_p == 0:
         min_p = None
-    params = {}
-    for name, (_, dtype, bounds, words, clamp) in specs.items():
-        value = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)[name]
-        params[name] = None if value is None else _row_param(value, name, dtype, logits,
-                                                              bounds, words, clamp)
-    temperature, top_k, top_p, min_p = (params[n] for n in ("temperature", "top_k", "top_p", "min_p"))
+    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    temperature, top_k, top_p, min_p = (
+        None if values[name] is None else _row_param(values[name], name, spec[1], logits, *spec[2:])
+        for name, spec in specs.items())
     seed = torch.randint(0, _SEED_HIGH, (1,), generator=generator, device=logits.device)
     rows = logits.reshape(-1, vocab)
     if rows.stride(1) != 1:

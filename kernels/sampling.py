@@ -65,7 +65,7 @@ def scaled_block(X, rows64, rmask, sxm, start, cols, V, inv_t):
     mask = rmask[:, None] & (c < V)[None, :]
     x = tl.load(X + rows64[:, None] * sxm + c[None, :], mask=mask, other=-float("inf"))
     # + 0.0 turns -0.0 into +0.0, so equal values get equal keys.
-    return x.to(tl.float32) * inv_t[:, None] + 0.0, c, mask
+    return x.to(tl.float32) * inv_t[:, None] + 0.0, mask
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def block_uniform(seed, draw, rows, n_rows, V, start, BLOCK_R: tl.constexpr, BLO
 
 
 @triton.jit
-def gumbel_update(best, best_idx, s, c, keep, start, rows, n_rows, V, greedy, seed, draw,
+def gumbel_update(best, best_idx, s, keep, start, rows, n_rows, V, greedy, seed, draw,
                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """Fold one block into the running argmax of ``s + Gumbel`` over ``keep`` (greedy rows:
     of ``s``), with the noise of draw number ``draw``. A row with nothing kept keeps its
@@ -142,7 +142,7 @@ def sample_kernel(
             m = tl.full([BLOCK_R], -float("inf"), tl.float32)
             s_vec = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
             for start in range(0, V, BLOCK_N):
-                s, c, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+                s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
                 m, s_vec = online_update(m, s_vec, s)
             shift = finite_or_zero(m)
             z = tl.sum(s_vec, 1)
@@ -153,11 +153,11 @@ def sample_kernel(
         best = tl.full([BLOCK_R], -float("inf"), tl.float32)
         cand = tl.zeros([BLOCK_R], tl.int64)
         for start in range(col_lo, col_hi, BLOCK_N):
-            s, c, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+            s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
             keep = mask
             if HAS_MIN_P:
                 keep = keep & (tl.exp(s - shift[:, None]) >= min_p[:, None])
-            best, cand = gumbel_update(best, cand, s, c, keep, start, rows, n_rows, V,
+            best, cand = gumbel_update(best, cand, s, keep, start, rows, n_rows, V,
                                        greedy, seed, 0, BLOCK_R, BLOCK_N)
 
         if HAS_TOP_K or HAS_TOP_P:
@@ -181,7 +181,7 @@ def sample_kernel(
                 nxt_best = tl.full([BLOCK_R], -float("inf"), tl.float32)
                 nxt = tl.zeros([BLOCK_R], tl.int64)
                 for start in range(0, V, BLOCK_N):
-                    s, c, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+                    s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
                     above = mask & (order_key(s) > floor[:, None])
                     if HAS_TOP_K:
                         count += tl.sum(above.to(tl.int64), 1)
@@ -192,7 +192,7 @@ def sample_kernel(
                             mass += tl.sum(tl.where(above, e, 0.0), 1)
                         if HAS_MIN_P:
                             keep = keep & (e >= min_p[:, None])
-                    nxt_best, nxt = gumbel_update(nxt_best, nxt, s, c, keep, start, rows, n_rows,
+                    nxt_best, nxt = gumbel_update(nxt_best, nxt, s, keep, start, rows, n_rows,
                                                   V, greedy, seed, draw, BLOCK_R, BLOCK_N)
                 accepted = rmask
                 if HAS_TOP_K:

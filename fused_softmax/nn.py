@@ -16,6 +16,10 @@ class _TemperatureMixin:
 
     _fn = None
 
+    def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
+        super().__init__(dim)
+        self.temperature = temperature
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("temperature", 1.0)
@@ -41,20 +45,12 @@ class Softmax(_TemperatureMixin, torch.nn.Softmax):
 
     _fn = staticmethod(_softmax.softmax)
 
-    def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
-        super().__init__(dim)
-        self.temperature = temperature
-
 
 class LogSoftmax(_TemperatureMixin, torch.nn.LogSoftmax):
     """Drop-in for :class:`torch.nn.LogSoftmax` (a subclass of it, plus keyword-only
     ``temperature``)."""
 
     _fn = staticmethod(_softmax.log_softmax)
-
-    def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
-        super().__init__(dim)
-        self.temperature = temperature
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

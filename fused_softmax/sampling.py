@@ -165,11 +165,16 @@ def _row_param(value: Param, name: str, dtype: torch.dtype, logits: torch.Tensor
     which the caller has checked).
 
     A tensor is checked only on the CPU and outside ``torch.compile``: on CUDA, reading its
-    values would synchronise with the host, so there it is clamped into range instead.
+    values would synchronise with the host, so there it is clamped into range instead and
+    its NaN entries replaced by ``clamp["nan"]`` (the value that disables the filter).
+    A number is clamped too, so that it stays in range once rounded to fp32 (a ``top_p`` of
+    1e-50 must not become 0).
     """
     batch = logits.shape[:-1]
     n_rows = batch.numel()
+    low, high = clamp.get("min", -math.inf), clamp.get("max", math.inf)
     if _is_number(value):
+        value = min(max(value, low), high)
         return torch.full((1,), value, dtype=dtype, device=logits.device).expand(n_rows)
     if not isinstance(value, torch.Tensor):
         raise TypeError(
@@ -191,8 +196,10 @@ def _row_param(value: Param, name: str, dtype: torch.dtype, logits: torch.Tensor
     if value.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(_in_bounds(value.double(), *bounds).all()):
             raise ValueError(f"sample(): every entry of {name} must be {valid_text}")
-        return value.to(dtype)
-    return value.to(dtype).clamp(**clamp)
+    value = value.to(dtype)  # valid values only move where fp32 rounding left the range
+    if value.is_floating_point():
+        value = torch.nan_to_num(value, nan=clamp["nan"], posinf=high, neginf=low)
+    return value.clamp(low, None if math.isinf(high) else high)
 
 
 def sample(
@@ -224,8 +231,11 @@ def sample(
 
     The filters intersect: a token is drawn from ``softmax(x / T)`` renormalised over the
     tokens that all given filters keep (top-p's mass is that of the full distribution).
-    Per-row tensors are validated on the CPU; on CUDA (where reading them would
-    synchronise) out-of-range entries are clamped into range instead.
+    Per-row tensors are validated on the CPU (outside :func:`torch.compile`); on CUDA
+    (where reading them would synchronise) and in compiled code, out-of-range entries are
+    clamped into range instead, and a NaN entry disables its filter (temperature: 1).
+    A row whose logits are all ``-inf`` gives token 0 (torch.multinomial would raise);
+    NaN logits give an unspecified token.
 
     Returns:
         int64 tensor of shape ``logits.shape[:-1]``.
@@ -246,12 +256,13 @@ def sample(
         raise TypeError("sample(): temperature must be a number or a tensor, not None")
     f32_max = torch.finfo(torch.float32).max
     specs = dict(  # name: (value, dtype, (low, low excluded, high), in words, clamp on CUDA)
-        temperature=(temperature, torch.float32, (0.0, False, f32_max), "a finite number >= 0",
-                     dict(min=0.0)),
+        temperature=(temperature, torch.float32, (0.0, False, f32_max),
+                     "a number >= 0 and finite in float32", dict(min=0.0, max=f32_max, nan=1.0)),
         top_k=(top_k, torch.int64, (1, False, math.inf), "an integer >= 1", dict(min=1)),
         top_p=(top_p, torch.float32, (0.0, True, 1.0), "in (0, 1]",
-               dict(min=torch.finfo(torch.float32).tiny, max=1.0)),
-        min_p=(min_p, torch.float32, (0.0, False, 1.0), "in [0, 1]", dict(min=0.0, max=1.0)),
+               dict(min=torch.finfo(torch.float32).tiny, max=1.0, nan=1.0)),
+        min_p=(min_p, torch.float32, (0.0, False, 1.0), "in [0, 1]",
+               dict(min=0.0, max=1.0, nan=0.0)),
     )
     for name, (value, dtype, bounds, words, _) in specs.items():
         if value is not None and _is_number(value):  # in Python: nothing for torch.compile to trace
@@ -259,8 +270,7 @@ def sample(
                 raise TypeError(f"sample(): {name} must be an int or an integer tensor, got {value!r}")
             if not _in_bounds(value, *bounds):
                 raise ValueError(f"sample(): {name} must be {words}, got {value}")
-    if _is_number(temperature) and temperature < _GREEDY_BELOW:
-        return logits.argmax(-1)  # greedy: torch.argmax itself (its NaN rule, fp64 exact)
+    greedy = _is_number(temperature) and temperature < _GREEDY_BELOW
     # Filters that keep everything: skip their search.
     if top_k is not None and _is_number(top_k) and top_k >= vocab:
         top_k = None
@@ -269,9 +279,16 @@ def sample(
     if min_p is not None and _is_number(min_p) and min_p == 0:
         min_p = None
     values = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    temperature, top_k, top_p, min_p = (
+    temperature, top_k, top_p, min_p = (  # checks every tensor, greedy or not
         None if values[name] is None else _row_param(values[name], name, spec[1], logits, *spec[2:])
         for name, spec in specs.items())
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"sample(): generator must be a torch.Generator, not {type(generator).__name__}")
+    if generator is not None and generator.device.type != logits.device.type:
+        raise RuntimeError(f"sample(): generator is on {generator.device} but logits are on "
+                           f"{logits.device}")
+    if greedy:
+        return logits.argmax(-1)  # greedy: torch.argmax itself (its NaN rule, fp64 exact)
     seed = torch.randint(0, _SEED_HIGH, (1,), generator=generator, device=logits.device)
     rows = logits.reshape(-1, vocab)
     if rows.stride(1) != 1:

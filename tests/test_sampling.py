@@ -281,10 +281,47 @@ BAD_ARGS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, error, word", BAD_ARGS, ids=[str(c[0]) for c in BAD_ARGS])
-def test_bad_arguments(kwargs, error, word):
+BAD_ARGS += [
+    (dict(generator="seed"), TypeError, "generator"),
+    (dict(temperature=1e39), ValueError, "temperature"),
+]
+
+
+# Each case also in a greedy call (T = 0 returns the argmax before any kernel, but after
+# every argument is checked), except those that set the temperature themselves.
+BAD_ARGS_BOTH = [pytest.param(*case, greedy, id=f"{case[0]}-T={0 if greedy else 1}")
+                 for case in BAD_ARGS for greedy in (False, True)
+                 if not (greedy and "temperature" in case[0])]
+
+
+@pytest.mark.parametrize("kwargs, error, word, greedy", BAD_ARGS_BOTH)
+def test_bad_arguments(kwargs, error, word, greedy):
     with pytest.raises(error, match=word):
-        sample(torch.randn(2, 8), **kwargs)
+        sample(torch.randn(2, 8), **dict(dict(temperature=0.0) if greedy else {}, **kwargs))
+
+
+@pytest.mark.parametrize("top_p", [1e-50, torch.tensor(1e-50, dtype=torch.float64)],
+                         ids=["number", "fp64 tensor"])
+def test_top_p_below_fp32_range_keeps_the_top_token(top_p, device):
+    """A valid top_p that rounds to 0 in fp32 still keeps the most probable token (the row's
+    first token is -inf: a lost top token would surface as index 0)."""
+    x = torch.tensor([[-math.inf, 0.0, 5.0, 1.0]] * 64, device=device)
+    top_p = top_p.to(device) if isinstance(top_p, torch.Tensor) else top_p
+    assert torch.equal(sample(x, top_p=top_p), torch.full((64,), 2, device=device))
+
+
+def test_nan_parameters_in_compiled_code_disable_their_filter():
+    """Where tensors are clamped rather than checked (CUDA, torch.compile), a NaN entry
+    disables its filter (temperature 1) instead of breaking the row: the draws then stay
+    on the one token that holds all the mass."""
+    f = torch.compile(lambda x, t, p, m: sample(x, temperature=t, top_p=p, min_p=m), fullgraph=True)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    x[:, 6] += 40.0  # p(6) = 1 - 1e-16
+    nan, one, half, zero = (torch.full((8,), v) for v in (math.nan, 1.0, 0.5, 0.0))
+    for t, p, m in ((nan, half, zero), (one, nan, zero), (one, half, nan)):
+        assert torch.equal(f(x, t, p, m), torch.full((8,), 6))
+    with pytest.raises(ValueError, match="temperature"):  # eager CPU: checked
+        sample(x, temperature=nan)
 
 
 def test_bad_logits():

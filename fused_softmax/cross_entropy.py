@@ -141,14 +141,19 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     return loss, lse
 
 
-def _run_fwd(x, target, weight, scalars, grad, ignore_index, *args):
-    prob_target = args[-1]
-    if not prob_target and x.device.type == "cpu":
-        # torch's CPU error, checked here inside the opaque op so compiled graphs keep it.
-        # On CUDA the kernel marks the row NaN instead: no host synchronisation.
-        bad = target[(target != ignore_index) & ((target < 0) | (target >= x.shape[1]))]
+def check_targets_on_cpu(target: torch.Tensor, ignore_index: int, n_classes: int) -> None:
+    """torch's CPU error for a class index outside ``[0, C)`` that is not ``ignore_index``;
+    called inside the opaque custom ops, so that compiled graphs keep it. On CUDA the
+    kernels mark the row NaN instead: no host synchronisation."""
+    if target.device.type == "cpu":
+        bad = target[(target != ignore_index) & ((target < 0) | (target >= n_classes))]
         if bad.numel():
             raise IndexError(f"Target {bad[0].item()} is out of bounds.")
+
+
+def _run_fwd(x, target, weight, scalars, grad, ignore_index, *args):
+    if not args[-1]:  # class-index targets
+        check_targets_on_cpu(target, ignore_index, x.shape[1])
     args = (ignore_index, *args)
     if use_triton(x):
         return _launch_fwd(x, target, weight, scalars, grad, *args)

@@ -32,8 +32,8 @@ import torch.distributed as dist
 
 from . import _backend
 from ._backend import acc_dtype, as_index, check_float, is_finite, split_float, use_triton
-from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _target_dtype_error, _type_name,
-                            check_ignore_index, mean_of, smoothing_value)
+from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _scaled_logits, _target_dtype_error,
+                            _type_name, check_ignore_index, mean_of, smoothing_value)
 
 if _backend.HAS_TRITON:
     from .cross_entropy import _block_and_grid
@@ -42,28 +42,32 @@ if _backend.HAS_TRITON:
 
 
 # --------------------------------------------------------------------------- launchers
-def _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums):
+def _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, softcap=0.0,
+                  ref=None, ref_mode=0):
     n_rows, C = x.shape
     block_n, num_warps, grid = _block_and_grid(x, C, n_rows, grad=False)  # one pass over the row
     _backend.record_launch("vocab_parallel_stats_kernel")
     _k.vocab_parallel_stats_kernel[(grid,)](
         x, target, weight if weight is not None else x, row_max, sums,
+        ref if ref is not None else row_max,
         n_rows, C, x.stride(0), sums.stride(0), vocab_start, *split_float(logit_scale),
+        *split_float(softcap),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=sums.shape[1] == 3,
-        ACC=_tl_acc(x.dtype), BLOCK_N=block_n, num_warps=num_warps,
+        HAS_SOFTCAP=softcap > 0, REF_MODE=ref_mode, ACC=_tl_acc(x.dtype), BLOCK_N=block_n,
+        num_warps=num_warps,
     )
 
 
-def _launch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad):
+def _launch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, softcap=0.0):
     n_rows, C = x.shape
     block_n, num_warps, grid = _block_and_grid(x, C, n_rows, grad=False)  # one pass over the row
     _backend.record_launch("vocab_parallel_bwd_kernel")
     _k.vocab_parallel_bwd_kernel[(grid,)](
         x, target, weight if weight is not None else x, lse, coef, grad,
         n_rows, C, x.stride(0), coef.stride(0), grad.stride(0), vocab_start,
-        *split_float(logit_scale),
+        *split_float(logit_scale), *split_float(softcap),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=coef.shape[1] == 3,
-        ACC=_tl_acc(x.dtype), BLOCK_N=block_n, num_warps=num_warps,
+        HAS_SOFTCAP=softcap > 0, ACC=_tl_acc(x.dtype), BLOCK_N=block_n, num_warps=num_warps,
     )
 
 
@@ -73,14 +77,15 @@ def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m.isinf(), 0.0, m)
 
 
-def _torch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums):
+def _torch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, softcap=0.0,
+                 ref=None, ref_mode=0):
     """The stats kernel's math with torch ops (also serves an empty shard)."""
     n_rows, C = x.shape
     if C == 0:  # a rank that holds no classes contributes nothing
         row_max.fill_(-math.inf)
         sums.zero_()
         return
-    z = x.to(row_max.dtype) * logit_scale
+    z, _ = _scaled_logits(x.to(row_max.dtype), logit_scale, softcap)
     m = z.amax(-1)
     s = torch.exp(z - _finite_or_zero(m)[:, None]).sum(-1)
     sums[:, 0] = torch.where(m == math.inf, math.nan, s)
@@ -89,19 +94,24 @@ def _torch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums):
     z_t = z.gather(1, torch.where(owned, t_local, 0)[:, None]).squeeze(1)
     sums[:, 1] = torch.where(owned, z_t, 0.0)
     if sums.shape[1] == 3:
-        sums[:, 2] = (z * weight.to(z.dtype)).sum(-1) if weight is not None else z.sum(-1)
+        if ref_mode == 1:
+            ref.copy_(_finite_or_zero(z[:, 0]))
+        r = ref[:, None] if ref_mode else 0.0
+        sums[:, 2] = ((z - r) * (weight.to(z.dtype) if weight is not None else 1.0)).sum(-1)
     row_max.copy_(m)
 
 
-def _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad):
+def _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, softcap=0.0):
     """The backward kernel's math with torch ops."""
-    z = x.to(coef.dtype) * logit_scale
+    z, _ = _scaled_logits(x.to(coef.dtype), logit_scale, softcap)
     a, b = coef[:, 0:1], coef[:, 1:2]
     dx = torch.where(a == 0, 0.0, a * torch.exp(z - lse[:, None]))
     cols = torch.arange(x.shape[1], device=x.device)
     dx = dx - torch.where(cols == (target.long() - vocab_start)[:, None], b, 0.0)
     if coef.shape[1] == 3:
         dx = dx - coef[:, 2:3] * (weight.to(dx.dtype) if weight is not None else 1.0)
+    if softcap > 0:  # dz / d(x * logit_scale); logit_scale itself is in coef
+        dx = dx * (1 - (z / softcap) ** 2)
     grad.copy_(dx)
 
 
@@ -171,6 +181,72 @@ def _all_reduce(t: torch.Tensor, op: str, comm) -> torch.Tensor:
     return t
 
 
+def _valid_rows(target, ignore_index, vocab):
+    """Rows that are not ignored, and rows whose target lies in ``[0, vocab)``."""
+    t = target.long()
+    return t != ignore_index, (t >= 0) & (t < vocab)
+
+
+def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction, eps, z_loss,
+                 coefficients, ref=None):
+    """The loss from per-row statistics gathered over every shard of the vocabulary.
+
+    ``sums`` rows hold ``[sum(exp(z - shift)), z_t, sum(w * (z - ref))]`` (the last with
+    label smoothing ``eps > 0`` only; ``ref`` per row, 0 when None) over all ``vocab``
+    classes (a device value). Returns the reduced loss, the per-row log-sum-exp and, with
+    ``coefficients``, the backward's per-row ``[a, b(, c)]`` (``vocab_parallel_bwd_kernel``)
+    already holding the reduction's scale: 0 for ignored rows, NaN for out-of-range targets
+    (loud, with no host synchronisation), else None.
+    """
+    acc = sums.dtype
+    log_s = torch.log(sums[:, 0])
+    lse = shift + log_s
+    t = target.long()
+    if weight is not None:
+        w_acc = weight.to(acc)
+        w_t = w_acc[t.clamp(0, weight.numel() - 1)]
+        w_sum = w_acc.sum()
+    else:
+        w_t = torch.ones_like(lse)
+        w_sum = vocab
+    eps_v = eps / vocab
+    loss = (1.0 - eps) * w_t * ((shift - sums[:, 1]) + log_s)  # lse - z_t, no cancellation
+    coef = (1.0 - eps) * w_t
+    if eps > 0:
+        lse_ref = lse if ref is None else (shift - ref) + log_s
+        loss = loss + eps_v * (w_sum * lse_ref - sums[:, 2])
+        coef = coef + eps_v * w_sum
+    if z_loss != 0:
+        loss = loss + z_loss * lse * lse
+        coef = coef + 2.0 * z_loss * lse
+    loss = torch.where(valid, torch.where(in_range, loss, math.nan), 0.0)
+    # The same on every rank (target and weight are), so a mean agrees everywhere.
+    denom = (w_t * valid).sum() if weight is not None else valid.sum(dtype=acc)
+    if reduction == "sum":
+        out = loss.sum()
+    elif reduction == "mean":
+        out = mean_of(loss, denom)
+    else:
+        out = loss
+    if not coefficients:
+        return out, lse, None
+    n_rows = lse.shape[0]
+    grad_scale = 1.0 / denom if reduction == "mean" else torch.ones((), dtype=acc, device=lse.device)
+    # Ignored rows: all coefficients 0; out-of-range targets: NaN (loud, no sync).
+    row_scale = torch.where(valid, torch.where(in_range, grad_scale, math.nan), 0.0)
+    cols = [coef, (1.0 - eps) * w_t] + ([eps_v.expand(n_rows)] if eps > 0 else [])
+    return out, lse, torch.stack(cols, 1) * row_scale[:, None]
+
+
+def scale_coefficients(coef, dloss, logit_scale):
+    """The backward's coefficients times ``grad_output`` (per row or scalar) and
+    ``logit_scale``; ignored rows keep all-zero coefficients whatever ``grad_output``
+    holds (NaN, inf), so their gradient stays 0, as torch's."""
+    dloss = dloss.to(coef.dtype)
+    return torch.where(coef == 0, 0.0,
+                       coef * ((dloss[:, None] if dloss.dim() else dloss) * logit_scale))
+
+
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """Forward: one pass over the shard + two O(rows) all-reduces. Backward: one pass over
     the shard from the saved global log-sum-exp, no communication."""
@@ -190,7 +266,6 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             w_local = w_local.contiguous()
         row_max, packed = torch.ops.fused_softmax.vocab_parallel_stats(
             x, target, w_local, vocab_start, logit_scale, eps > 0)
-        acc = row_max.dtype
         sums = packed[:-1].view(n_rows, -1)
 
         # Global max, then every rank's sum of exps rescaled to it: the log-sum-exp rule.
@@ -199,52 +274,19 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         sums[:, 0] *= torch.where(row_max == -math.inf, 1.0,
                                   torch.exp(_finite_or_zero(row_max) - shift))
         _all_reduce(packed, "sum", comm)
-        log_s = torch.log(sums[:, 0])
-        lse = shift + log_s
         vocab = packed[-1]  # sum of the shard sizes, on the device
-
-        t = target.long()
-        valid = t != ignore_index
-        in_range = (t >= 0) & (t < vocab)
+        valid, in_range = _valid_rows(target, ignore_index, vocab)
         if x.device.type == "cpu":
             # torch's CPU errors; after the collectives, so every rank raises together.
-            _check_after_reduce(t, valid, in_range, vocab, weight)
+            _check_after_reduce(target.long(), valid, in_range, vocab, weight)
         if weight is not None and vocab_start + C > weight.numel():
             raise RuntimeError(  # torch's type for a class weight of the wrong size
                 f"vocab_parallel_cross_entropy: this rank's shard [{vocab_start}, "
                 f"{vocab_start + C}) ends past the {weight.numel()} classes of weight")
-        if weight is not None:
-            w_acc = weight.to(acc)
-            w_t = w_acc[t.clamp(0, weight.numel() - 1)]
-            w_sum = w_acc.sum()
-        else:
-            w_t = torch.ones_like(lse)
-            w_sum = vocab
-        eps_v = eps / vocab
-        loss = (1.0 - eps) * w_t * ((shift - sums[:, 1]) + log_s)  # lse - z_t, no cancellation
-        coef = (1.0 - eps) * w_t
-        if eps > 0:
-            loss = loss + eps_v * (w_sum * lse - sums[:, 2])
-            coef = coef + eps_v * w_sum
-        if z_loss != 0:
-            loss = loss + z_loss * lse * lse
-            coef = coef + 2.0 * z_loss * lse
-        loss = torch.where(valid, torch.where(in_range, loss, math.nan), 0.0)
-        # The same on every rank (target and weight are), so a mean agrees everywhere.
-        denom = (w_t * valid).sum() if weight is not None else valid.sum(dtype=acc)
-        if reduction == "sum":
-            out = loss.sum()
-        elif reduction == "mean":
-            out = mean_of(loss, denom)
-        else:
-            out = loss
-
+        out, lse, coef = sharded_loss(shift, sums, vocab, target, weight, valid, in_range,
+                                      reduction, eps, z_loss, ctx.needs_input_grad[0])
         if ctx.needs_input_grad[0]:
-            grad_scale = 1.0 / denom if reduction == "mean" else torch.ones((), dtype=acc, device=x.device)
-            # Ignored rows: all coefficients 0; out-of-range targets: NaN (loud, no sync).
-            row_scale = torch.where(valid, torch.where(in_range, grad_scale, math.nan), 0.0)
-            cols = [coef, (1.0 - eps) * w_t] + ([eps_v.expand(n_rows)] if eps > 0 else [])
-            ctx.save_for_backward(x, target, w_local, lse, torch.stack(cols, 1) * row_scale[:, None])
+            ctx.save_for_backward(x, target, w_local, lse, coef)
             ctx.vocab_start, ctx.logit_scale = vocab_start, logit_scale
         return out
 
@@ -255,11 +297,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 "fused_softmax.distributed.vocab_parallel_cross_entropy does not support double "
                 "backward (create_graph=True)")
         x, target, w_local, lse, coef = ctx.saved_tensors
-        dloss = dloss.to(coef.dtype)
-        # Ignored rows have all-zero coefficients: their gradient stays 0 whatever
-        # grad_output holds (NaN, inf), as torch's.
-        coef = torch.where(coef == 0, 0.0,
-                           coef * ((dloss[:, None] if dloss.dim() else dloss) * ctx.logit_scale))
+        coef = scale_coefficients(coef, dloss, ctx.logit_scale)
         grad = torch.ops.fused_softmax.vocab_parallel_bwd(
             x, target, w_local, lse, coef, ctx.vocab_start, ctx.logit_scale)
         return grad, None, None, None, None, None, None, None, None, None

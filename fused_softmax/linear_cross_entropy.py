@@ -2,8 +2,10 @@
 
 In language-model training the last projection, ``hidden (M, H) @ W (V, H).T``, makes an
 ``(M, V)`` logits tensor (8192 x 128256 in bf16 is 2 GB; torch's fp32 upcast makes it
-4-12 GB), usually the largest tensor of the step. Here the rows go through in chunks, one
-reused ``(chunk, V)`` buffer for all of them:
+4-12 GB), usually the largest tensor of the step. Here the logits only ever exist one chunk
+at a time, in one reused buffer. Two ways to cut them:
+
+**Chunks of rows** (``chunk_size`` rows, whole vocabulary rows; every target kind):
 
 1. ``logits = input_chunk @ W.T (+ b)`` by cuBLAS, into the buffer;
 2. the fused cross-entropy kernel (``kernels/cross_entropy.py``) writes the per-row loss
@@ -17,32 +19,52 @@ reused ``(chunk, V)`` buffer for all of them:
 So the gradients are ready when the forward returns (it computes them only for the
 tensors that require grad; a pure forward computes the loss alone), and the backward only
 rescales them by ``grad_output`` in place, on the device, skipping a scale of exactly 1.
-
 ``reduction='none'``: ``grad_output`` is then one value per row, known only in backward,
-and ``grad_W``/``grad_b`` are sums over rows of row-scaled terms, so the forward computes
-the loss only and the backward runs the chunk loop again with the per-row scale folded into
-``G`` (one more logits matmul). A second backward through the same graph
-(``retain_graph=True``) recomputes the same way.
+so the forward computes the loss only and the backward runs the chunk loop again with the
+per-row scale folded into ``G`` (one more logits matmul), as does a second backward
+through the same graph (``retain_graph=True``).
 
-Memory beyond inputs, outputs and gradients: the chunk buffer, a few vectors of one value
-per row, and, when there are several chunks and the weight is fp16/bf16, the fp32
-accumulator of ``grad_W`` (4 bytes x V x H, cast once to the weight's dtype at the end).
+Three matmuls of 2 * M * V * H flops each, whatever the chunk; but per chunk of ``n`` rows
+the ``grad_W`` update reads and writes its fp32 accumulator (8 * V * H bytes for
+2 * n * V * H flops), so small chunks are bandwidth-bound, and the accumulator itself is
+4 * V * H bytes (2 GB at V = 128256, H = 4096). One chunk needs no accumulator: it is the
+fastest, and holds all the logits.
 
-Speed: three matmuls of 2 * M * V * H flops each, whatever the chunk. Per chunk of ``n``
-rows the ``grad_W`` update also reads and writes its fp32 accumulator (8 * V * H bytes for
-2 * n * V * H flops), so small chunks make it bandwidth-bound. The default chunk
-(``default_chunk_rows``) is therefore as large as that accumulator (never below 64 MiB),
-and all rows when they fit: then there is no accumulator. Measured on an H200 (M = 8192,
-H = 4096, V = 128256, bf16, forward + backward; bench/results/linear-ce-h200-2026-11-26*):
-one chunk (the default there) 38.5 ms, and 40.1 ms timed again in the same run as
-``chunk_size=8192``, with 2.0 GB beyond inputs and gradients; 4096-row
-chunks 41.6 ms / 3.0 GB; 1024 rows 44.3 ms / 2.3 GB; 256 rows (64 MiB) 78 ms / 2.1 GB;
-torch.compile 39.2 ms / 2.0 GB; eager 41.1 ms / 4.9 GB; Liger-Kernel 54.3 ms / 63 MB (it
-accumulates ``grad_W`` in bf16). ``chunk_size`` picks another point.
+**Chunks of the vocabulary** (``vocab_chunk_size`` classes, all rows at once; class-index
+targets and a 2-D weight): the vocabulary-parallel algorithm (``distributed.py``,
+``kernels/vocab_parallel.py``) with the chunks taking turns instead of ranks:
 
-fp16: the gradient is formed in the forward, before any loss scaling (``GradScaler``)
-applies, so logit gradients below fp16's smallest subnormal (6e-8) flush to zero, as in an
-unscaled fp16 backward; prefer bf16.
+1. forward, per chunk: ``logits = input @ W[chunk].T (+ b)``, then per-row statistics (max,
+   sum of exp, target logit, smoothing sum); after the loop they combine into the loss and
+   the log-sum-exp. One matmul; O(rows) values kept for the backward;
+2. backward, per chunk: the logits recomputed, turned into their gradient in place from the
+   saved log-sum-exp, then ``grad_W[chunk] = G.T @ input`` (one matmul over all rows:
+   written once, no accumulator), ``grad_b[chunk] = G.sum(0)``, and
+   ``grad_input += G @ W[chunk]`` (accumulated in fp32 for fp16/bf16 input: 4 * M * H bytes).
+
+Four matmuls instead of three (the logits are computed twice), but the memory is the chunk
+buffer plus the fp32 ``grad_input`` accumulator, and the gradients exist only during the
+backward. The gradients are formed in the backward here (not in the forward, as the rows
+path does): the second pass must recompute the logits either way, and the forward's
+memory stays O(rows).
+
+**The default** (``default_plan``): one chunk of rows when all the logits fit in 64 MiB;
+otherwise the chunking that needs less memory beyond inputs, outputs and gradients —
+at M = 8192, H = 4096, V = 128256 bf16 the vocabulary: 64 MiB of logits + 128 MiB of
+fp32 ``grad_input`` accumulator, against 2 GB for rows. ``chunk_size=M`` (one chunk of
+rows) buys speed with memory.
+
+Measured on an H200 (M = 8192, H = 4096, V = 128256, bf16, forward + backward; rows path;
+bench/results/linear-ce-h200-2026-11-26*): one chunk of rows 38.5 ms, and 40.1 ms timed
+again in the same run as ``chunk_size=8192``, with 2.0 GB beyond inputs and gradients;
+4096-row chunks 41.6 ms / 3.0 GB; 1024 rows 44.3 ms / 2.3 GB; 256 rows (64 MiB) 78 ms /
+2.1 GB; torch.compile 39.2 ms / 2.0 GB; eager 41.1 ms / 4.9 GB; Liger-Kernel 54.3 ms /
+63 MB (it accumulates ``grad_W`` in bf16). The vocabulary path has not been timed on a GPU
+yet (``bench/linear_ce.py`` runs it as ``ours``).
+
+fp16: on the rows path the gradient is formed in the forward, before any loss scaling
+(``GradScaler``) applies, so logit gradients below fp16's smallest subnormal (6e-8) flush
+to zero, as in an unscaled fp16 backward; prefer bf16.
 """
 
 from __future__ import annotations
@@ -54,10 +76,11 @@ from typing import Optional
 
 import torch
 
-from ._backend import acc_dtype, check_float, needs_torch_ops
+from . import distributed as _vp
+from ._backend import acc_dtype, check_float, needs_torch_ops, use_triton
 from .cross_entropy import (_check_args, _kernel_operands, _prob_target_grads,
-                            _reduction_scalars, check_ignore_index, cross_entropy, mean_of,
-                            smoothing_value)
+                            _reduction_scalars, check_ignore_index, check_targets_on_cpu,
+                            cross_entropy, mean_of, smoothing_value)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -194,6 +217,151 @@ def _(x, w, b, target, weight, scalars, row_scale, ignore_index, label_smoothing
             w.new_empty((w.shape[0],) if grad_bias else (0,)))
 
 
+# --------------------------------------------------------------------------- vocabulary chunks
+def default_vocab_chunk(n_rows: int, n_classes: int, elem_bytes: int) -> int:
+    """Classes per chunk of the vocabulary-chunked path: a multiple of 128 (at least 128,
+    at most ``n_classes``) whose ``(n_rows, chunk)`` logits fit in ``CHUNK_BYTES``."""
+    cols = CHUNK_BYTES // max(n_rows * elem_bytes, 1)
+    return max(1, min(n_classes, max(128, cols // 128 * 128)))
+
+
+def default_plan(n_rows: int, n_classes: int, d: int, hidden: int, elem_bytes: int, *,
+                 vocab_chunks_possible: bool, grad_input: bool, grad_weight: bool):
+    """``(chunk_size, vocab_chunk_size)`` (one of them None): the chunking that needs the
+    least memory beyond inputs, outputs and gradients.
+
+    * All the logits fit in ``CHUNK_BYTES``: one chunk of rows (three matmuls, nothing to
+      accumulate).
+    * Chunks of rows (``default_chunk_rows``): the logits buffer, plus the fp32 accumulator
+      of the weight's gradient (4 bytes per weight element) when there are several chunks
+      and the weight is fp16/bf16 (``grad_weight``).
+    * Chunks of the vocabulary (``default_vocab_chunk``; class-index targets and a 2-D
+      weight only): a ``CHUNK_BYTES`` buffer, plus the fp32 accumulator of the input's
+      gradient (4 bytes per input element, ``grad_input``), at the price of a fourth
+      matmul: the backward recomputes the logits.
+
+    At M = 8192, H = 4096, V = 128256 bf16 (both gradients): rows 2.0 GB (one chunk),
+    vocabulary 64 MiB + 128 MiB, so the vocabulary."""
+    row_bytes = d * n_classes * elem_bytes
+    if n_rows * row_bytes <= CHUNK_BYTES:
+        return max(1, n_rows), None
+    w_acc = 4 * d * n_classes * hidden if grad_weight else 0
+    rows = default_chunk_rows(n_rows, row_bytes, w_acc)
+    rows_bytes = rows * row_bytes + (w_acc if rows < n_rows else 0)
+    if vocab_chunks_possible:
+        cols = default_vocab_chunk(n_rows, n_classes, elem_bytes)
+        if n_rows * cols * elem_bytes + (4 * n_rows * hidden if grad_input else 0) <= rows_bytes:
+            return None, cols
+    return rows, None
+
+
+def _needs_fp32_grad(t: torch.Tensor) -> bool:
+    """Whether ``t`` gets a gradient that is accumulated across chunks in fp32 (fp16/bf16)."""
+    return torch.is_grad_enabled() and t.requires_grad and _grad_acc_dtype(t.dtype) != t.dtype
+
+
+def _vocab_chunks(x, w, b, vocab_chunk):
+    """``(v0, logits)`` per chunk of ``vocab_chunk`` classes: ``x @ w[v0:v1].T (+ b)`` by
+    cuBLAS into one reused contiguous buffer."""
+    M, V = x.shape[0], w.shape[0]
+    buf = torch.empty(M * min(vocab_chunk, V), dtype=x.dtype, device=x.device)
+    for v0 in range(0, V, vocab_chunk):
+        v1 = min(v0 + vocab_chunk, V)
+        logits = buf[:M * (v1 - v0)].view(M, v1 - v0)
+        if b is None:
+            torch.mm(x, w[v0:v1].t(), out=logits)
+        else:
+            torch.addmm(b[v0:v1], x, w[v0:v1].t(), out=logits)
+        yield v0, logits
+
+
+def _slice(weight, v0, n):
+    return None if weight is None else weight[v0:v0 + n]
+
+
+@torch.library.custom_op("fused_softmax::linear_cross_entropy_stats", mutates_args=())
+def linear_cross_entropy_stats(
+    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor,
+    weight: Optional[torch.Tensor], ignore_index: int, logit_scale: float, softcap: float,
+    smoothing: bool, vocab_chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row statistics of ``z`` = the scaled / capped ``x @ w.T + b`` over all ``V``
+    classes, ``vocab_chunk`` classes at a time (``vocab_parallel_stats_kernel`` on each
+    chunk, the chunks then combined as the vocab-parallel ranks are).
+
+    Returns ``shift`` ``(M,)`` (the row max, 0 where infinite), ``sums`` ``(M, k)``:
+    ``[sum(exp(z - shift)), z_t, sum(w * (z - ref))]`` (the last only with ``smoothing``),
+    and ``ref`` ``(M,)`` (the row's first ``z``: the reference of the linear sum)."""
+    M, V = x.shape[0], w.shape[0]
+    check_targets_on_cpu(target, ignore_index, V)
+    acc = acc_dtype(x.dtype)
+    n_chunks, k = -(-V // vocab_chunk), 3 if smoothing else 2
+    row_max = torch.empty(n_chunks, M, dtype=acc, device=x.device)
+    sums = torch.empty(n_chunks, M, k, dtype=acc, device=x.device)
+    ref = torch.zeros(M, dtype=acc, device=x.device)
+    stats = _vp._launch_stats if use_triton(x) else _vp._torch_stats
+    for i, (v0, logits) in enumerate(_vocab_chunks(x, w, b, vocab_chunk)):
+        stats(logits, target, _slice(weight, v0, logits.shape[1]), v0, logit_scale,
+              row_max[i], sums[i], softcap, ref, 1 if i == 0 else 2)
+    # The log-sum-exp rule across chunks: every chunk's sum of exps rescaled to the row max.
+    shift = _vp._finite_or_zero(row_max.amax(0))
+    sums[:, :, 0] *= torch.where(row_max == -math.inf, 1.0,
+                                 torch.exp(_vp._finite_or_zero(row_max) - shift))
+    return shift, sums.sum(0), ref
+
+
+@linear_cross_entropy_stats.register_fake
+def _(x, w, b, target, weight, ignore_index, logit_scale, softcap, smoothing, vocab_chunk):
+    acc = acc_dtype(x.dtype)
+    M = x.shape[0]
+    return (x.new_empty(M, dtype=acc), x.new_empty((M, 3 if smoothing else 2), dtype=acc),
+            x.new_empty(M, dtype=acc))
+
+
+@torch.library.custom_op("fused_softmax::linear_cross_entropy_vocab_bwd", mutates_args=())
+def linear_cross_entropy_vocab_bwd(
+    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor,
+    weight: Optional[torch.Tensor], lse: torch.Tensor, coef: torch.Tensor, logit_scale: float,
+    softcap: float, vocab_chunk: int, grad_input: bool, grad_weight: bool, grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of x / w / b (empty tensors where not asked), ``vocab_chunk`` classes at a
+    time: the chunk's logits recomputed, turned into their gradient in place
+    (``vocab_parallel_bwd_kernel``, per-row coefficients ``coef`` from
+    ``distributed.sharded_loss``), then ``grad_w[chunk] = G.T @ x`` (one matmul over all
+    rows, rounded once), ``grad_b[chunk] = G.sum(0)`` and ``grad_x += G @ w[chunk]``
+    (accumulated in fp32 for fp16/bf16)."""
+    M, H = x.shape
+    V = w.shape[0]
+    acc = acc_dtype(x.dtype)
+    gx = torch.empty((M, H) if grad_input else (0,), dtype=_grad_acc_dtype(x.dtype),
+                     device=x.device)
+    gw = torch.empty((V, H) if grad_weight else (0,), dtype=w.dtype, device=x.device)
+    gb = torch.empty((V,) if grad_bias else (0,), dtype=acc, device=x.device)
+    if M == 0:
+        for g in (gx, gw, gb):
+            g.zero_()
+    bwd = _vp._launch_bwd if use_triton(x) else _vp._torch_bwd
+    for v0, logits in _vocab_chunks(x, w, b, vocab_chunk) if M else ():
+        v1 = v0 + logits.shape[1]
+        bwd(logits, target, _slice(weight, v0, v1 - v0), lse, coef, v0, logit_scale, logits,
+            softcap)
+        if grad_input:
+            _addmm_into(gx, logits, w[v0:v1], first=v0 == 0)
+        if grad_weight:
+            torch.mm(logits.t(), x, out=gw[v0:v1])
+        if grad_bias:
+            torch.sum(logits, 0, dtype=acc, out=gb[v0:v1])
+    return gx.to(x.dtype), gw, gb.to(w.dtype)
+
+
+@linear_cross_entropy_vocab_bwd.register_fake
+def _(x, w, b, target, weight, lse, coef, logit_scale, softcap, vocab_chunk,
+      grad_input, grad_weight, grad_bias):
+    return (x.new_empty(x.shape if grad_input else (0,)),
+            w.new_empty(w.shape if grad_weight else (0,)),
+            w.new_empty((w.shape[0],) if grad_bias else (0,)))
+
+
 # --------------------------------------------------------------------------- autograd
 def _logits_chunks(x, w, b, num_classes, chunk_size):
     """``(rows, logits)`` per chunk as ``(chunk rows * D, C)``, with torch ops."""
@@ -219,6 +387,15 @@ def _soft_target_grads(x, w, b, target, weight, scalars, lse, dscale, args, chun
     if weight is not None and grad_weight is None:  # no rows
         grad_weight = torch.zeros_like(weight)
     return grad_target, grad_weight
+
+
+def _no_double_backward():
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fused_softmax.linear_cross_entropy does not support double backward "
+            "(create_graph=True): its gradients come from a fused kernel. Use "
+            "torch.nn.functional.cross_entropy(torch.nn.functional.linear(...)) where "
+            "second derivatives are needed.")
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -247,12 +424,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fused_softmax.linear_cross_entropy does not support double backward "
-                "(create_graph=True): its gradients come from a fused kernel. Use "
-                "torch.nn.functional.cross_entropy(torch.nn.functional.linear(...)) where "
-                "second derivatives are needed.")
+        _no_double_backward()
         need_x, need_w, need_b, need_t, need_cw = ctx.needs_input_grad[:5]
         x, w, b, target, weight, scalars, lse = ctx.saved_tensors
         gx = gw = gb = gt = gcw = None
@@ -276,6 +448,41 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                          ctx.args, ctx.chunk_size)
         return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
                 gt if need_t else None, gcw.to(weight.dtype) if need_cw else None,
+                None, None, None, None, None, None)
+
+
+class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
+    """The vocabulary-chunked path (index targets): the forward gathers per-row statistics
+    chunk by chunk (one logits matmul) and keeps O(rows) values; the backward recomputes
+    each chunk's logits and forms the three gradients from them (three matmuls)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, target, weight, reduction, args, vocab_chunk, grad_enabled):
+        ignore_index, eps, logit_scale, softcap, z_loss, _, C = args
+        # On CPU the op raises torch's IndexError for a target outside [0, C); on CUDA
+        # that row's loss and gradient are NaN.
+        shift, sums, ref = torch.ops.fused_softmax.linear_cross_entropy_stats(
+            x, w, b, target, weight, ignore_index, logit_scale, softcap, eps > 0, vocab_chunk)
+        valid, in_range = _vp._valid_rows(target, ignore_index, C)
+        need = [n and grad_enabled for n in ctx.needs_input_grad[:3]]
+        loss, lse, coef = _vp.sharded_loss(
+            shift, sums, torch.full((), C, dtype=sums.dtype, device=x.device), target, weight,
+            valid, in_range, reduction, eps, z_loss, any(need), ref)
+        if any(need):
+            ctx.save_for_backward(x, w, b, target, weight, lse, coef)
+            ctx.logit_scale, ctx.softcap, ctx.vocab_chunk = logit_scale, softcap, vocab_chunk
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        _no_double_backward()
+        x, w, b, target, weight, lse, coef = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        coef = _vp.scale_coefficients(coef, dloss, ctx.logit_scale)
+        gx, gw, gb = torch.ops.fused_softmax.linear_cross_entropy_vocab_bwd(
+            x, w, b, target, weight, lse, coef, ctx.logit_scale, ctx.softcap, ctx.vocab_chunk,
+            need_x, need_w, need_b)
+        return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
                 None, None, None, None, None, None)
 
 
@@ -375,6 +582,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
+    vocab_chunk_size: Optional[int] = None,
     options=None,
 ) -> torch.Tensor:
     r"""Cross-entropy of a linear projection, ``cross_entropy(linear(input, linear_weight,
@@ -382,11 +590,13 @@ def linear_cross_entropy(
 
     Drop-in for :func:`torch.nn.functional.linear_cross_entropy` (torch 2.13; the same
     names, defaults and meaning, also on torch versions that lack it), with the extras of
-    :func:`fused_softmax.cross_entropy`. Rows of ``input`` go through ``chunk_size`` at a
-    time: a cuBLAS matmul makes the chunk's logits, the fused cross-entropy kernel turns
-    them into loss and gradient in place, and two more matmuls make the chunk's share of
-    the gradients of ``input``, ``linear_weight`` and ``linear_bias``, so the backward only
-    rescales them. ``grad_weight`` is accumulated in fp32 (fp64 for fp64) and cast once.
+    :func:`fused_softmax.cross_entropy`. The logits exist one chunk at a time, made by a
+    cuBLAS matmul into one reused buffer and turned into loss and gradient by our kernels;
+    more matmuls make the gradients of ``input``, ``linear_weight`` and ``linear_bias``,
+    accumulated in fp32 (fp64 for fp64) where several chunks add up and cast once. Chunks
+    are ``chunk_size`` rows (all classes; gradients formed in the forward, so the backward
+    only rescales them) or ``vocab_chunk_size`` classes (all rows; the forward keeps only
+    per-row statistics and the backward recomputes the logits): see the module docstring.
 
     Args:
         input (Tensor): ``(*, H)``, any number of leading dims (torch: ``(H,)`` or
@@ -406,31 +616,34 @@ def linear_cross_entropy(
         label_smoothing (float): in ``[0, 1]``, torch's formula.
         logit_scale, softcap, z_loss (keyword-only): as in
             :func:`fused_softmax.cross_entropy` (applied to the logits).
-        chunk_size (int, optional): rows of ``input`` per chunk. Default: all rows when
-            their logits fit in the fp32 accumulator of ``linear_weight``'s gradient that
-            several chunks would need (fp16/bf16 weights that require grad), else the
-            largest power of two whose logits fit in that accumulator's size or 64 MiB,
-            whichever is larger (256 rows at C = 128256 in bf16 for a frozen head). Larger
-            chunks are faster and take more memory.
+        chunk_size (int, optional): chunks of this many rows of ``input`` (whole rows of
+            logits). ``chunk_size >= M``: one chunk, the fastest, holding all the logits.
+        vocab_chunk_size (int, optional): chunks of this many classes (all rows at once);
+            class-index targets and a 2-D ``linear_weight`` only. At most one of the two
+            may be given. Default (neither): one chunk of rows when all the logits fit in
+            64 MiB, else whichever chunking needs less memory (``default_plan``): at
+            M = 8192, H = 4096, C = 128256 bf16, 4096 classes per chunk (64 MiB).
         options: accepted for torch's signature (its ``LinearCrossEntropyOptions`` tune
-            torch's own chunked path) and ignored: here ``chunk_size`` sizes the chunks.
+            torch's own chunked path) and ignored: the chunk sizes above decide here.
 
     Returns:
         The loss: a scalar, or of the target's index shape for ``reduction='none'``; in
         ``input``'s dtype (float32 under autocast, where the projection runs in the
         autocast dtype, as torch).
 
-    Gradients: of ``input``, ``linear_weight`` and ``linear_bias``, computed during the
-    forward for those that require grad (so they are held from forward to backward); of a
-    probability target and of ``weight`` with probability targets, computed in backward from
-    recomputed logits. No double backward. Under ``reduction='none'`` the backward
-    recomputes the logits (one more matmul).
+    Gradients: of ``input``, ``linear_weight`` and ``linear_bias`` for those that require
+    grad — with chunks of rows computed during the forward (held from forward to backward;
+    under ``reduction='none'`` the backward recomputes the logits instead, one more matmul),
+    with chunks of the vocabulary during the backward; of a probability target and of
+    ``weight`` with probability targets, computed in backward from recomputed logits. No
+    double backward.
 
     Memory beyond inputs, outputs and gradients: the chunk's logits, vectors of one value
-    per row, and, with several chunks, during the forward the fp32 accumulator of
-    ``linear_weight``'s gradient when that is fp16/bf16 (4 bytes per element of
-    ``linear_weight``). At M = 8192, H = 4096, V = 128256 bf16 the default is one chunk:
-    2.0 GB of logits, as torch.compile, and no accumulator.
+    per row, and the fp32 accumulator of one gradient when it is fp16/bf16 and several
+    chunks add up: ``linear_weight``'s (4 bytes per element, during the forward) for chunks
+    of rows, ``input``'s (4 bytes per element, during the backward) for chunks of the
+    vocabulary. At M = 8192, H = 4096, C = 128256 bf16 the default takes 64 MiB + 128 MiB
+    (one chunk of rows: 2.0 GB, as torch.compile).
 
     Example::
 
@@ -469,8 +682,16 @@ def linear_cross_entropy(
     logits_like = torch.empty((), dtype=ce_dtype, device=input.device).expand(logits_like_shape)
     _check_args(logits_like, target_like, weight, ignore_index, reduction, label_smoothing,
                 logit_scale, softcap)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if chunk_size is not None and vocab_chunk_size is not None:
+        raise ValueError("linear_cross_entropy: give chunk_size (rows per chunk) or "
+                         "vocab_chunk_size (classes per chunk), not both")
+    if vocab_chunk_size is not None and (prob_target or out):
+        raise ValueError("linear_cross_entropy: vocab_chunk_size needs class-index targets and "
+                         "a 2-D linear_weight (C, H); use chunk_size here")
     out_dtype = ce_dtype
     if prob_target:  # torch computes -(log_softmax(logits) * target * weight): promotes
         out_dtype = torch.promote_types(out_dtype, target.dtype)
@@ -490,18 +711,21 @@ def linear_cross_entropy(
     t, weight = _kernel_operands(t, weight, prob_target)
     acc = acc_dtype(input.dtype)
     denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc)
-    if chunk_size is None:
-        needs_acc = (torch.is_grad_enabled() and linear_weight.requires_grad
-                     and _grad_acc_dtype(w.dtype) != w.dtype)
-        chunk_size = default_chunk_rows(M, D * C * input.element_size(),
-                                        4 * w.numel() if needs_acc else 0)
-    chunk_size = max(1, min(chunk_size, M))
-
+    if chunk_size is None and vocab_chunk_size is None:
+        chunk_size, vocab_chunk_size = default_plan(
+            M, C, D, H, x.element_size(), vocab_chunks_possible=not prob_target and D == 1,
+            grad_input=_needs_fp32_grad(x), grad_weight=_needs_fp32_grad(w))
     args = (ignore_index, label_smoothing_applied, float(logit_scale),
             float(softcap) if softcap is not None else 0.0, float(z_loss), prob_target, C)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        loss = LinearCrossEntropyFunction.apply(x, w, b, t, weight, scalars, denom, reduction,
-                                                args, chunk_size, torch.is_grad_enabled())
+        if vocab_chunk_size is not None:
+            loss = VocabChunkedLinearCrossEntropyFunction.apply(
+                x, w, b, t, weight, reduction, args, min(vocab_chunk_size, C),
+                torch.is_grad_enabled())
+        else:
+            loss = LinearCrossEntropyFunction.apply(
+                x, w, b, t, weight, scalars, denom, reduction, args, max(1, min(chunk_size, M)),
+                torch.is_grad_enabled())
     loss = loss.to(out_dtype)
     if reduction == "none":
         loss = loss.reshape((*lead, *out))
@@ -516,8 +740,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     ``num_classes * prod(out_features)`` outputs, flat as torch stores it) and the class
     ``weight`` as a buffer, so its ``state_dict`` loads into torch's module and back. Same
     constructor as torch's (``options`` is kept and ignored: the chunking is always on
-    here; size it with ``chunk_size``), plus the keyword-only extras ``logit_scale``,
-    ``softcap``, ``z_loss`` and ``chunk_size``.
+    here; size it with ``chunk_size`` or ``vocab_chunk_size``), plus the keyword-only
+    extras ``logit_scale``, ``softcap``, ``z_loss``, ``chunk_size`` and ``vocab_chunk_size``.
 
     Example::
 
@@ -533,7 +757,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  weight: Optional[torch.Tensor] = None, ignore_index: Optional[int] = None,
                  label_smoothing: float = 0.0, logit_scale: float = 1.0,
                  softcap: Optional[float] = None, z_loss: float = 0.0,
-                 chunk_size: Optional[int] = None, options=None) -> None:
+                 chunk_size: Optional[int] = None, vocab_chunk_size: Optional[int] = None,
+                 options=None) -> None:
         if weight is not None and weight.shape != (num_classes,):
             raise RuntimeError(
                 f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
@@ -552,6 +777,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.softcap = softcap
         self.z_loss = z_loss
         self.chunk_size = chunk_size
+        self.vocab_chunk_size = vocab_chunk_size
         self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes),
                                       bias=bias, device=device, dtype=dtype)
 
@@ -563,11 +789,13 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             linear_bias=bias, weight=self.weight, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             logit_scale=self.logit_scale, softcap=self.softcap, z_loss=self.z_loss,
-            chunk_size=self.chunk_size, options=self.options)
+            chunk_size=self.chunk_size, vocab_chunk_size=self.vocab_chunk_size,
+            options=self.options)
 
     def extra_repr(self) -> str:
         extras = "".join(f", {k}={getattr(self, k)}" for k, default in (
-            ("logit_scale", 1.0), ("softcap", None), ("z_loss", 0.0), ("chunk_size", None))
+            ("logit_scale", 1.0), ("softcap", None), ("z_loss", 0.0), ("chunk_size", None),
+            ("vocab_chunk_size", None))
             if getattr(self, k) != default)
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
                 f"out_features={self.out_features}, bias={self.linear.bias is not None}, "

@@ -28,28 +28,44 @@ logit makes the row's sum NaN, as torch's log-softmax does.
 import triton
 import triton.language as tl
 
+from .cross_entropy import scaled_logits, tanh
 from .softmax import finite_or_zero, float_arg, rescale_factor
 
 
 @triton.jit
 def vocab_parallel_stats_kernel(
-    X, TARGET, WEIGHT, MAX, SUMS,
-    n_rows, C, sx, ss, vocab_start, scale_hi, scale_lo,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    X, TARGET, WEIGHT, MAX, SUMS, REF,
+    n_rows, C, sx, ss, vocab_start, scale_hi, scale_lo, softcap_hi, softcap_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    REF_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One row per loop iteration of a persistent grid; ``C >= 1`` (the host serves empty
-    shards). ``SUMS`` rows (stride ``ss``) get ``[sum of exp, owned z_t, sum(w * z)]``;
-    ``WEIGHT`` is the local slice of the class weight."""
+    shards). ``SUMS`` rows (stride ``ss``) get ``[sum of exp, owned z_t, sum(w * (z - ref))]``;
+    ``WEIGHT`` is the local slice of the class weight.
+
+    ``ref`` (label smoothing only) keeps ``sum(w * z)`` from cancelling against
+    ``sum(w) * lse`` when the logits sit far from 0: ``REF_MODE`` 0 uses 0, 1 takes the
+    shard's first ``z`` (0 if infinite) and stores it in ``REF``, 2 loads it from ``REF``
+    (the same reference for every shard of a row, when the shards are processed in turn)."""
     logit_scale = float_arg(scale_hi, scale_lo, ACC)
+    softcap = float_arg(softcap_hi, softcap_lo, ACC)
     cols = tl.arange(0, BLOCK_N)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         r = tl.cast(row, tl.int64)
         xrow = X + r * sx
         t_local = tl.load(TARGET + r).to(tl.int64) - vocab_start
         owned = (t_local >= 0) & (t_local < C)
-        z_t = tl.load(xrow + tl.where(owned, t_local, 0)).to(ACC) * logit_scale
+        z_t = scaled_logits(tl.load(xrow + tl.where(owned, t_local, 0)).to(ACC), logit_scale,
+                            softcap, HAS_SOFTCAP)
         z_t = tl.where(owned, z_t, 0.0)
+        ref = 0.0
+        if HAS_SMOOTHING:
+            if REF_MODE == 1:
+                ref = finite_or_zero(scaled_logits(tl.load(xrow).to(ACC), logit_scale, softcap,
+                                                   HAS_SOFTCAP))
+                tl.store(REF + r, ref)
+            elif REF_MODE == 2:
+                ref = tl.load(REF + r).to(ACC)
 
         m = tl.full([], -float("inf"), ACC)
         s_vec = tl.zeros([BLOCK_N], ACC)
@@ -57,7 +73,8 @@ def vocab_parallel_stats_kernel(
         for start in range(0, C, BLOCK_N):
             c = start + cols
             mask = c < C
-            z = tl.load(xrow + c, mask=mask, other=0.0).to(ACC) * logit_scale
+            z = scaled_logits(tl.load(xrow + c, mask=mask, other=0.0).to(ACC), logit_scale,
+                              softcap, HAS_SOFTCAP)
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
             s_vec = s_vec * rescale_factor(m, m_new) + tl.exp(z - finite_or_zero(m_new))
@@ -65,9 +82,9 @@ def vocab_parallel_stats_kernel(
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
                     w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
-                    lin_vec += tl.where(mask, w * z, 0.0)
+                    lin_vec += tl.where(mask, w * (z - ref), 0.0)
                 else:
-                    lin_vec += tl.where(mask, z, 0.0)
+                    lin_vec += tl.where(mask, z - ref, 0.0)
         s = tl.sum(s_vec, 0)
         s = tl.where(m == float("inf"), float("nan"), s)  # torch: +inf in a row -> NaN
         tl.store(MAX + r, m)
@@ -80,14 +97,17 @@ def vocab_parallel_stats_kernel(
 @triton.jit
 def vocab_parallel_bwd_kernel(
     X, TARGET, WEIGHT, LSE, COEF, GRAD,
-    n_rows, C, sx, sc, sg, vocab_start, scale_hi, scale_lo,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    n_rows, C, sx, sc, sg, vocab_start, scale_hi, scale_lo, softcap_hi, softcap_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Gradient of the shard; ``COEF`` rows (stride ``sc``) hold ``[a, b, c]`` (``c`` only
-    with label smoothing). A row with ``a == 0`` (ignored) gets 0 from the first term
-    whatever ``lse`` holds, so a non-finite ``lse`` cannot turn its zero gradient into NaN."""
+    with label smoothing), times ``logit_scale``; with softcap the result is multiplied by
+    ``dz/d(x * logit_scale) = 1 - tanh**2``. A row with ``a == 0`` (ignored) gets 0 from the
+    first term whatever ``lse`` holds, so a non-finite ``lse`` cannot turn its zero gradient
+    into NaN. ``GRAD`` may be ``X`` itself (each element is read before it is written)."""
     logit_scale = float_arg(scale_hi, scale_lo, ACC)
+    softcap = float_arg(softcap_hi, softcap_lo, ACC)
     cols = tl.arange(0, BLOCK_N)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         r = tl.cast(row, tl.int64)
@@ -102,6 +122,9 @@ def vocab_parallel_bwd_kernel(
             c = start + cols
             mask = c < C
             z = tl.load(xrow + c, mask=mask, other=0.0).to(ACC) * logit_scale
+            if HAS_SOFTCAP:
+                t_cap = tanh(z / softcap)
+                z = softcap * t_cap
             dx = tl.where(a == 0.0, 0.0, a * tl.exp(z - lse))
             dx -= tl.where(c == t_local, b, 0.0)
             if HAS_SMOOTHING:
@@ -109,4 +132,6 @@ def vocab_parallel_bwd_kernel(
                     dx -= c_w * tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
                 else:
                     dx -= c_w
+            if HAS_SOFTCAP:
+                dx *= 1.0 - t_cap * t_cap
             tl.store(GRAD + r * sg + c, dx.to(GRAD.dtype.element_ty), mask=mask)

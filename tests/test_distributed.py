@@ -459,15 +459,17 @@ COMPILE_SCRIPT = textwrap.dedent("""
     out = {}
     for kernel in (k.vocab_parallel_stats_kernel, k.vocab_parallel_bwd_kernel):
         for acc, data in ((tl.float32, "bf16"), (tl.float64, "fp64")):
-            for feats in (False, True):
-                const = dict(HAS_WEIGHT=feats, HAS_SMOOTHING=feats, ACC=acc, BLOCK_N=4096)
+            for feats, ref_mode in ((False, 0), (True, 1), (True, 2)):
+                const = dict(HAS_WEIGHT=feats, HAS_SMOOTHING=feats, HAS_SOFTCAP=feats,
+                             REF_MODE=ref_mode, ACC=acc, BLOCK_N=4096)
+                const = {n: v for n, v in const.items() if n in kernel.arg_names}
                 side = "fp64" if acc == tl.float64 else "fp32"
                 sig = {n: ("constexpr" if n in const else "*i64" if n == "TARGET"
                            else f"*{data}" if n in ("X", "WEIGHT", "GRAD")
                            else f"*{side}" if n.isupper() and n != "C"
                            else "fp32" if n.endswith(("_hi", "_lo")) else "i64")
                        for n in kernel.arg_names}
-                name = f"{kernel.fn.__name__} {data} features={feats}"
+                name = f"{kernel.fn.__name__} {data} " + ",".join(f"{n}={v}" for n, v in const.items())
                 try:
                     cc = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
                                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
@@ -486,7 +488,7 @@ def test_kernels_compile_for_sm90():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 8 and all(v == "ok" for v in results.values()), results
+    assert len(results) == 10 and all(v == "ok" for v in results.values()), results
 
 
 # --------------------------------------------------------------------------- CUDA / NCCL

@@ -39,12 +39,16 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
 ]
 
-M, H, C, CHUNK = 7, 8, 19, 3
+M, H, C, CHUNK, VCHUNK = 7, 8, 19, 3, 5
+#: The two chunkings: rows (every target kind) and classes (index targets, 2-D weight).
+PATHS = {"rows": dict(chunk_size=CHUNK), "vocab": dict(vocab_chunk_size=VCHUNK)}
+both_paths = pytest.mark.parametrize("path", list(PATHS))
 
 
 # --------------------------------------------------------------------------- references
 def torch_loss(x, W, t, *, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
-               label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, chunk_size=None):
+               label_smoothing=0.0, logit_scale=1.0, softcap=None, z_loss=0.0, chunk_size=None,
+               vocab_chunk_size=None):
     """``cross_entropy(linear(x, W, b), t)`` with torch ops, for ``x`` of shape ``(*, H)``,
     ``W`` of shape ``(C, d..., H)``; the extras composed (z = softcap * tanh(s * logits /
     softcap), plus z_loss * lse**2 on non-ignored rows, reduced like the loss)."""
@@ -153,14 +157,18 @@ CASES = [  # name, kind, reduction, make() options, loss options
 ]
 
 
+CASES_BY_PATH = [pytest.param(*case, path, id=f"{case[0]}-{path}") for case in CASES
+                 for path in PATHS if path == "rows" or (case[1] == "index" and "out" not in case[3])]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name,kind,reduction,mk,kw", CASES, ids=[c[0] for c in CASES])
-def test_equals_composed_torch(name, kind, reduction, mk, kw, dtype, device):
+@pytest.mark.parametrize("name,kind,reduction,mk,kw,path", CASES_BY_PATH)
+def test_equals_composed_torch(name, kind, reduction, mk, kw, path, dtype, device):
     x, W, t, b, w = make(device, dtype, kind, **mk)
     gen = torch.Generator().manual_seed(1)
     expected = torch_loss(x, W, t, linear_bias=b, weight=w, reduction=reduction, **kw)
     up = torch.randn(expected.shape, generator=gen, dtype=dtype).to(device)
-    ours = run(lce, x, W, t, b, w, up, reduction=reduction, chunk_size=CHUNK, **kw)
+    ours = run(lce, x, W, t, b, w, up, reduction=reduction, **PATHS[path], **kw)
     theirs = run(torch_loss, x, W, t, b, w, up, reduction=reduction, **kw)
     tol = {} if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
     assert_all_close(ours, theirs, name, **tol)
@@ -178,20 +186,23 @@ def test_equals_torch_linear_cross_entropy(kind, device):
     assert_all_close(ours, theirs, kind)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 2, 5, 7, 100, None])
-def test_chunk_sizes(chunk_size, device):
+@pytest.mark.parametrize("chunks", [dict(chunk_size=n) for n in (1, 2, 5, 7, 100)]
+                         + [dict(vocab_chunk_size=n) for n in (1, 4, 18, 19, 100)] + [{}],
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
+def test_chunk_sizes(chunks, device):
     x, W, t, b, w = make(device, torch.float64, bias=True, weighted=True)
-    kw = dict(label_smoothing=0.1, z_loss=1e-3)
-    ours = run(lce, x, W, t, b, w, chunk_size=chunk_size, **kw)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    ours = run(lce, x, W, t, b, w, **chunks, **kw)
     theirs = run(torch_loss, x, W, t, b, w, **kw)
-    assert_all_close(ours, theirs, f"chunk_size={chunk_size}")
+    assert_all_close(ours, theirs, str(chunks))
 
 
+@both_paths
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_targets_ignored(reduction, device):
+def test_all_targets_ignored(reduction, path, device):
     x, W, t, b, w = make(device, bias=True, weighted=True)
     t = torch.full_like(t, -100)
-    ours = run(lce, x, W, t, b, w, reduction=reduction, chunk_size=CHUNK, label_smoothing=0.1)
+    ours = run(lce, x, W, t, b, w, reduction=reduction, **PATHS[path], label_smoothing=0.1)
     theirs = run(torch_loss, x, W, t, b, w, reduction=reduction, label_smoothing=0.1)
     assert_all_close(ours, theirs, reduction)
     if reduction == "mean":
@@ -199,38 +210,52 @@ def test_all_targets_ignored(reduction, device):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in ours[1:])
 
 
+@pytest.mark.parametrize("chunks", [{}, dict(vocab_chunk_size=VCHUNK)], ids=["default", "vocab"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_empty_batch(reduction, device):
+def test_empty_batch(reduction, chunks, device):
     x, W, t, b, w = make(device, lead=(0,), bias=True)
-    ours = run(lce, x, W, t, b, w, reduction=reduction)
+    ours = run(lce, x, W, t, b, w, reduction=reduction, **chunks)
     theirs = run(torch_loss, x, W, t, b, w, reduction=reduction)
     assert_all_close(ours, theirs, reduction)
 
 
+@both_paths
 @pytest.mark.parametrize("target_dtype", [torch.int32, torch.uint8])
-def test_other_index_dtypes(target_dtype, device):
+def test_other_index_dtypes(target_dtype, path, device):
     x, W, t, b, w = make(device, bias=True)
     t = t.clamp(min=0).to(target_dtype)
-    ours = run(lce, x, W, t, b, w, chunk_size=CHUNK)
+    ours = run(lce, x, W, t, b, w, **PATHS[path])
     theirs = run(torch_loss, x, W, t.long(), b, w)
     assert_all_close(ours, theirs, str(target_dtype))
 
 
-def test_non_contiguous_inputs(device):
+@both_paths
+def test_non_contiguous_inputs(path, device):
     x, W, t, b, w = make(device, bias=True)
     xt = x.t().contiguous().t()  # same values, column-major
     Wt = W.t().contiguous().t()
+    bs = torch.stack([b, b], 1)[:, 0]
+    t2 = torch.stack([t, t], 1)[:, 0]
     assert not xt.is_contiguous() and not Wt.is_contiguous()
-    loss = lce(xt, Wt, t[::1], linear_bias=b, chunk_size=CHUNK)
-    torch.testing.assert_close(loss, torch_loss(x, W, t, linear_bias=b))
+    assert not bs.is_contiguous() and not t2.is_contiguous()
+    leaves = [a.clone().requires_grad_(True) for a in (xt, Wt, bs)]
+    loss = lce(leaves[0], leaves[1], t2, linear_bias=leaves[2], **PATHS[path])
+    loss.backward()
+    ref = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    expected = torch_loss(ref[0], ref[1], t, linear_bias=ref[2])
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for a, e in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, e.grad)
 
 
+@both_paths
 @pytest.mark.parametrize("which", ["input", "weight", "bias"])
-def test_only_one_input_requires_grad(which, device):
+def test_only_one_input_requires_grad(which, path, device):
     x, W, t, b, _ = make(device, bias=True)
     leaves = {"input": x, "weight": W, "bias": b}
     leaves = {k: v.clone().requires_grad_(k == which) for k, v in leaves.items()}
-    lce(leaves["input"], leaves["weight"], t, linear_bias=leaves["bias"], chunk_size=CHUNK).backward()
+    lce(leaves["input"], leaves["weight"], t, linear_bias=leaves["bias"], **PATHS[path]).backward()
     ref = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
     torch_loss(ref["input"], ref["weight"], t, linear_bias=ref["bias"]).backward()
     for k, v in leaves.items():
@@ -255,19 +280,24 @@ def test_prob_target_and_class_weight_gradients(device):
 
 
 # --------------------------------------------------------------------------- fp64 gradcheck
-GRADCHECK = [  # name, kind, options, class weights, full Jacobian (else gradcheck's fast mode)
-    ("index mean weight smoothing", "index", dict(reduction="mean", label_smoothing=0.1), True, True),
-    ("index none extras", "index", dict(reduction="none", z_loss=1e-2, softcap=3.0, logit_scale=0.5), False, False),
-    ("prob sum", "prob", dict(reduction="sum", label_smoothing=0.2), False, False),
+GRADCHECK = [  # name, kind, options, class weights, full Jacobian (else gradcheck's fast mode), path
+    ("index mean weight smoothing", "index", dict(reduction="mean", label_smoothing=0.1), True, True, "rows"),
+    ("index none extras", "index", dict(reduction="none", z_loss=1e-2, softcap=3.0, logit_scale=0.5), False, False,
+     "rows"),
+    ("prob sum", "prob", dict(reduction="sum", label_smoothing=0.2), False, False, "rows"),
+    ("vocab mean weight smoothing", "index", dict(reduction="mean", label_smoothing=0.1), True, True, "vocab"),
+    ("vocab none extras smoothing", "index",
+     dict(reduction="none", z_loss=1e-2, softcap=3.0, logit_scale=0.5, label_smoothing=0.2), True, False, "vocab"),
 ]
 
 
-@pytest.mark.parametrize("name,kind,kw,weighted,full", GRADCHECK, ids=[g[0] for g in GRADCHECK])
-def test_gradcheck_fp64(name, kind, kw, weighted, full, device):
+@pytest.mark.parametrize("name,kind,kw,weighted,full,path", GRADCHECK, ids=[g[0] for g in GRADCHECK])
+def test_gradcheck_fp64(name, kind, kw, weighted, full, path, device):
     x, W, t, b, w = make(device, torch.float64, kind, lead=(3,), classes=5, bias=True, weighted=weighted)
     x, W = x[:, :3], W[:, :3]  # H = 3: few numerical perturbations
-    chunk = 3 if full else 2  # the full Jacobian takes 2 forwards per input element
-    fn = lambda x_, W_, b_: lce(x_, W_, t, linear_bias=b_, weight=w, chunk_size=chunk, **kw)
+    # the full Jacobian takes 2 forwards per input element: few chunks there
+    chunks = dict(chunk_size=3 if full else 2) if path == "rows" else dict(vocab_chunk_size=3 if full else 2)
+    fn = lambda x_, W_, b_: lce(x_, W_, t, linear_bias=b_, weight=w, **chunks, **kw)
     inputs = tuple(a.clone().requires_grad_(True) for a in (x, W, b))
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=not full)
 
@@ -280,13 +310,14 @@ def test_double_backward_raises(device):
         torch.autograd.grad(loss, x, create_graph=True)
 
 
+@both_paths
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_second_backward_and_grad_output(reduction, device):
+def test_second_backward_and_grad_output(reduction, path, device):
     """retain_graph: the first backward consumes the forward's gradients (rescaled in
     place), the second recomputes them; both with a grad_output that is not 1."""
     x, W, t, b, _ = make(device, bias=True)
     leaves = [a.clone().requires_grad_(True) for a in (x, W, b)]
-    loss = lce(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction, chunk_size=CHUNK)
+    loss = lce(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction, **PATHS[path])
     up = torch.full_like(loss, 2.5) if reduction == "mean" else torch.linspace(-1, 1, M, device=device)
     first = torch.autograd.grad(loss, leaves, up, retain_graph=True)
     second = torch.autograd.grad(loss, leaves, up)
@@ -302,8 +333,9 @@ def max_error(a, ref):
     return (a.double() - ref).abs().max().item()
 
 
+@both_paths
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_as_accurate_as_torch(dtype, device):
+def test_low_precision_as_accurate_as_torch(dtype, path, device):
     """Against an fp64 reference on the same values: error <= max(torch's own error in
     ``dtype``, 2 eps of the largest value) for the loss and every gradient (one rounding of
     the logits, of their gradient and of each result, as in torch)."""
@@ -315,7 +347,7 @@ def test_low_precision_as_accurate_as_torch(dtype, device):
     t = torch.randint(0, C, (n,), generator=gen)
     x, W, b, t = (a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device) for a in (x, W, b, t))
     kw = dict(label_smoothing=0.1)
-    ours = run(lce, x, W, t, b, chunk_size=5, **kw)
+    ours = run(lce, x, W, t, b, **(dict(chunk_size=5) if path == "rows" else PATHS[path]), **kw)
     theirs = run(torch_loss, x, W, t, b, **kw)
     ref = run(torch_loss, x, W, t, b, dtype=torch.float64, **kw)
     eps = torch.finfo(dtype).eps
@@ -347,7 +379,8 @@ def test_grad_weight_accumulated_in_fp32(device):
     assert max_error(gw, ref) <= max_error(exp, ref)
 
 
-def test_autocast_like_torch(device):
+@both_paths
+def test_autocast_like_torch(path, device):
     """Under autocast the projection runs in the autocast dtype and the loss is fp32, as
     torch's composition; fp32 weights and input, bf16 gradients cast back to fp32."""
     x, W, t, b, w = make(device, bias=True, weighted=True)
@@ -356,7 +389,7 @@ def test_autocast_like_torch(device):
     for fn, store in ((lce, got), (torch_loss, exp)):
         leaves = [a.clone().requires_grad_(True) for a in (x, W, b)]
         with torch.autocast(device_type, dtype=torch.bfloat16):
-            loss = fn(leaves[0], leaves[1], t, linear_bias=leaves[2], weight=w, chunk_size=CHUNK)
+            loss = fn(leaves[0], leaves[1], t, linear_bias=leaves[2], weight=w, **PATHS[path])
         loss.backward()
         store.extend([loss.detach()] + [a.grad for a in leaves])
     for name, a, e in zip(["loss", "grad input", "grad weight", "grad bias"], got, exp):
@@ -384,11 +417,33 @@ def test_kernel_runs_once_per_chunk(device, monkeypatch):
     torch.testing.assert_close(Wl.grad, run(torch_loss, x, W, t, b)[2])
 
 
-def test_torch_path_equals_kernels(device, monkeypatch):
+def test_vocab_chunks_run_the_vocab_parallel_kernels(device):
+    """Chunks of the vocabulary: the forward runs the statistics kernel once per chunk (one
+    logits matmul each) and keeps no gradient; the backward the gradient kernel once per
+    chunk; never the row kernel."""
     x, W, t, b, w = make(device, bias=True, weighted=True)
-    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=CHUNK)
+    if not _backend.use_triton(x):
+        pytest.skip("no Triton path for this device (no CUDA, no interpreter)")
+    counts = _backend.launch_counts
+    names = ("vocab_parallel_stats_kernel", "vocab_parallel_bwd_kernel", "cross_entropy_fwd_kernel")
+    before = [counts[n] for n in names]
+    n_chunks = -(-C // VCHUNK)
+    leaves = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    loss = lce(*leaves[:2], t, linear_bias=leaves[2], weight=w, label_smoothing=0.1, vocab_chunk_size=VCHUNK)
+    assert [counts[n] - k for n, k in zip(names, before)] == [n_chunks, 0, 0]
+    loss.backward()
+    assert [counts[n] - k for n, k in zip(names, before)] == [n_chunks, n_chunks, 0]
+    expected = run(torch_loss, x, W, t, b, w, label_smoothing=0.1)
+    assert_all_close([loss.detach()] + [a.grad for a in leaves], expected)
+
+
+@both_paths
+def test_torch_path_equals_kernels(path, device, monkeypatch):
+    x, W, t, b, w = make(device, bias=True, weighted=True)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, **PATHS[path])
     kernels = run(lce, x, W, t, b, w, **kw)
     monkeypatch.setattr(ce_mod, "use_triton", lambda t: False)
+    monkeypatch.setattr(lce_mod, "use_triton", lambda t: False)
     before = sum(_backend.launch_counts.values())
     torch_path = run(lce, x, W, t, b, w, **kw)
     assert sum(_backend.launch_counts.values()) == before
@@ -403,7 +458,20 @@ def test_opcheck(grads, device):
     torch.library.opcheck(torch.ops.fused_softmax.linear_cross_entropy_fwd.default, args)
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("grads", [(True, True, True), (True, False, False)])
+def test_opcheck_vocab_chunks(grads, device):
+    x, W, t, b, w = make(device, bias=True, weighted=True)
+    t = t.clamp(min=0)
+    torch.library.opcheck(torch.ops.fused_softmax.linear_cross_entropy_stats.default,
+                          (x, W, b, t, w, -100, 0.7, 3.0, True, VCHUNK))
+    lse = torch.logsumexp(x @ W.t() + b, 1)
+    coef = torch.rand(M, 3, device=device)
+    torch.library.opcheck(torch.ops.fused_softmax.linear_cross_entropy_vocab_bwd.default,
+                          (x, W, b, t, w, lse, coef, 1.0, 0.0, VCHUNK, *grads))
+
+
+@both_paths
+def test_torch_compile_fullgraph(path, device):
     """One graph with a mean (gradients from the forward) and a 'none' loss (recomputed in
     backward), leading dims and extras."""
     x, W, t, b, w = make(device, lead=(2, 3), bias=True, weighted=True)
@@ -418,7 +486,7 @@ def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     leaves = [a.clone().requires_grad_(True) for a in (x, W, b)]
-    out = compiled(*leaves, lce, chunk_size=4)
+    out = compiled(*leaves, lce, **(dict(chunk_size=4) if path == "rows" else PATHS[path]))
     out.backward()
     ref = [a.clone().requires_grad_(True) for a in (x, W, b)]
     expected = f(*ref, torch_loss)
@@ -448,23 +516,69 @@ def test_default_chunk_is_one_when_logits_fit_the_accumulator():
     assert lce_mod.default_chunk_rows(8192, V * 2, 0) == 256            # no accumulator
 
 
-@pytest.mark.parametrize("needs_grad,weight_dtype,expect_one", [
-    (True, torch.bfloat16, True), (False, torch.bfloat16, False), (True, torch.float32, False)])
-def test_default_chunk_choice_in_the_call(monkeypatch, needs_grad, weight_dtype, expect_one):
-    """The call passes the accumulator size only when a half-precision weight needs a
-    gradient (frozen or fp32 heads keep the 64 MiB chunks)."""
-    seen = {}
-    real = lce_mod.default_chunk_rows
+def test_default_plan():
+    """The default chunking is the one that needs less memory beyond inputs, outputs and
+    gradients; all the logits in 64 MiB: one chunk of rows."""
+    plan = lce_mod.default_plan
+    V, Hb = 128256, 4096
+    both = dict(grad_input=True, grad_weight=True)
+    # The issue's shape: 64 MiB of logits (+ the fp32 grad_input accumulator) against 2 GB.
+    assert plan(8192, V, 1, Hb, 2, vocab_chunks_possible=True, **both) == (None, 4096)
+    # Probability targets or a K-dim weight: rows, one chunk (no grad_W accumulator).
+    assert plan(8192, V, 1, Hb, 2, vocab_chunks_possible=False, **both) == (8192, None)
+    # Frozen head: 64 MiB chunks of rows need no accumulator, vocabulary chunks need grad_input's.
+    assert plan(8192, V, 1, Hb, 2, vocab_chunks_possible=True, grad_input=True,
+                grad_weight=False) == (256, None)
+    # Everything fits in 64 MiB: one chunk of rows, three matmuls.
+    assert plan(7, 19, 1, 8, 4, vocab_chunks_possible=True, **both) == (7, None)
+    assert plan(128, V, 1, Hb, 2, vocab_chunks_possible=True, **both) == (128, None)
+    vocab = lce_mod.default_vocab_chunk
+    assert vocab(8192, V, 2) == 4096 and vocab(3000, V, 2) == 11136  # multiples of 128
+    assert vocab(10**6, V, 2) == 128 and vocab(10, 300, 2) == 300
 
-    def spy(n_rows, row_bytes, acc_bytes=0):
-        seen["acc"] = acc_bytes
-        return real(n_rows, row_bytes, acc_bytes)
-    monkeypatch.setattr(lce_mod, "default_chunk_rows", spy)
-    x = torch.randn(6, 8, dtype=weight_dtype)
-    W = torch.randn(20, 8, dtype=weight_dtype, requires_grad=needs_grad)
-    lce(x, W, torch.randint(0, 20, (6,)))
-    assert (seen["acc"] == 4 * W.numel()) == expect_one
-    assert real(6, 20 * x.element_size(), seen["acc"]) == 6  # tiny: one chunk either way
+
+@pytest.mark.parametrize("dtype,grad,prob,expect", [
+    (torch.bfloat16, True, False, dict(vocab_chunks_possible=True, grad_input=True, grad_weight=True)),
+    (torch.bfloat16, False, False, dict(vocab_chunks_possible=True, grad_input=False, grad_weight=False)),
+    (torch.float32, True, False, dict(vocab_chunks_possible=True, grad_input=False, grad_weight=False)),
+    (torch.bfloat16, True, True, dict(vocab_chunks_possible=False, grad_input=True, grad_weight=True)),
+])
+def test_default_plan_in_the_call(monkeypatch, dtype, grad, prob, expect):
+    """The call says which fp32 accumulators the gradients would need (fp16/bf16 tensors
+    that require grad) and whether the vocabulary may be chunked."""
+    seen = {}
+    real = lce_mod.default_plan
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(lce_mod, "default_plan", spy)
+    x = torch.randn(6, 8, dtype=dtype, requires_grad=grad)
+    W = torch.randn(20, 8, dtype=dtype, requires_grad=grad)
+    t = torch.softmax(torch.randn(6, 20), 1).to(dtype) if prob else torch.randint(0, 20, (6,))
+    lce(x, W, t)
+    assert seen == expect
+
+
+@both_paths
+def test_out_of_range_target_cpu_error_is_torchs(path):
+    x, W, t, _, _ = make("cpu")
+    t[0] = C
+    with pytest.raises(IndexError, match=f"Target {C} is out of bounds"):
+        lce(x, W, t, **PATHS[path])
+
+
+@both_paths
+def test_large_logits_with_smoothing_do_not_cancel(path, device):
+    """Logits near 1e4 (fp32): the smoothing term sum(w * z) is taken relative to a logit
+    of the row, so the loss keeps torch's accuracy instead of cancelling to ~1e-3."""
+    x, W, t, b, w = make(device, bias=True, weighted=True)
+    b = b + 1e4
+    kw = dict(label_smoothing=0.3, reduction="none")
+    ours = lce(x, W, t, linear_bias=b, weight=w, **PATHS[path], **kw)
+    theirs = torch_loss(x, W, t, linear_bias=b, weight=w, **kw)
+    ref = torch_loss(*(a.double() for a in (x, W)), t, linear_bias=b.double(), weight=w.double(), **kw)
+    assert max_error(ours, ref) <= max(2 * max_error(theirs, ref), 1e-5)
 
 
 # --------------------------------------------------------------------------- errors
@@ -484,6 +598,12 @@ ERRORS = [
     ("class weight shape", lambda x, W, t: lce(x, W, t, weight=torch.ones(3, device=x.device)), RuntimeError,
      "weight tensor should be defined"),
     ("chunk size", lambda x, W, t: lce(x, W, t, chunk_size=0), ValueError, "chunk_size"),
+    ("vocab chunk size", lambda x, W, t: lce(x, W, t, vocab_chunk_size=0), ValueError, "vocab_chunk_size"),
+    ("both chunk sizes", lambda x, W, t: lce(x, W, t, chunk_size=2, vocab_chunk_size=4), ValueError, "not both"),
+    ("vocab chunks, probabilities", lambda x, W, t: lce(x, W, torch.softmax(x @ W.t(), 1), vocab_chunk_size=4),
+     ValueError, "class-index targets"),
+    ("vocab chunks, K-dim weight", lambda x, W, t: lce(x, W[:, None], t[:, None], vocab_chunk_size=4),
+     ValueError, "2-D linear_weight"),
     ("integer input", lambda x, W, t: lce(x.long(), W, t), RuntimeError, "same dtype"),
     ("integer input and weight", lambda x, W, t: lce(x.long(), W.long(), t), NotImplementedError,
      "not implemented"),
@@ -549,15 +669,16 @@ def test_module_state_dict_roundtrip_with_torch(cfg, device):
 
 # --------------------------------------------------------------------------- CUDA only
 @needs_cuda
+@both_paths
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cuda_no_host_sync(reduction, device):
+def test_cuda_no_host_sync(reduction, path, device):
     x, W, t, b, w = make(device, bias=True, weighted=True)
-    kw = dict(weight=w, label_smoothing=0.1, reduction=reduction)
-    run(lce, x, W, t, b, chunk_size=CHUNK, **kw)  # warm-up outside the check: compile the kernels
+    kw = dict(weight=w, label_smoothing=0.1, reduction=reduction, **PATHS[path])
+    run(lce, x, W, t, b, **kw)  # warm-up outside the check: compile the kernels
     torch.cuda.synchronize()
     try:
         torch.cuda.set_sync_debug_mode("error")
-        ours = run(lce, x, W, t, b, chunk_size=CHUNK, **kw)
+        ours = run(lce, x, W, t, b, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_all_close(ours, run(torch_loss, x, W, t, b, **kw), reduction)
@@ -565,9 +686,10 @@ def test_cuda_no_host_sync(reduction, device):
 
 @needs_cuda
 def test_cuda_peak_extra_memory(device):
-    """M=8192, H=4096, V=128256 bf16, default chunk: peak memory beyond the inputs and the
-    gradients (input, weight) is at most the 64 MiB chunk buffer + the fp32 grad_W
-    accumulator (4 * V * H) + 8 MiB for the per-row vectors and cuBLAS' workspace."""
+    """M=8192, H=4096, V=128256 bf16, default chunks (of the vocabulary): peak memory beyond
+    the inputs and the gradients (input, weight) is at most the 64 MiB chunk buffer + the
+    fp32 grad_input accumulator (4 * M * H) + 8 MiB for the per-row vectors and cuBLAS'
+    workspace."""
     Mb, Hb, Vb = 8192, 4096, 128256
     gen = torch.Generator(device=device).manual_seed(8)
     x = torch.randn(Mb, Hb, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
@@ -582,5 +704,5 @@ def test_cuda_peak_extra_memory(device):
     torch.cuda.synchronize()
     grads = x.numel() * 2 + W.numel() * 2
     extra = torch.cuda.max_memory_allocated() - base - grads
-    budget = (64 << 20) + 4 * W.numel() + (8 << 20)
+    budget = (64 << 20) + 4 * x.numel() + (8 << 20)
     assert extra <= budget, f"peak extra {extra / 2**20:.0f} MiB > {budget / 2**20:.0f} MiB"

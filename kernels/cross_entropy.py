@@ -32,7 +32,7 @@ gradient are NaN, so the failure is loud without a host synchronisation.
 import triton
 import triton.language as tl
 
-from .softmax import finite_or_zero, float_arg, rescale_factor
+from .softmax import div_, exp_, finite_or_zero, float_arg, log_, rescale_factor
 
 
 @triton.jit
@@ -85,6 +85,7 @@ def cross_entropy_fwd_kernel(
     logit_scale = float_arg(scale_hi, scale_lo, ACC)
     softcap = float_arg(softcap_hi, softcap_lo, ACC)
     z_loss = float_arg(z_loss_hi, z_loss_lo, ACC)
+    PRECISE: tl.constexpr = X.dtype.element_ty == tl.float32  # libm exp/log for fp32 logits
     cols = tl.arange(0, BLOCK_N)
     grad_scale = tl.load(SCALARS).to(ACC)
     w_sum = tl.load(SCALARS + 1).to(ACC)
@@ -119,7 +120,7 @@ def cross_entropy_fwd_kernel(
             x = tl.load(xrow + c, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
             z = tl.where(mask, scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP), -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
-            s_vec = s_vec * rescale_factor(m, m_new) + tl.exp(z - finite_or_zero(m_new))
+            s_vec = s_vec * rescale_factor(m, m_new, PRECISE) + exp_(z - finite_or_zero(m_new), PRECISE)
             m = m_new
             if HAS_WEIGHT:
                 w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
@@ -136,7 +137,7 @@ def cross_entropy_fwd_kernel(
         s = tl.sum(s_vec, 0)
         # torch: a +inf logit makes log_softmax NaN (inf - inf), so the loss is NaN too.
         s = tl.where(m == float("inf"), float("nan"), s)
-        log_s = tl.log(s)
+        log_s = log_(s, PRECISE)
         lse = shift + log_s
         lse_r0 = (shift - r0) + log_s  # lse - r0, without the cancellation
 
@@ -159,7 +160,6 @@ def cross_entropy_fwd_kernel(
 
         # ---- pass 2 (L2-resident re-read): gradient of the row's loss
         if COMPUTE_GRAD:
-            inv_s = 1.0 / s
             g_coef = coef * grad_scale
             for start in range(0, C, BLOCK_N):
                 c = start + cols
@@ -172,7 +172,7 @@ def cross_entropy_fwd_kernel(
                     dzdx = logit_scale * (1.0 - t_cap * t_cap)
                 else:
                     dzdx = logit_scale
-                p = tl.exp(z - shift) * inv_s
+                p = div_(exp_(z - shift, PRECISE), s, PRECISE)
                 if HAS_WEIGHT:
                     w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
                 else:

@@ -143,7 +143,7 @@ def sample_kernel(
             s_vec = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
             for start in range(0, V, BLOCK_N):
                 s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-                m, s_vec = online_update(m, s_vec, s)
+                m, s_vec = online_update(m, s_vec, s, False)
             shift = finite_or_zero(m)
             z = tl.sum(s_vec, 1)
         if HAS_MIN_P:

@@ -20,15 +20,55 @@ stay in L2 (``evict_last``), so the second read hits L2 rather than HBM.
 Numerics. Accumulation in fp32 (fp64 for fp64 input). The shift is torch's: a max of
 ``+-inf`` is replaced by 0, so a row of all ``-inf`` has log-sum-exp ``-inf`` (and softmax
 NaN, as torch), a ``+inf`` gives log-sum-exp ``+inf`` (softmax NaN, as torch), and masked
-lanes, loaded as ``-inf``, contribute ``exp(-inf) = 0`` and never a NaN.
+lanes, loaded as ``-inf``, contribute ``exp(-inf) = 0`` and never a NaN. fp32 results
+(``PRECISE``) use CUDA's own ``expf``/``logf`` (libdevice, as torch's kernels) and a
+correctly rounded division; Triton's ``tl.exp`` (``ex2.approx`` of ``x * log2(e)``) loses
+~|x| * 6e-8 relative and ``1 / s`` one more rounding, which measured ~2.3x torch's fp32
+error on an H100. fp16/bf16 results keep the fast forms: their own rounding is 2^-11 or
+coarser.
 """
+
+import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 SOFTMAX = tl.constexpr(0)
 LOG_SOFTMAX = tl.constexpr(1)
 LOGSUMEXP = tl.constexpr(2)
+
+
+#: libdevice exists only in compiled kernels; Triton's interpreter (numpy) is exact anyway.
+LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def exp_(x, PRECISE: tl.constexpr):
+    """``exp(x)``: CUDA's ``expf`` with ``PRECISE`` (compiled), else ``tl.exp``."""
+    if PRECISE and LIBDEVICE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def log_(x, PRECISE: tl.constexpr):
+    """``log(x)``: CUDA's ``logf`` with ``PRECISE`` (compiled), else ``tl.log``."""
+    if PRECISE and LIBDEVICE:
+        return libdevice.log(x)
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def div_(a, b, PRECISE: tl.constexpr):
+    """``a / b`` correctly rounded with ``PRECISE``, else ``a * (1 / b)`` (one reciprocal
+    per row, then multiplies)."""
+    if PRECISE:
+        return tl.math.div_rn(a, b)
+    else:
+        return a * (1.0 / b)
 
 
 @triton.jit
@@ -54,24 +94,25 @@ def tile_positions(tile, n_pos, K, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def rescale_factor(m_run, m_new):
+def rescale_factor(m_run, m_new, PRECISE: tl.constexpr = False):
     """``exp(m_run - m_new)``, the online-softmax rescale of a running sum when the max grows,
     under torch's shift rule: 0 while nothing has been summed (``m_run = -inf``), and 1 once
     the max is +inf (the answer is then +inf or NaN; ``exp(old max - 0)`` could overflow and
     turn a lane's 0 into NaN)."""
     return tl.where(m_run == -float("inf"), 0.0,
                     tl.where(m_new == float("inf"), 1.0,
-                             tl.exp(finite_or_zero(m_run) - finite_or_zero(m_new))))
+                             exp_(finite_or_zero(m_run) - finite_or_zero(m_new), PRECISE)))
 
 
 @triton.jit
-def online_update(m_run, s_vec, x):
+def online_update(m_run, s_vec, x, PRECISE: tl.constexpr):
     """Fold a ``[R, B]`` block into running per-row max ``m_run`` and per-lane sums ``s_vec``.
 
     One ``exp`` per element: the rescale factor is per row, not per lane.
     """
     m_new = tl.maximum(m_run, tl.max(x, 1))
-    s_vec = s_vec * rescale_factor(m_run, m_new)[:, None] + tl.exp(x - finite_or_zero(m_new)[:, None])
+    s_vec = (s_vec * rescale_factor(m_run, m_new, PRECISE)[:, None]
+             + exp_(x - finite_or_zero(m_new)[:, None], PRECISE))
     return m_new, s_vec
 
 
@@ -86,6 +127,7 @@ def softmax_fwd_kernel(
     """``MODE`` SOFTMAX / LOG_SOFTMAX write ``Y`` shaped like ``X``; LOGSUMEXP writes one
     value per position into ``Y`` (``n_pos`` contiguous, in ``Y``'s dtype)."""
     inv_temperature = float_arg(inv_t_hi, inv_t_lo, ACC)
+    PRECISE: tl.constexpr = Y.dtype.element_ty == tl.float32
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     if WIDE:  # (N - 1) * stride along the reduced dim reaches 2^31: 64-bit column offsets
@@ -100,7 +142,7 @@ def softmax_fwd_kernel(
             x = x.to(ACC) * inv_temperature
             m = tl.max(x, 1)
             shift = finite_or_zero(m)
-            e = tl.exp(x - shift[:, None])
+            e = exp_(x - shift[:, None], PRECISE)
             s = tl.sum(e, 1)
         else:
             m = tl.full([BLOCK_R], -float("inf"), ACC)
@@ -110,22 +152,20 @@ def softmax_fwd_kernel(
                 mask = pmask[:, None] & (c < N)[None, :]
                 x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
                             eviction_policy="evict_last")
-                m, s_vec = online_update(m, s_vec, x.to(ACC) * inv_temperature)
+                m, s_vec = online_update(m, s_vec, x.to(ACC) * inv_temperature, PRECISE)
             shift = finite_or_zero(m)
             s = tl.sum(s_vec, 1)
 
         if MODE == LOGSUMEXP:
-            tl.store(Y + p, (shift + tl.log(s)).to(Y.dtype.element_ty), mask=pmask)
+            tl.store(Y + p, (shift + log_(s, PRECISE)).to(Y.dtype.element_ty), mask=pmask)
         else:
             # torch: a +inf in the row makes the whole softmax row NaN (inf - inf).
             s = tl.where(m == float("inf"), float("nan"), s)
-            if MODE == SOFTMAX:
-                r = 1.0 / s
-            else:
-                log_s = tl.log(s)
+            if MODE == LOG_SOFTMAX:
+                log_s = log_(s, PRECISE)
             if SINGLE_PASS:
                 if MODE == SOFTMAX:
-                    y = e * r[:, None]
+                    y = div_(e, s[:, None], PRECISE)
                 else:
                     y = (x - shift[:, None]) - log_s[:, None]
                 tl.store(yrow + cols[None, :] * syn, y.to(Y.dtype.element_ty), mask=mask)
@@ -137,7 +177,7 @@ def softmax_fwd_kernel(
                                 eviction_policy="evict_first")
                     x = x.to(ACC) * inv_temperature
                     if MODE == SOFTMAX:
-                        y = tl.exp(x - shift[:, None]) * r[:, None]
+                        y = div_(exp_(x - shift[:, None], PRECISE), s[:, None], PRECISE)
                     else:
                         y = (x - shift[:, None]) - log_s[:, None]
                     tl.store(yrow + c[None, :] * syn, y.to(Y.dtype.element_ty), mask=mask,
@@ -160,6 +200,7 @@ def softmax_bwd_kernel(
       value per position (``n_pos`` contiguous).
     """
     inv_temperature = float_arg(inv_t_hi, inv_t_lo, ACC)
+    PRECISE: tl.constexpr = DX.dtype.element_ty == tl.float32
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     if WIDE:  # (N - 1) * stride along the reduced dim reaches 2^31: 64-bit column offsets
@@ -176,7 +217,7 @@ def softmax_bwd_kernel(
                 c = start + cols
                 mask = pmask[:, None] & (c < N)[None, :]
                 x = tl.load(srow + c[None, :] * ssn, mask=mask, other=0.0).to(ACC)
-                dx = (dy * inv_temperature)[:, None] * tl.exp(x * inv_temperature - lse[:, None])
+                dx = (dy * inv_temperature)[:, None] * exp_(x * inv_temperature - lse[:, None], PRECISE)
                 tl.store(dxrow + c[None, :] * sgn, dx.to(DX.dtype.element_ty), mask=mask)
         else:
             if SINGLE_PASS:
@@ -187,7 +228,7 @@ def softmax_bwd_kernel(
                     dot = tl.sum(dy * y, 1)
                     dx = y * (dy - dot[:, None])
                 else:
-                    dx = dy - tl.exp(y) * tl.sum(dy, 1)[:, None]
+                    dx = dy - exp_(y, PRECISE) * tl.sum(dy, 1)[:, None]
                 dx = dx * inv_temperature
                 tl.store(dxrow + cols[None, :] * sgn, dx.to(DX.dtype.element_ty), mask=mask)
             else:
@@ -214,7 +255,7 @@ def softmax_bwd_kernel(
                     if MODE == SOFTMAX:
                         dx = y * (dy - red[:, None])
                     else:
-                        dx = dy - tl.exp(y) * red[:, None]
+                        dx = dy - exp_(y, PRECISE) * red[:, None]
                     dx = dx * inv_temperature
                     tl.store(dxrow + c[None, :] * sgn, dx.to(DX.dtype.element_ty), mask=mask,
                              eviction_policy="evict_first")

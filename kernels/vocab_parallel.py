@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import scaled_logits, tanh
-from .softmax import finite_or_zero, float_arg, rescale_factor
+from .softmax import exp_, finite_or_zero, float_arg, rescale_factor
 
 
 @triton.jit
@@ -49,6 +49,7 @@ def vocab_parallel_stats_kernel(
     (the same reference for every shard of a row, when the shards are processed in turn)."""
     logit_scale = float_arg(scale_hi, scale_lo, ACC)
     softcap = float_arg(softcap_hi, softcap_lo, ACC)
+    PRECISE: tl.constexpr = X.dtype.element_ty == tl.float32  # libm exp for fp32 logits
     cols = tl.arange(0, BLOCK_N)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         r = tl.cast(row, tl.int64)
@@ -77,7 +78,7 @@ def vocab_parallel_stats_kernel(
                               softcap, HAS_SOFTCAP)
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
-            s_vec = s_vec * rescale_factor(m, m_new) + tl.exp(z - finite_or_zero(m_new))
+            s_vec = s_vec * rescale_factor(m, m_new, PRECISE) + exp_(z - finite_or_zero(m_new), PRECISE)
             m = m_new
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
@@ -108,6 +109,7 @@ def vocab_parallel_bwd_kernel(
     into NaN. ``GRAD`` may be ``X`` itself (each element is read before it is written)."""
     logit_scale = float_arg(scale_hi, scale_lo, ACC)
     softcap = float_arg(softcap_hi, softcap_lo, ACC)
+    PRECISE: tl.constexpr = X.dtype.element_ty == tl.float32
     cols = tl.arange(0, BLOCK_N)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         r = tl.cast(row, tl.int64)
@@ -125,7 +127,7 @@ def vocab_parallel_bwd_kernel(
             if HAS_SOFTCAP:
                 t_cap = tanh(z / softcap)
                 z = softcap * t_cap
-            dx = tl.where(a == 0.0, 0.0, a * tl.exp(z - lse))
+            dx = tl.where(a == 0.0, 0.0, a * exp_(z - lse, PRECISE))
             dx -= tl.where(c == t_local, b, 0.0)
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:

@@ -56,6 +56,7 @@ SCRIPT = textwrap.dedent("""
         cc = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
                             target=H100, options=dict(num_warps=8))
         assert len(cc.asm["cubin"]) > 0
+        return cc
 
     softmax_cases, ce_cases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     out = {}
@@ -68,8 +69,18 @@ SCRIPT = textwrap.dedent("""
 
     for name, (mode, single) in softmax_cases.items():
         const = dict(MODE=mode, ACC=tl.float32, BLOCK_R=2, BLOCK_N=1024, SINGLE_PASS=single, WIDE=False)
-        attempt(name + " fwd", lambda: compile_for_h100(ksm.softmax_fwd_kernel, const))
-        attempt(name + " bwd", lambda: compile_for_h100(ksm.softmax_bwd_kernel, const))
+        for data in ("bf16", "fp32"):  # fp32: libdevice exp/log and div.rn
+            attempt(f"{name} {data} fwd", lambda: compile_for_h100(ksm.softmax_fwd_kernel, const, data))
+            attempt(f"{name} {data} bwd", lambda: compile_for_h100(ksm.softmax_bwd_kernel, const, data))
+
+    def precise_only_in_fp32():
+        const = dict(MODE=0, ACC=tl.float32, BLOCK_R=2, BLOCK_N=1024, SINGLE_PASS=True, WIDE=False)
+        fp32, bf16 = (compile_for_h100(ksm.softmax_fwd_kernel, const, d).asm["ptx"] for d in ("fp32", "bf16"))
+        assert "div.rn.f32" in fp32 and "div.rn.f32" not in bf16, "correctly rounded division"
+        # CUDA's expf splits x * log2(e) into an integer (a round-down FMA) and a fraction
+        # before ex2.approx; tl.exp calls ex2.approx on the product directly.
+        assert "fma.rm.ftz.f32" in fp32 and "fma.rm.ftz.f32" not in bf16, "libdevice expf"
+    attempt("fp32 softmax is precise", precise_only_in_fp32)
     attempt("softmax fp64 fwd", lambda: compile_for_h100(
         ksm.softmax_fwd_kernel,
         dict(MODE=0, ACC=tl.float64, BLOCK_R=1, BLOCK_N=512, SINGLE_PASS=False, WIDE=False), data="fp64"))
@@ -79,7 +90,8 @@ SCRIPT = textwrap.dedent("""
     for name, (prob, feats, grad) in ce_cases.items():
         const = dict(PROB_TARGET=prob, HAS_WEIGHT=feats, HAS_SMOOTHING=feats, HAS_SOFTCAP=feats,
                      HAS_Z_LOSS=feats, COMPUTE_GRAD=grad, ACC=tl.float32, BLOCK_N=4096)
-        attempt(name, lambda: compile_for_h100(kce.cross_entropy_fwd_kernel, const))
+        for data in ("bf16", "fp32"):
+            attempt(f"{name} {data}", lambda: compile_for_h100(kce.cross_entropy_fwd_kernel, const, data))
     attempt("ce bwd", lambda: compile_for_h100(
         kce.cross_entropy_bwd_kernel, dict(ACC=tl.float32, BLOCK_N=4096)))
     print(json.dumps(out))
@@ -97,7 +109,9 @@ def compiled():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", [f"{n} {d}" for n in SOFTMAX_CASES for d in ("fwd", "bwd")]
-                         + ["softmax fp64 fwd", "softmax wide-offsets fwd"] + list(CE_CASES) + ["ce bwd"])
+@pytest.mark.parametrize("name", [f"{n} {t} {d}" for n in SOFTMAX_CASES for t in ("bf16", "fp32")
+                                  for d in ("fwd", "bwd")]
+                         + ["fp32 softmax is precise", "softmax fp64 fwd", "softmax wide-offsets fwd"]
+                         + [f"{n} {t}" for n in CE_CASES for t in ("bf16", "fp32")] + ["ce bwd"])
 def test_kernel_compiles_for_sm90(compiled, name):
     assert compiled[name] == "ok", compiled[name]

@@ -302,10 +302,11 @@ def test_gradcheck_fp64(name, kind, kw, weighted, full, path, device):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=not full)
 
 
-def test_double_backward_raises(device):
+@both_paths
+def test_double_backward_raises(path, device):
     x, W, t, _, _ = make(device, torch.float64)
     x.requires_grad_(True)
-    loss = lce(x, W.requires_grad_(True), t)
+    loss = lce(x, W.requires_grad_(True), t, **PATHS[path])
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, x, create_graph=True)
 

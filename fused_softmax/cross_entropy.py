@@ -219,8 +219,9 @@ def _scaled_logits(x, logit_scale, softcap):
     """``z`` and ``dz/dx`` of the kernel's logit transform, with torch ops."""
     z = x.to(acc_dtype(x.dtype)) * logit_scale
     if softcap > 0:
-        th = torch.tanh(z / softcap)
-        return softcap * th, logit_scale * (1 - th * th)
+        u = z / softcap
+        # 1 / cosh^2, not 1 - tanh^2, which cancels where tanh saturates (inf -> 0: no NaN)
+        return softcap * torch.tanh(u), logit_scale / torch.cosh(u) ** 2
     return z, logit_scale
 
 

@@ -42,19 +42,16 @@ if _backend.HAS_TRITON:
 
 
 # --------------------------------------------------------------------------- launchers
-def _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, softcap=0.0,
-                  ref=None, ref_mode=0):
+def _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, softcap=0.0):
     n_rows, C = x.shape
     block_n, num_warps, grid = _block_and_grid(x, C, n_rows, grad=False)  # one pass over the row
     _backend.record_launch("vocab_parallel_stats_kernel")
     _k.vocab_parallel_stats_kernel[(grid,)](
         x, target, weight if weight is not None else x, row_max, sums,
-        ref if ref is not None else row_max,
         n_rows, C, x.stride(0), sums.stride(0), vocab_start, *split_float(logit_scale),
         *split_float(softcap),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=sums.shape[1] == 3,
-        HAS_SOFTCAP=softcap > 0, REF_MODE=ref_mode, ACC=_tl_acc(x.dtype), BLOCK_N=block_n,
-        num_warps=num_warps,
+        HAS_SOFTCAP=softcap > 0, ACC=_tl_acc(x.dtype), BLOCK_N=block_n, num_warps=num_warps,
     )
 
 
@@ -77,8 +74,7 @@ def _finite_or_zero(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m.isinf(), 0.0, m)
 
 
-def _torch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, softcap=0.0,
-                 ref=None, ref_mode=0):
+def _torch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, softcap=0.0):
     """The stats kernel's math with torch ops (also serves an empty shard)."""
     n_rows, C = x.shape
     if C == 0:  # a rank that holds no classes contributes nothing
@@ -93,11 +89,9 @@ def _torch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, sof
     owned = (t_local >= 0) & (t_local < C)
     z_t = z.gather(1, torch.where(owned, t_local, 0)[:, None]).squeeze(1)
     sums[:, 1] = torch.where(owned, z_t, 0.0)
-    if sums.shape[1] == 3:
-        if ref_mode == 1:
-            ref.copy_(_finite_or_zero(z[:, 0]))
-        r = ref[:, None] if ref_mode else 0.0
-        sums[:, 2] = ((z - r) * (weight.to(z.dtype) if weight is not None else 1.0)).sum(-1)
+    if sums.shape[1] == 3:  # relative to the shard's max, as the kernel's
+        zr = z - _finite_or_zero(m)[:, None]
+        sums[:, 2] = (zr * weight.to(z.dtype) if weight is not None else zr).sum(-1)
     row_max.copy_(m)
 
 
@@ -110,8 +104,8 @@ def _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, sof
     dx = dx - torch.where(cols == (target.long() - vocab_start)[:, None], b, 0.0)
     if coef.shape[1] == 3:
         dx = dx - coef[:, 2:3] * (weight.to(dx.dtype) if weight is not None else 1.0)
-    if softcap > 0:  # dz / d(x * logit_scale); logit_scale itself is in coef
-        dx = dx * (1 - (z / softcap) ** 2)
+    if softcap > 0:  # dz / d(x * logit_scale) = 1 / cosh^2; logit_scale itself is in coef
+        dx = dx / torch.cosh(x.to(coef.dtype) * logit_scale / softcap) ** 2
     grad.copy_(dx)
 
 
@@ -187,13 +181,23 @@ def _valid_rows(target, ignore_index, vocab):
     return t != ignore_index, (t >= 0) & (t < vocab)
 
 
+def to_global_max(sums, row_max, shift, w_sum_local):
+    """Move one shard's statistics from its own max to the row's global ``shift``: the sum
+    of exps is rescaled (``exp(m - shift)``, 1 for a shard of ``-inf``), the smoothing sum
+    ``sum(w * (z - m))`` shifted by ``sum(w) * (m - shift)`` (``w_sum_local``: the shard's
+    total class weight, or its size). In place; ``m`` and ``shift`` are ``finite_or_zero``."""
+    m = _finite_or_zero(row_max)
+    sums[..., 0] *= torch.where(row_max == -math.inf, 1.0, torch.exp(m - shift))
+    if sums.shape[-1] == 3:
+        sums[..., 2] += w_sum_local * (m - shift)
+
+
 def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction, eps, z_loss,
-                 coefficients, ref=None):
+                 coefficients):
     """The loss from per-row statistics gathered over every shard of the vocabulary.
 
-    ``sums`` rows hold ``[sum(exp(z - shift)), z_t, sum(w * (z - ref))]`` (the last with
-    label smoothing ``eps > 0`` only; ``ref`` per row, 0 when None) over all ``vocab``
-    classes (a device value). Returns the reduced loss, the per-row log-sum-exp and, with
+    ``sums`` rows hold ``[sum(exp(z - shift)), z_t, sum(w * (z - shift))]`` (the last with
+    label smoothing ``eps > 0`` only) over all ``vocab`` classes (a device value). Returns the reduced loss, the per-row log-sum-exp and, with
     ``coefficients``, the backward's per-row ``[a, b(, c)]`` (``vocab_parallel_bwd_kernel``)
     already holding the reduction's scale: 0 for ignored rows, NaN for out-of-range targets
     (loud, with no host synchronisation), else None.
@@ -212,9 +216,8 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
     eps_v = eps / vocab
     loss = (1.0 - eps) * w_t * ((shift - sums[:, 1]) + log_s)  # lse - z_t, no cancellation
     coef = (1.0 - eps) * w_t
-    if eps > 0:
-        lse_ref = lse if ref is None else (shift - ref) + log_s
-        loss = loss + eps_v * (w_sum * lse_ref - sums[:, 2])
+    if eps > 0:  # relative to shift: no cancellation of large terms
+        loss = loss + eps_v * (w_sum * log_s - sums[:, 2])
         coef = coef + eps_v * w_sum
     if z_loss != 0:
         loss = loss + z_loss * lse * lse
@@ -232,8 +235,10 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
         return out, lse, None
     n_rows = lse.shape[0]
     grad_scale = 1.0 / denom if reduction == "mean" else torch.ones((), dtype=acc, device=lse.device)
-    # Ignored rows: all coefficients 0; out-of-range targets: NaN (loud, no sync).
-    row_scale = torch.where(valid, torch.where(in_range, grad_scale, math.nan), 0.0)
+    # Ignored rows: all coefficients 0; out-of-range targets: NaN (loud, no sync); a row
+    # whose log-sum-exp is not finite (a +inf or NaN logit, or all -inf) has a NaN
+    # softmax: NaN coefficients, so that even a zero grad_output gives NaN, as torch's.
+    row_scale = torch.where(valid, torch.where(in_range & lse.isfinite(), grad_scale, math.nan), 0.0)
     cols = [coef, (1.0 - eps) * w_t] + ([eps_v.expand(n_rows)] if eps > 0 else [])
     return out, lse, torch.stack(cols, 1) * row_scale[:, None]
 
@@ -271,8 +276,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         # Global max, then every rank's sum of exps rescaled to it: the log-sum-exp rule.
         global_max = _all_reduce(row_max.clone(), "max", comm)
         shift = _finite_or_zero(global_max)
-        sums[:, 0] *= torch.where(row_max == -math.inf, 1.0,
-                                  torch.exp(_finite_or_zero(row_max) - shift))
+        to_global_max(sums, row_max, shift,
+                      w_local.to(sums.dtype).sum() if w_local is not None else float(C))
         _all_reduce(packed, "sum", comm)
         vocab = packed[-1]  # sum of the shard sizes, on the device
         valid, in_range = _valid_rows(target, ignore_index, vocab)

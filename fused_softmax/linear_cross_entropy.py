@@ -284,38 +284,41 @@ def linear_cross_entropy_stats(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor,
     weight: Optional[torch.Tensor], ignore_index: int, logit_scale: float, softcap: float,
     smoothing: bool, vocab_chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row statistics of ``z`` = the scaled / capped ``x @ w.T + b`` over all ``V``
     classes, ``vocab_chunk`` classes at a time (``vocab_parallel_stats_kernel`` on each
     chunk, the chunks then combined as the vocab-parallel ranks are).
 
-    Returns ``shift`` ``(M,)`` (the row max, 0 where infinite), ``sums`` ``(M, k)``:
-    ``[sum(exp(z - shift)), z_t, sum(w * (z - ref))]`` (the last only with ``smoothing``),
-    and ``ref`` ``(M,)`` (the row's first ``z``: the reference of the linear sum)."""
+    Returns ``shift`` ``(M,)`` (the row max, 0 where infinite) and ``sums`` ``(M, k)``:
+    ``[sum(exp(z - shift)), z_t, sum(w * (z - shift))]`` (the last only with ``smoothing``)."""
     M, V = x.shape[0], w.shape[0]
     check_targets_on_cpu(target, ignore_index, V)
     acc = acc_dtype(x.dtype)
     n_chunks, k = -(-V // vocab_chunk), 3 if smoothing else 2
     row_max = torch.empty(n_chunks, M, dtype=acc, device=x.device)
     sums = torch.empty(n_chunks, M, k, dtype=acc, device=x.device)
-    ref = torch.zeros(M, dtype=acc, device=x.device)
     stats = _vp._launch_stats if use_triton(x) else _vp._torch_stats
     for i, (v0, logits) in enumerate(_vocab_chunks(x, w, b, vocab_chunk)):
         stats(logits, target, _slice(weight, v0, logits.shape[1]), v0, logit_scale,
-              row_max[i], sums[i], softcap, ref, 1 if i == 0 else 2)
-    # The log-sum-exp rule across chunks: every chunk's sum of exps rescaled to the row max.
+              row_max[i], sums[i], softcap)
+    # The log-sum-exp rule across chunks: every chunk moved to the row's max, then summed.
     shift = _vp._finite_or_zero(row_max.amax(0))
-    sums[:, :, 0] *= torch.where(row_max == -math.inf, 1.0,
-                                 torch.exp(_vp._finite_or_zero(row_max) - shift))
-    return shift, sums.sum(0), ref
+    if weight is not None:  # each chunk's total class weight
+        w_chunks = torch.zeros(n_chunks * vocab_chunk, dtype=acc, device=x.device)
+        w_chunks[:V] = weight
+        w_chunks = w_chunks.view(n_chunks, vocab_chunk).sum(1)
+    else:
+        w_chunks = torch.full((n_chunks,), float(vocab_chunk), dtype=acc, device=x.device)
+        w_chunks[-1] = V - (n_chunks - 1) * vocab_chunk
+    _vp.to_global_max(sums, row_max, shift, w_chunks[:, None])
+    return shift, sums.sum(0)
 
 
 @linear_cross_entropy_stats.register_fake
 def _(x, w, b, target, weight, ignore_index, logit_scale, softcap, smoothing, vocab_chunk):
     acc = acc_dtype(x.dtype)
     M = x.shape[0]
-    return (x.new_empty(M, dtype=acc), x.new_empty((M, 3 if smoothing else 2), dtype=acc),
-            x.new_empty(M, dtype=acc))
+    return x.new_empty(M, dtype=acc), x.new_empty((M, 3 if smoothing else 2), dtype=acc)
 
 
 @torch.library.custom_op("fused_softmax::linear_cross_entropy_vocab_bwd", mutates_args=())
@@ -461,13 +464,13 @@ class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index, eps, logit_scale, softcap, z_loss, _, C = args
         # On CPU the op raises torch's IndexError for a target outside [0, C); on CUDA
         # that row's loss and gradient are NaN.
-        shift, sums, ref = torch.ops.fused_softmax.linear_cross_entropy_stats(
+        shift, sums = torch.ops.fused_softmax.linear_cross_entropy_stats(
             x, w, b, target, weight, ignore_index, logit_scale, softcap, eps > 0, vocab_chunk)
         valid, in_range = _vp._valid_rows(target, ignore_index, C)
         need = [n and grad_enabled for n in ctx.needs_input_grad[:3]]
         loss, lse, coef = _vp.sharded_loss(
             shift, sums, torch.full((), C, dtype=sums.dtype, device=x.device), target, weight,
-            valid, in_range, reduction, eps, z_loss, any(need), ref)
+            valid, in_range, reduction, eps, z_loss, any(need))
         if any(need):
             ctx.save_for_backward(x, w, b, target, weight, lse, coef)
             ctx.logit_scale, ctx.softcap, ctx.vocab_chunk = logit_scale, softcap, vocab_chunk

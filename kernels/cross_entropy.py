@@ -58,12 +58,35 @@ def tanh(u):
 
 
 @triton.jit
+def sech2(u, PRECISE: tl.constexpr):
+    """``1 - tanh(u)**2`` as ``4 e / (1 + e)**2``, ``e = exp(-2|u|)``: accurate to a few ulp
+    also where tanh saturates (``1 - tanh**2`` cancels there), 0 at +-inf, never NaN."""
+    e = exp_(-2.0 * tl.abs(u), PRECISE)
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
 def scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """``z`` from raw logits (one return: compiled Triton needs one return type)."""
     z = x * logit_scale
     if HAS_SOFTCAP:
         z = softcap * tanh(z / softcap)
     return z
+
+
+@triton.jit
+def linear_sum_update(lin_vec, w_vec, z, w, mask, m_run, m_new):
+    """Fold a block into per-lane ``sum(w * (z - m))`` and ``sum(w)``, with ``m`` the running
+    max (``finite_or_zero``), rescaled as the max grows: ``+= sum(w) * (m_old - m_new)``.
+
+    The loss needs ``sum(w) * lse - sum(w * z)``; taken relative to the max, both terms stay
+    small, so neither logits far from 0 (1e4 + noise) nor one logit far from the rest (a
+    -1e4 class of weight 0) make them cancel. ``w = 0`` lanes add 0, except ``0 * -inf``
+    = NaN, as torch's ``w * log_softmax``."""
+    ref_old = finite_or_zero(m_run)
+    ref_new = finite_or_zero(m_new)
+    lin_vec = lin_vec + w_vec * (ref_old - ref_new) + tl.where(mask, w * (z - ref_new), 0.0)
+    return lin_vec, w_vec + w
 
 
 @triton.jit
@@ -104,16 +127,10 @@ def cross_entropy_fwd_kernel(
                 w_t = tl.load(WEIGHT + t_safe).to(ACC)
 
         # ---- pass 1: max, sum of exp, and the linear sums the loss needs
-        # The linear sums are taken relative to the row's first logit r0, so that the loss
-        # (lse - z terms) does not cancel when the logits sit far from 0 (1e4 + noise).
-        r0 = 0.0
-        if PROB_TARGET or HAS_SMOOTHING:
-            r0 = finite_or_zero(scaled_logits(tl.load(xrow).to(ACC), logit_scale, softcap,
-                                              HAS_SOFTCAP))
         m = tl.full([], -float("inf"), ACC)
         s_vec = tl.zeros([BLOCK_N], ACC)
-        lin_vec = tl.zeros([BLOCK_N], ACC)  # sum(w * z) or sum(w * q' * z)
-        wq_vec = tl.zeros([BLOCK_N], ACC)   # sum(w * q')
+        lin_vec = tl.zeros([BLOCK_N], ACC)  # sum(w * (z - m)) or sum(w * q' * (z - m))
+        wq_vec = tl.zeros([BLOCK_N], ACC)   # sum(w * q') or sum(w)
         for start in range(0, C, BLOCK_N):
             c = start + cols
             mask = c < C
@@ -121,34 +138,31 @@ def cross_entropy_fwd_kernel(
             z = tl.where(mask, scaled_logits(x, logit_scale, softcap, HAS_SOFTCAP), -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
             s_vec = s_vec * rescale_factor(m, m_new, PRECISE) + exp_(z - finite_or_zero(m_new), PRECISE)
+            if PROB_TARGET or HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
+                else:
+                    w = tl.where(mask, 1.0, 0.0).to(ACC)
+                if PROB_TARGET:
+                    q = tl.load(TARGET + r * st + c, mask=mask, other=0.0).to(ACC)
+                    w = w * (q * (1.0 - smoothing) + eps_c)
+                lin_vec, wq_vec = linear_sum_update(lin_vec, wq_vec, z, w, mask, m, m_new)
             m = m_new
-            if HAS_WEIGHT:
-                w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
-            else:
-                w = tl.where(mask, 1.0, 0.0).to(ACC)
-            if PROB_TARGET:
-                q = tl.load(TARGET + r * st + c, mask=mask, other=0.0).to(ACC)
-                wq = w * (q * (1.0 - smoothing) + eps_c)
-                wq_vec += wq
-                lin_vec += tl.where(mask, wq * (z - r0), 0.0)
-            elif HAS_SMOOTHING:
-                lin_vec += tl.where(mask, w * (z - r0), 0.0)
         shift = finite_or_zero(m)
         s = tl.sum(s_vec, 0)
         # torch: a +inf logit makes log_softmax NaN (inf - inf), so the loss is NaN too.
         s = tl.where(m == float("inf"), float("nan"), s)
-        log_s = log_(s, PRECISE)
+        log_s = log_(s, PRECISE)  # lse - shift
         lse = shift + log_s
-        lse_r0 = (shift - r0) + log_s  # lse - r0, without the cancellation
 
         if PROB_TARGET:
             coef = tl.sum(wq_vec, 0)
-            loss = coef * lse_r0 - tl.sum(lin_vec, 0)
+            loss = coef * log_s - tl.sum(lin_vec, 0)
         else:
             loss = (1.0 - smoothing) * w_t * ((shift - z_t) + log_s)
             coef = (1.0 - smoothing) * w_t
             if HAS_SMOOTHING:
-                loss += eps_c * (w_sum * lse_r0 - tl.sum(lin_vec, 0))
+                loss += eps_c * (w_sum * log_s - tl.sum(lin_vec, 0))
                 coef += eps_c * w_sum
         if HAS_Z_LOSS:
             loss += z_loss * lse * lse
@@ -167,9 +181,9 @@ def cross_entropy_fwd_kernel(
                 x = tl.load(xrow + c, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
                 z = x * logit_scale
                 if HAS_SOFTCAP:
-                    t_cap = tanh(z / softcap)
-                    z = softcap * t_cap
-                    dzdx = logit_scale * (1.0 - t_cap * t_cap)
+                    u = z / softcap
+                    z = softcap * tanh(u)
+                    dzdx = logit_scale * sech2(u, PRECISE)
                 else:
                     dzdx = logit_scale
                 p = div_(exp_(z - shift, PRECISE), s, PRECISE)

@@ -1,14 +1,17 @@
 """Vocab-parallel cross-entropy: the per-rank passes over a shard of the vocabulary.
 
 Each rank holds the logits of classes ``[vocab_start, vocab_start + C)`` of every row
-(``C`` = the local shard size). With ``z = logit_scale * x``:
+(``C`` = the local shard size). With ``z = logit_scale * x`` (then
+``softcap * tanh(z / softcap)`` with ``HAS_SOFTCAP``):
 
 * ``vocab_parallel_stats_kernel`` (forward, one pass over the shard) writes, per row, the
   local max ``m`` and, in one packed row of sums, ``sum(exp(z - shift(m)))``, the target
   logit ``z_t`` where this rank owns the target (0 elsewhere, so a sum over ranks gathers
-  it), and ``sum(w * z)`` over the shard (only with label smoothing). The host combines
-  ranks with two all-reduces of O(rows) floats (max, then the rescaled sums) into the
-  global log-sum-exp and the loss; the logits never leave the rank.
+  it), and ``sum(w * (z - shift(m)))`` over the shard (only with label smoothing). The
+  host moves both sums to the global max and combines ranks with two all-reduces of
+  O(rows) floats (max, then the sums) into the global log-sum-exp and the loss; the
+  logits never leave the rank. ``linear_cross_entropy`` runs the same kernels on chunks
+  of the vocabulary in turn.
 * ``vocab_parallel_bwd_kernel`` (backward, one pass) writes the gradient of the shard from
   the saved global log-sum-exp and three per-row coefficients that already hold the
   reduction scale, ``grad_output`` and ``logit_scale``::
@@ -28,25 +31,22 @@ logit makes the row's sum NaN, as torch's log-softmax does.
 import triton
 import triton.language as tl
 
-from .cross_entropy import scaled_logits, tanh
+from .cross_entropy import linear_sum_update, scaled_logits, sech2, tanh
 from .softmax import exp_, finite_or_zero, float_arg, rescale_factor
 
 
 @triton.jit
 def vocab_parallel_stats_kernel(
-    X, TARGET, WEIGHT, MAX, SUMS, REF,
+    X, TARGET, WEIGHT, MAX, SUMS,
     n_rows, C, sx, ss, vocab_start, scale_hi, scale_lo, softcap_hi, softcap_lo,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    REF_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One row per loop iteration of a persistent grid; ``C >= 1`` (the host serves empty
-    shards). ``SUMS`` rows (stride ``ss``) get ``[sum of exp, owned z_t, sum(w * (z - ref))]``;
-    ``WEIGHT`` is the local slice of the class weight.
-
-    ``ref`` (label smoothing only) keeps ``sum(w * z)`` from cancelling against
-    ``sum(w) * lse`` when the logits sit far from 0: ``REF_MODE`` 0 uses 0, 1 takes the
-    shard's first ``z`` (0 if infinite) and stores it in ``REF``, 2 loads it from ``REF``
-    (the same reference for every shard of a row, when the shards are processed in turn)."""
+    shards). ``SUMS`` rows (stride ``ss``) get ``[sum of exp, owned z_t, sum(w * (z - m))]``
+    with ``m`` the shard's max (``finite_or_zero``; ``linear_sum_update``): the host moves
+    the last to the global max as it rescales the sum of exps. ``WEIGHT`` is the local
+    slice of the class weight."""
     logit_scale = float_arg(scale_hi, scale_lo, ACC)
     softcap = float_arg(softcap_hi, softcap_lo, ACC)
     PRECISE: tl.constexpr = X.dtype.element_ty == tl.float32  # libm exp for fp32 logits
@@ -59,18 +59,11 @@ def vocab_parallel_stats_kernel(
         z_t = scaled_logits(tl.load(xrow + tl.where(owned, t_local, 0)).to(ACC), logit_scale,
                             softcap, HAS_SOFTCAP)
         z_t = tl.where(owned, z_t, 0.0)
-        ref = 0.0
-        if HAS_SMOOTHING:
-            if REF_MODE == 1:
-                ref = finite_or_zero(scaled_logits(tl.load(xrow).to(ACC), logit_scale, softcap,
-                                                   HAS_SOFTCAP))
-                tl.store(REF + r, ref)
-            elif REF_MODE == 2:
-                ref = tl.load(REF + r).to(ACC)
 
         m = tl.full([], -float("inf"), ACC)
         s_vec = tl.zeros([BLOCK_N], ACC)
         lin_vec = tl.zeros([BLOCK_N], ACC)
+        w_vec = tl.zeros([BLOCK_N], ACC)
         for start in range(0, C, BLOCK_N):
             c = start + cols
             mask = c < C
@@ -79,13 +72,13 @@ def vocab_parallel_stats_kernel(
             z = tl.where(mask, z, -float("inf"))
             m_new = tl.maximum(m, tl.max(z, 0))
             s_vec = s_vec * rescale_factor(m, m_new, PRECISE) + exp_(z - finite_or_zero(m_new), PRECISE)
-            m = m_new
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
                     w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
-                    lin_vec += tl.where(mask, w * (z - ref), 0.0)
                 else:
-                    lin_vec += tl.where(mask, z - ref, 0.0)
+                    w = tl.where(mask, 1.0, 0.0).to(ACC)
+                lin_vec, w_vec = linear_sum_update(lin_vec, w_vec, z, w, mask, m, m_new)
+            m = m_new
         s = tl.sum(s_vec, 0)
         s = tl.where(m == float("inf"), float("nan"), s)  # torch: +inf in a row -> NaN
         tl.store(MAX + r, m)
@@ -125,8 +118,8 @@ def vocab_parallel_bwd_kernel(
             mask = c < C
             z = tl.load(xrow + c, mask=mask, other=0.0).to(ACC) * logit_scale
             if HAS_SOFTCAP:
-                t_cap = tanh(z / softcap)
-                z = softcap * t_cap
+                u = z / softcap
+                z = softcap * tanh(u)
             dx = tl.where(a == 0.0, 0.0, a * exp_(z - lse, PRECISE))
             dx -= tl.where(c == t_local, b, 0.0)
             if HAS_SMOOTHING:
@@ -135,5 +128,5 @@ def vocab_parallel_bwd_kernel(
                 else:
                     dx -= c_w
             if HAS_SOFTCAP:
-                dx *= 1.0 - t_cap * t_cap
+                dx *= sech2(u, PRECISE)
             tl.store(GRAD + r * sg + c, dx.to(GRAD.dtype.element_ty), mask=mask)

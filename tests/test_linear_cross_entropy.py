@@ -562,6 +562,22 @@ def test_default_plan_in_the_call(monkeypatch, dtype, grad, prob, expect):
 
 
 @both_paths
+def test_non_finite_rows_and_zero_grad_output_like_torch(path, device):
+    """Rows holding +inf (their softmax is NaN) get NaN gradients even where grad_output
+    is 0, as torch's 0 * NaN. (Ignored rows are 0 whatever they hold: another test.)"""
+    x, W, t, b, _ = make(device, torch.float64, bias=True)
+    t = t.clamp(min=0)
+    b = b.clone()
+    b[2] = math.inf  # every row holds +inf
+    up = torch.zeros(M, dtype=torch.float64, device=device)
+    up[0] = 1.0
+    ours = run(lce, x, W, t, b, upstream=up, reduction="none", **PATHS[path])
+    theirs = run(torch_loss, x, W, t, b, upstream=up, reduction="none")
+    for name, a, e in zip(["loss", "grad input", "grad weight", "grad bias"], ours, theirs):
+        assert torch.equal(a.isnan(), e.isnan()) and a.isnan().any(), (name, a, e)
+
+
+@both_paths
 def test_out_of_range_target_cpu_error_is_torchs(path):
     x, W, t, _, _ = make("cpu")
     t[0] = C
@@ -570,11 +586,18 @@ def test_out_of_range_target_cpu_error_is_torchs(path):
 
 
 @both_paths
-def test_large_logits_with_smoothing_do_not_cancel(path, device):
-    """Logits near 1e4 (fp32): the smoothing term sum(w * z) is taken relative to a logit
-    of the row, so the loss keeps torch's accuracy instead of cancelling to ~1e-3."""
+@pytest.mark.parametrize("far", ["all", "one"])
+def test_large_logits_with_smoothing_do_not_cancel(far, path, device):
+    """Logits near 1e4, or one class of weight 0 1e4 below the rest (fp32): the smoothing
+    term sum(w * z) is taken relative to the row's max, so the loss keeps torch's accuracy
+    instead of cancelling."""
     x, W, t, b, w = make(device, bias=True, weighted=True)
-    b = b + 1e4
+    if far == "all":
+        b = b + 1e4
+    else:
+        b[0] -= 1e4
+        w[0] = 0.0
+        t = torch.where(t == 0, 1, t)
     kw = dict(label_smoothing=0.3, reduction="none")
     ours = lce(x, W, t, linear_bias=b, weight=w, **PATHS[path], **kw)
     theirs = torch_loss(x, W, t, linear_bias=b, weight=w, **kw)

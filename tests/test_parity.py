@@ -77,6 +77,53 @@ def test_loss_does_not_cancel_for_large_logits(smoothing, prob, device):
     assert err <= max(4 * ref_err, 8 * torch.finfo(torch.float32).eps * ref.abs().max().item()), (err, ref_err)
 
 
+@pytest.mark.parametrize("prob", [False, True], ids=["index", "probabilities"])
+def test_loss_does_not_cancel_for_one_far_class(prob, device):
+    """One class 1e4 below the rest, of weight 0, with label smoothing: the smoothing sum
+    is taken relative to the row's max (a reference at the far class would make the other
+    terms ~1e4 each and cancel to ~1e-5 relative error in fp32)."""
+    gen = torch.Generator().manual_seed(2)
+    x64 = torch.randn(8, 40, generator=gen, dtype=torch.float64)
+    x64[:, 0] -= 1e4
+    w = torch.rand(40, generator=gen, dtype=torch.float64) + 0.5
+    w[0] = 0.0
+    if prob:
+        t = torch.softmax(torch.randn(8, 40, generator=gen, dtype=torch.float64), 1)
+    else:
+        t = torch.randint(1, 40, (8,), generator=gen)
+    kw = dict(label_smoothing=0.1, reduction="none")
+    ref = F.cross_entropy(x64, t, weight=w, **kw)
+    theirs = F.cross_entropy(x64.float(), t.float() if prob else t, weight=w.float(), **kw)
+    ours = fs.cross_entropy(x64.float().to(device), (t.float() if prob else t).to(device),
+                            weight=w.float().to(device), **kw)
+    ref_err = (theirs.double() - ref).abs().max().item()
+    err = (ours.cpu().double() - ref).abs().max().item()
+    assert err <= max(4 * ref_err, 8 * torch.finfo(torch.float32).eps * ref.abs().max().item()), (err, ref_err)
+
+
+def test_softcap_gradient_accurate_where_tanh_saturates(device):
+    """softcap's derivative is 1/cosh^2 (sech^2 from one exp), not 1 - tanh^2, which
+    cancels where tanh saturates: fp32 gradient error within torch's own there."""
+    gen = torch.Generator().manual_seed(3)
+    x64 = 3 * torch.randn(16, 64, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 64, (16,), generator=gen)
+    scale, cap = 7.5, 3.0
+
+    def torch_grad(x):
+        x = x.clone().requires_grad_(True)
+        z = cap * torch.tanh(x * scale / cap)
+        F.cross_entropy(z, t.to(x.device), reduction="sum").backward()
+        return x.grad
+
+    ref = torch_grad(x64)
+    theirs = torch_grad(x64.float())
+    x = x64.float().to(device).requires_grad_(True)
+    fs.cross_entropy(x, t.to(device), reduction="sum", logit_scale=scale, softcap=cap).backward()
+    ref_err = (theirs.double() - ref).abs().max().item()
+    err = (x.grad.cpu().double() - ref).abs().max().item()
+    assert err <= max(ref_err, 4 * torch.finfo(torch.float32).eps * ref.abs().max().item()), (err, ref_err)
+
+
 @pytest.mark.parametrize("target, reduction", [
     (torch.full((3,), -100), "mean"), (torch.full((3,), -100), "sum"), (torch.full((3,), -100), "none"),
     (torch.zeros(3, 0), "sum"), (torch.zeros(3, 0), "none"), (torch.zeros(3, 0), "mean")])

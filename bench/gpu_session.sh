@@ -22,7 +22,7 @@ TAG=$DEV-$(date +%F)
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-STEPS=${STEPS:-"tests headline linear-ce sampling train-step"}  # which steps, in this order
+STEPS=${STEPS:-"tests check headline linear-ce sampling train-step"}  # which steps, in this order
 step() {  # step SECONDS NAME COMMAND...: run, bounded, and log its wall time
   local s=$1 name=$2; shift 2; local t=$SECONDS
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -31,6 +31,8 @@ step() {  # step SECONDS NAME COMMAND...: run, bounded, and log its wall time
 }
 step ${T_TESTS:-130} tests python3 -m pytest ${TESTS:-tests} -q --maxfail=10 -n 8 -p no:cacheprovider -o console_output_style=classic > "$OUT/cuda-tests-$TAG.log" 2>&1
 [ -f "$OUT/cuda-tests-$TAG.log" ] && tail -25 "$OUT/cuda-tests-$TAG.log"
+step ${T_CHECK:-60} check python3 -m fused_softmax check --json "$OUT/check-$TAG.json" > "$OUT/check-$TAG.txt" 2>&1
+[ -f "$OUT/check-$TAG.txt" ] && grep -iA12 "summary" "$OUT/check-$TAG.txt" | head -30
 step ${T_HEADLINE:-90} headline python3 bench/headline.py "$OUT/headline-$TAG.json"
 step ${T_LINEAR:-180} linear-ce python3 bench/linear_ce.py "$OUT/linear-ce-$TAG.json"
 step ${T_SAMPLING:-90} sampling python3 bench/sampling.py "$OUT/sampling-$TAG.json"

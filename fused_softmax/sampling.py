@@ -27,6 +27,10 @@ Param = Union[float, int, torch.Tensor, None]
 #: Temperatures below this are greedy (kernels/sampling.py's GREEDY_BELOW).
 _GREEDY_BELOW = 1e-30
 
+#: Tokens per draw block: a draw picks a block (one noise value per block), then a token in
+#: it (one per token of that block only): see kernels/sampling.py.
+DRAW_BLOCK = 2048
+
 #: Largest int64 a seed may take (``torch.randint``'s bound is exclusive).
 _SEED_HIGH = 2**63 - 1
 
@@ -36,26 +40,34 @@ def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool 
     """``(meta-parameters, n_split, split_cols, grid)`` of ``sample_kernel``.
 
     Whole short rows, several to a tile (a tile of 8192 fp32 values, 16 per thread at 16
-    warps); long rows in 8192-wide blocks; a persistent grid of a few programs per SM.
+    warps); long rows one to a program, in blocks of ``DRAW_BLOCK`` (a block is the unit of
+    the two-level draw); a persistent grid of a few programs per SM.
     Plain temperature sampling (``split_ok``) of fewer rows than fill the GPU four times
     over cuts each row into parts of 2048-wide blocks, one program each (then
     ``sample_finish_kernel`` picks each row's best part): one program walking a 128k row
     alone took 0.075 ms on an H200, most of it generating the noise.
     """
     per_wave = _backend.num_programs_per_wave(device)
-    block_n = max(4, min(triton.next_power_of_2(vocab), 8192))  # >= 4: one Philox call per 4 tokens
-    block_r = min(max(1, 8192 // block_n), triton.next_power_of_2(n_rows))
+    # A block is also a draw block (kernels/sampling.py): at most DRAW_BLOCK, and >= 4 (one
+    # Philox call per 4 tokens).
+    block_n = max(4, min(triton.next_power_of_2(vocab), DRAW_BLOCK))
+    # Long rows one per program on a GPU (parallelism); under the interpreter, few
+    # programs with wide tiles are cheapest.
+    one_row = vocab > block_n and device.type == "cuda"
+    block_r = min(1 if one_row else max(1, 8192 // block_n), triton.next_power_of_2(n_rows))
     n_tiles = triton.cdiv(n_rows, block_r)
     want = 4 * per_wave
-    if split_ok and n_tiles < want and vocab > 2048:
-        block_n, block_r = 2048, 1
-        n_blocks = triton.cdiv(vocab, block_n)
-        n_split = min(n_blocks, triton.cdiv(want, n_rows))
-        split_cols = triton.cdiv(n_blocks, n_split) * block_n
+    n_blocks = triton.cdiv(vocab, DRAW_BLOCK)
+    n_split = min(n_blocks, triton.cdiv(want, n_rows))
+    if split_ok and n_tiles < want and n_split > 1:
+        split_cols = triton.cdiv(n_blocks, n_split) * DRAW_BLOCK
         n_split = triton.cdiv(vocab, split_cols)
         grid = min(n_rows * n_split, per_wave * 8)
-        return dict(BLOCK_R=1, BLOCK_N=block_n, SPLIT=True, num_warps=4), n_split, split_cols, grid
-    num_warps = min(16, max(4, block_r * block_n // 512))
+        return (dict(BLOCK_R=1, BLOCK_N=DRAW_BLOCK, SPLIT=True, num_warps=4),
+                n_split, split_cols, grid)
+    # 8 warps for one long row per program (untuned: 2048-wide blocks since the two-level
+    # draw; 8192-wide ones had 16 warps)
+    num_warps = 8 if one_row else min(16, max(4, block_r * block_n // 512))
     grid = min(n_tiles, per_wave * 4)
     return (dict(BLOCK_R=block_r, BLOCK_N=block_n, SPLIT=False, num_warps=num_warps),
             1, vocab, grid)
@@ -92,8 +104,10 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
     )
     if cfg["SPLIT"]:
         _backend.record_launch("sample_finish_kernel")
-        _k.sample_finish_kernel[(n_rows,)](part_best, part_idx, out, n_split,
-                                           BLOCK_S=triton.next_power_of_2(n_split))
+        _k.sample_finish_kernel[(n_rows,)](
+            part_best, part_idx, out, logits, seed, temperature, temperature.stride(0), n_split,
+            n_rows, vocab, logits.stride(0), BLOCK_S=triton.next_power_of_2(n_split),
+            DRAW_BLOCK=cfg["BLOCK_N"], num_warps=4)
     return out
 
 

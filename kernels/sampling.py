@@ -11,7 +11,8 @@ What it draws. Row ``r`` with logits ``x`` and temperature ``T > 0`` has scaled 
 Ties at a threshold are all kept (a tie at the k-th value keeps more than k tokens), so
 ``K`` is a function of the values alone, never of token order. A token is drawn from
 ``softmax(s)`` restricted to ``K`` by the Gumbel-max trick: the argmax of ``s_i + G_i``,
-``G_i = -log(-log U_i)``, over a set ``S`` is distributed as ``p_i / sum_S p_j``. ``T = 0``
+``G_i = -log(-log U_i)``, over a set ``S`` is distributed as ``p_i / sum_S p_j`` (drawn in
+two levels, blocks then tokens: below). ``T = 0``
 draws the argmax of ``x`` (first index on ties, as ``torch.argmax``), which ``K`` contains.
 
 Why no sort: rejection with a rising floor (the pivot scheme of FlashInfer). All three
@@ -29,11 +30,21 @@ round is one pass over the row.
 Values are compared through int32 keys with the order of the fp32 values (flip the
 magnitude bits of negatives): ties are exact and the floor is an exclusive key.
 
-HBM passes. Plain temperature sampling: one read of the row (the noise is counter based,
-Philox of ``(seed, f(round, row, token // 4))``, and costs no memory traffic). min-p alone: two (the
-row max first). top-k / top-p: the max-and-sum pass (top-p, min-p), the first draw, then
-one pass per round. Re-reads of a row of 128k bf16 logits (256 KB) hit L2 on an H100.
-Draws depend only on the seed, so equal seeds give equal draws.
+Two-level draws. One Gumbel variate per token would make the noise generator, not memory,
+the cost of a pass (plain temperature sampling measured 3-5x one read of the logits from
+batch 64 up on an H200). So a draw first picks a block of ``BLOCK_N`` tokens (the draw
+block: 2048, or the whole short row) by Gumbel-max over the blocks' log kept mass, one
+variate per block, gathered in the same pass as everything else; then a token inside the
+winning block by Gumbel-max over its kept tokens, re-reading that block only. Block ``b``
+wins with probability ``M_b / M`` (``M_b`` its kept mass) and token ``i`` in it with
+``p_i / M_b``: together ``p_i / M``, the one-level draw exactly. Noise per draw: one
+variate per block and one per token of one block, instead of one per token.
+
+HBM passes. Plain temperature sampling: one read of the row, plus the chosen block (the
+noise is counter based, Philox of ``(seed, f(draw, row, token // 4))``, and costs no memory
+traffic). min-p alone: two (the row max first). top-k / top-p: the max-and-sum pass (top-p,
+min-p), the first draw, then one pass per round. Re-reads of a row of 128k bf16 logits
+(256 KB) hit L2 on an H100. Draws depend only on the seed, so equal seeds give equal draws.
 
 Numerics. Everything in fp32 (fp64 logits are rounded to fp32: sampling needs no more).
 ``-0.0`` is folded into ``+0.0`` before keying. ``-inf`` logits have probability 0 and are
@@ -104,6 +115,54 @@ def gumbel_update(best, best_idx, s, keep, start, rows, n_rows, V, greedy, seed,
 
 
 @triton.jit
+def block_choice(best, best_start, s, keep, start, rows, n_rows, V, greedy, seed, draw):
+    """Fold one ``[R, B]`` block (a draw block) into the running Gumbel-max over draw
+    blocks: it scores ``log(sum of exp(s) over its kept tokens) + G`` (greedy rows: the
+    largest kept ``s``), so the winner is drawn with probability proportional to the
+    block's kept mass. One uniform per row and block, counter ``(draw * n_rows + row) *
+    ceil(V / 4) + start // 4`` (the first of the block's token counters). A block with
+    nothing kept costs no noise; nothing kept anywhere leaves ``best = -inf``."""
+    if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
+        sk = tl.where(keep, s, -float("inf"))
+        m = tl.max(sk, 1)
+        shift = finite_or_zero(m)
+        lse = shift + tl.log(tl.sum(tl.exp(sk - shift[:, None]), 1))  # -inf: none kept
+        ctr = (draw * n_rows + rows) * tl.cdiv(V, 4) + start // 4
+        u = tl.random.uint_to_uniform_float(tl.randint(seed, ctr))
+        score = tl.where(greedy, m, lse - tl.log(-tl.log(u)))
+        better = score > best  # strict: the first block wins ties
+        best = tl.where(better, score, best)
+        best_start = tl.where(better, start, best_start)
+    return best, best_start
+
+
+@triton.jit
+def draw_in_block(X, rows, rmask, sxm, blk_start, V, inv_t, greedy, seed, draw, n_rows,
+                  shift, min_p, floor, HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr,
+                  BLOCK_R: tl.constexpr, DRAW_BLOCK: tl.constexpr):
+    """The token of each row's chosen draw block (``blk_start``, per row): Gumbel-max over
+    its kept tokens (the same rule as the block's score: the mask, min-p against
+    ``shift``, and keys above ``floor``), with the noise of ``draw``. Given the block, a
+    token is drawn with probability ``p_i / (kept mass of the block)``; with the block's
+    own probability that makes ``p_i / (all kept mass)``: exactly the one-level draw."""
+    cols = tl.arange(0, DRAW_BLOCK)
+    c = blk_start[:, None] + cols[None, :]
+    mask = rmask[:, None] & (c < V)
+    x = tl.load(X + rows[:, None] * sxm + c, mask=mask, other=-float("inf"))
+    s = x.to(tl.float32) * inv_t[:, None] + 0.0
+    keep = mask
+    if HAS_MIN_P:
+        keep = keep & (tl.exp(s - shift[:, None]) >= min_p[:, None])
+    if HAS_FLOOR:
+        keep = keep & (order_key(s) > floor[:, None])
+    best = tl.full([BLOCK_R], -float("inf"), tl.float32)
+    idx = tl.zeros([BLOCK_R], tl.int64)
+    best, idx = gumbel_update(best, idx, s, keep, blk_start, rows, n_rows, V, greedy, seed,
+                              draw, BLOCK_R, DRAW_BLOCK)
+    return idx
+
+
+@triton.jit
 def sample_kernel(
     X, OUT, SEED, TEMP, st_t, TOPK, st_k, TOPP, st_p, MINP, st_m, PART_BEST, PART_IDX,
     n_rows, V, sxm, n_split, split_cols,
@@ -117,10 +176,11 @@ def sample_kernel(
 
     ``SPLIT`` (plain temperature sampling only, no filter): each row is cut into
     ``n_split`` parts of ``split_cols`` columns (a multiple of ``BLOCK_N``), one program
-    each, so that a few rows still fill the GPU; a part's best score and its index go to
-    ``PART_BEST`` / ``PART_IDX`` (``n_rows x n_split``) and ``sample_finish_kernel`` takes
-    the argmax. The noise of a token depends on its row and column only, so the draw is the
-    same, split or not. Without ``SPLIT``, ``n_split`` is 1 and ``split_cols`` is ``V``.
+    each, so that a few rows still fill the GPU; a part's best draw-block score and the
+    block's first column go to ``PART_BEST`` / ``PART_IDX`` (``n_rows x n_split``), and
+    ``sample_finish_kernel`` takes the best part and draws the token in its block. Noise
+    depends on row, column and draw only, so the draw is the same, split or not. Without
+    ``SPLIT``, ``n_split`` is 1 and ``split_cols`` is ``V``.
     """
     seed = tl.load(SEED)
     cols = tl.arange(0, BLOCK_N)
@@ -149,16 +209,25 @@ def sample_kernel(
         if HAS_MIN_P:
             min_p = tl.load(MINP + rows * st_m, mask=rmask, other=0.0).to(tl.float32)
 
-        # First draw, from softmax(s) restricted to min-p.
+        if not HAS_TOP_P and not HAS_MIN_P:
+            shift = inv_t  # unused
+        if not HAS_MIN_P:
+            min_p = inv_t  # unused
+
+        # First draw, from softmax(s) restricted to min-p: a draw block (noise 0), then a
+        # token in it (noise 1).
         best = tl.full([BLOCK_R], -float("inf"), tl.float32)
-        cand = tl.zeros([BLOCK_R], tl.int64)
+        blk = tl.zeros([BLOCK_R], tl.int64)
         for start in range(col_lo, col_hi, BLOCK_N):
             s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
             keep = mask
             if HAS_MIN_P:
                 keep = keep & (tl.exp(s - shift[:, None]) >= min_p[:, None])
-            best, cand = gumbel_update(best, cand, s, keep, start, rows, n_rows, V,
-                                       greedy, seed, 0, BLOCK_R, BLOCK_N)
+            best, blk = block_choice(best, blk, s, keep, start, rows, n_rows, V, greedy, seed, 0)
+        cand = blk
+        if not SPLIT:
+            cand = draw_in_block(X, rows, rmask, sxm, blk, V, inv_t, greedy, seed, 1, n_rows,
+                                 shift, min_p, blk, HAS_MIN_P, False, BLOCK_R, BLOCK_N)
 
         if HAS_TOP_K or HAS_TOP_P:
             # A candidate is kept iff fewer than k tokens, of mass < p * z, lie above it; a
@@ -170,16 +239,16 @@ def sample_kernel(
                 p = tl.load(TOPP + rows * st_p, mask=rmask, other=1.0).to(tl.float32)
                 mass_target = tl.where(p >= 1.0, float("inf"), p * z)
             active = rmask & (best > -float("inf"))  # a row of -inf has no candidate
-            draw = tl.full([], 1, tl.int64)
+            draw = tl.full([], 1, tl.int64)  # round r: noise 2r for blocks, 2r + 1 for tokens
             while tl.max(active.to(tl.int32), 0) > 0:
-                # One pass: count / mass above the candidate, and the next candidate drawn
-                # above it (with fresh noise), in case this one is rejected.
+                # One pass: count / mass above the candidate, and the draw block of the next
+                # candidate above it (fresh noise), in case this one is rejected.
                 s_cand = tl.load(X + rows * sxm + cand, mask=rmask, other=0.0)
                 floor = order_key(s_cand.to(tl.float32) * inv_t + 0.0)
                 count = tl.zeros([BLOCK_R], tl.int64)
                 mass = tl.zeros([BLOCK_R], tl.float32)
                 nxt_best = tl.full([BLOCK_R], -float("inf"), tl.float32)
-                nxt = tl.zeros([BLOCK_R], tl.int64)
+                nxt_blk = tl.zeros([BLOCK_R], tl.int64)
                 for start in range(0, V, BLOCK_N):
                     s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
                     above = mask & (order_key(s) > floor[:, None])
@@ -192,14 +261,17 @@ def sample_kernel(
                             mass += tl.sum(tl.where(above, e, 0.0), 1)
                         if HAS_MIN_P:
                             keep = keep & (e >= min_p[:, None])
-                    nxt_best, nxt = gumbel_update(nxt_best, nxt, s, keep, start, rows, n_rows,
-                                                  V, greedy, seed, draw, BLOCK_R, BLOCK_N)
+                    nxt_best, nxt_blk = block_choice(nxt_best, nxt_blk, s, keep, start, rows,
+                                                     n_rows, V, greedy, seed, 2 * draw)
                 accepted = rmask
                 if HAS_TOP_K:
                     accepted = accepted & (count < k_target)
                 if HAS_TOP_P:
                     accepted = accepted & (mass < mass_target)
                 rejected = active & ~accepted
+                nxt = draw_in_block(X, rows, rmask, sxm, nxt_blk, V, inv_t, greedy, seed,
+                                    2 * draw + 1, n_rows, shift, min_p, floor, HAS_MIN_P, True,
+                                    BLOCK_R, BLOCK_N)
                 cand = tl.where(rejected, nxt, cand)
                 # A rejected candidate always has tokens above it; only noise of -inf on all
                 # of them (U = 0, probability ~2^-31 each) leaves none: stop, not loop.
@@ -207,17 +279,26 @@ def sample_kernel(
                 draw += 1
         if SPLIT:
             tl.store(PART_BEST + rows * n_split + part, best, mask=rmask)
-            tl.store(PART_IDX + rows * n_split + part, cand, mask=rmask)
+            tl.store(PART_IDX + rows * n_split + part, blk, mask=rmask)
         else:
             tl.store(OUT + rows, cand, mask=rmask)
 
 
 @triton.jit
-def sample_finish_kernel(PART_BEST, PART_IDX, OUT, n_split, BLOCK_S: tl.constexpr):
-    """Row ``program_id``'s token: the index of the best of its ``n_split`` parts (the first
-    part on ties, so the first column wins, as without the split)."""
+def sample_finish_kernel(PART_BEST, PART_IDX, OUT, X, SEED, TEMP, st_t, n_split, n_rows, V,
+                         sxm, BLOCK_S: tl.constexpr, DRAW_BLOCK: tl.constexpr):
+    """Row ``program_id``'s token (split plain sampling): the best of its ``n_split`` parts'
+    draw blocks (the first part on ties, so the first column wins, as without the split),
+    then the token in that block, with the same noise as without the split."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     best = tl.load(PART_BEST + row * n_split + s, mask=s < n_split, other=-float("inf"))
     part = tl.argmax(best, 0)
-    tl.store(OUT + row, tl.load(PART_IDX + row * n_split + part))
+    rows = tl.zeros([1], tl.int64) + row
+    blk = tl.zeros([1], tl.int64) + tl.load(PART_IDX + row * n_split + part)
+    t = tl.load(TEMP + rows * st_t).to(tl.float32)
+    greedy = t < GREEDY_BELOW
+    inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
+    cand = draw_in_block(X, rows, rows >= 0, sxm, blk, V, inv_t, greedy, tl.load(SEED), 1,
+                         n_rows, inv_t, inv_t, blk, False, False, 1, DRAW_BLOCK)
+    tl.store(OUT + rows, cand)

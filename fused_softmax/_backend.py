@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import operator
 import os
 
@@ -118,5 +119,8 @@ def needs_torch_ops(*tensors) -> bool:
 
 def split_float(v: float) -> tuple:
     """``v`` as two fp32 values ``hi + lo`` (see ``kernels.softmax.float_arg``)."""
-    hi = float(np.float32(v))
+    with np.errstate(over="ignore"):
+        hi = float(np.float32(v))
+    if math.isinf(hi):  # beyond fp32: no finite remainder (callers keep such values away)
+        return hi, 0.0
     return hi, float(np.float32(v - hi))

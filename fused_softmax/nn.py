@@ -14,18 +14,27 @@ from .linear_cross_entropy import LinearCrossEntropyLoss  # noqa: F401
 class _TemperatureMixin:
     """The keyword-only ``temperature`` of the softmax modules, on top of torch's module."""
 
-    _fn = None
+    _LOG = False  # log_softmax rather than softmax
 
     def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
         super().__init__(dim)
         self.temperature = temperature
+        self._log = type(self)._LOG  # an instance attribute: torch.jit.script copies it
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("temperature", 1.0)
+        self.__dict__.setdefault("_log", type(self)._LOG)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return type(self)._fn(input, self.dim, _stacklevel=5, temperature=self.temperature)
+        return self._fused(input)
+
+    @torch.jit.ignore
+    def _fused(self, input):  # no annotations: TorchScript reads them as Tensor
+        # Left to Python by torch.jit.script (the kernels are not TorchScript), so that a
+        # scripted module runs as torch's does; it cannot be saved with torch.jit.save.
+        fn = _softmax.log_softmax if self._log else _softmax.softmax
+        return fn(input, self.dim, _stacklevel=6, temperature=self.temperature)
 
     def extra_repr(self) -> str:
         extra = f", temperature={self.temperature}" if self.temperature != 1.0 else ""
@@ -43,14 +52,13 @@ class Softmax(_TemperatureMixin, torch.nn.Softmax):
         tensor([1.0000, 1.0000])
     """
 
-    _fn = staticmethod(_softmax.softmax)
 
 
 class LogSoftmax(_TemperatureMixin, torch.nn.LogSoftmax):
     """Drop-in for :class:`torch.nn.LogSoftmax` (a subclass of it, plus keyword-only
     ``temperature``)."""
 
-    _fn = staticmethod(_softmax.log_softmax)
+    _LOG = True
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

@@ -146,7 +146,7 @@ def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None
 # --------------------------------------------------------------------------- torch path
 def _torch_fwd(x, dim, mode, inv_t):
     acc = acc_dtype(x.dtype)
-    xs = x if inv_t == 1.0 else x.to(acc) * inv_t
+    xs = x if inv_t == 1.0 else _scaled(x.to(acc), inv_t)
     if mode == SOFTMAX:
         return torch.softmax(xs, dim).to(x.dtype)
     if mode == LOG_SOFTMAX:
@@ -234,6 +234,12 @@ def _legacy_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
+def _scaled(x: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """``x * inv_t`` keeping ``-inf`` where ``inv_t`` rounds to 0 in ``x``'s dtype (the
+    kernels' ``scale``)."""
+    return torch.where(x == -math.inf, x, x * inv_t)
+
+
 def _inv_temperature(temperature) -> float:
     t = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
     if not (t > 0.0 and is_finite(t)):
@@ -258,7 +264,14 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     inv_t = _inv_temperature(temperature)
     if needs_torch_ops(input):  # torch.func transforms, forward-mode AD
         torch_fn = torch.softmax if mode == SOFTMAX else torch.log_softmax
-        return torch_fn(input if inv_t == 1.0 else input * inv_t, dim)
+        if inv_t == 1.0:
+            return torch_fn(input, dim)
+        # as the kernels: x / T in fp32 (fp64), not rounded to fp16/bf16 first
+        return torch_fn(_scaled(input.to(acc_dtype(input.dtype)), inv_t), dim).to(input.dtype)
+    if input.dtype == torch.float64 and inv_t > torch.finfo(torch.float32).max:
+        # 1 / T beyond fp32 (T < 3e-39): the kernels take it as two fp32 halves, so scale
+        # in fp64 here (a copy; only for such temperatures).
+        input, inv_t = input * inv_t, 1.0
     if input.dim() == 0:
         return _apply(input.reshape(1), 0, mode, inv_t).reshape(())
     return _apply(input, dim, mode, inv_t)
@@ -312,6 +325,36 @@ def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int
     return _softmax_like(LOG_SOFTMAX, input, dim, _stacklevel, dtype, temperature)
 
 
+def _logsumexp_out(input, dim, keepdim, out):
+    """torch's ``out=`` semantics: its checks, the result computed in ``out``'s (wider)
+    float dtype, then resized (with torch's warning for a non-empty ``out``) and copied."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"logsumexp(): argument 'out' must be Tensor, not {type(out).__name__}")
+    if not (out.is_floating_point() or out.is_complex()):
+        raise RuntimeError("Expected floating point type for result tensor, but got "
+                           f"{out.dtype}")
+    if out.device != input.device:
+        raise RuntimeError(f"Expected out tensor to have device {input.device}, but got "
+                           f"{out.device} instead")
+    if torch.is_grad_enabled() and (input.requires_grad or out.requires_grad):
+        raise RuntimeError("logsumexp(): functions with out=... arguments don't support "
+                           "automatic differentiation, but one of the arguments requires grad.")
+    if input.is_floating_point() and out.is_floating_point() and \
+            torch.finfo(out.dtype).bits > torch.finfo(input.dtype).bits:
+        input = input.to(out.dtype)
+    result = logsumexp(input, dim, keepdim)
+    if out.numel() and out.shape != result.shape:
+        warnings.warn(
+            f"An output with one or more elements was resized since it had shape "
+            f"{list(out.shape)}, which does not match the required output shape "
+            f"{list(result.shape)}. This behavior is deprecated, and in a future PyTorch "
+            "release outputs will not be resized unless they have zero elements. You can "
+            "explicitly reuse an out tensor t by resizing it, inplace, to zero elements with "
+            "t.resize_(0).", UserWarning, stacklevel=3)
+    out.resize_(result.shape)
+    return out.copy_(result)
+
+
 def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False, *,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""``log(sum(exp(input)))`` over ``dim``, computed stably: :math:`m + \log\sum_j e^{x_j - m}`.
@@ -340,10 +383,8 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
         raise TypeError(f"logsumexp(): argument 'input' must be Tensor, not {type(input).__name__}")
     if not isinstance(keepdim, bool):
         raise TypeError(f"logsumexp(): argument 'keepdim' must be bool, not {type(keepdim).__name__}")
-    if out is not None:  # torch's out= semantics: compute, then resize and copy into out
-        result = logsumexp(input, dim, keepdim)
-        out.resize_(result.shape)
-        return out.copy_(result)
+    if out is not None:
+        return _logsumexp_out(input, dim, keepdim, out)
     if input.is_complex() or needs_torch_ops(input):  # complex: torch's own kernel
         return torch.logsumexp(input, dim, keepdim)
     if not input.is_floating_point():

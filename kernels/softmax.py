@@ -72,6 +72,13 @@ def div_(a, b, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def scale(x, inv_temperature):
+    """``x / T`` as ``x * (1 / T)``, keeping ``-inf`` (padding lanes, -inf logits) at
+    ``-inf`` when ``1 / T`` rounds to 0 (``T`` near fp32's range): ``-inf * 0`` is NaN."""
+    return tl.where(x == -float("inf"), x, x * inv_temperature)
+
+
+@triton.jit
 def finite_or_zero(m):
     """torch's shift rule for log-sum-exp: an infinite max is replaced by 0."""
     return tl.where(tl.abs(m) == float("inf"), 0.0, m)
@@ -139,7 +146,7 @@ def softmax_fwd_kernel(
         if SINGLE_PASS:
             mask = pmask[:, None] & (cols < N)[None, :]
             x = tl.load(xrow + cols[None, :] * sxn, mask=mask, other=-float("inf"))
-            x = x.to(ACC) * inv_temperature
+            x = scale(x.to(ACC), inv_temperature)
             m = tl.max(x, 1)
             shift = finite_or_zero(m)
             e = exp_(x - shift[:, None], PRECISE)
@@ -152,7 +159,7 @@ def softmax_fwd_kernel(
                 mask = pmask[:, None] & (c < N)[None, :]
                 x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
                             eviction_policy="evict_last")
-                m, s_vec = online_update(m, s_vec, x.to(ACC) * inv_temperature, PRECISE)
+                m, s_vec = online_update(m, s_vec, scale(x.to(ACC), inv_temperature), PRECISE)
             shift = finite_or_zero(m)
             s = tl.sum(s_vec, 1)
 
@@ -175,7 +182,7 @@ def softmax_fwd_kernel(
                     mask = pmask[:, None] & (c < N)[None, :]
                     x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
                                 eviction_policy="evict_first")
-                    x = x.to(ACC) * inv_temperature
+                    x = scale(x.to(ACC), inv_temperature)
                     if MODE == SOFTMAX:
                         y = div_(exp_(x - shift[:, None], PRECISE), s[:, None], PRECISE)
                     else:

@@ -435,3 +435,63 @@ def test_zero_total_weight_mean_gradient_is_nan_like_torch(device):
     w = torch.tensor([1.0, 0.0, 1.0], device=device)
     fs.cross_entropy(x, t, weight=w, label_smoothing=0.1).backward()
     assert torch.isnan(x.grad).all()
+
+
+# --------------------------------------------------------------------------- softmax extremes
+@pytest.mark.parametrize("n", [3, 4, 5000])
+def test_temperature_beyond_fp32_reciprocal(n, device):
+    """T so large that 1/T rounds to 0 in fp32: softmax(x / T) is uniform over the finite
+    logits and 0 at -inf ones (-inf * 0 must not become NaN, in padding lanes either)."""
+    x = torch.linspace(-1, 1, n)
+    x[1] = -math.inf
+    ref = torch.softmax(x.double() / 1e50, 0)
+    for op, tref in ((fs.softmax, ref), (fs.log_softmax, ref.log())):
+        got = op(x.to(device), 0, temperature=1e50).cpu().double()
+        torch.testing.assert_close(got, tref, rtol=1e-6, atol=0)
+
+
+def test_fp64_temperature_below_fp32_range(device):
+    """fp64 with 1/T beyond fp32 (T = 2.9e-39): as fp64 torch's x / T, value and gradient."""
+    x = torch.tensor([1.0, 0.5, -1.0, 0.999], dtype=torch.float64, device=device)
+    for op, top in ((fs.softmax, torch.softmax), (fs.log_softmax, torch.log_softmax)):
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got, exp = op(a, 0, temperature=2.9e-39), top(b / 2.9e-39, 0)
+        torch.testing.assert_close(got, exp)
+        up = torch.tensor([0.3, -1.0, 2.0, 0.5], dtype=torch.float64, device=device)
+        got.backward(up)
+        exp.backward(up)
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_temperature_under_torch_func_is_computed_in_fp32(device):
+    """vmap / jvp go through torch ops: x / T is still taken in fp32, not rounded to bf16
+    first (which moved a probability by 38%)."""
+    x = torch.tensor([[100.0, 99.0]], dtype=torch.bfloat16, device=device)
+    ref = torch.softmax(x.double() / 0.7, 1)
+    got = torch.func.vmap(lambda v: fs.softmax(v, 0, temperature=0.7))(x)
+    assert (got.double() - ref).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps
+    h = torch.tensor([[100.0, 99.0, 0.0]], dtype=torch.float16, device=device)
+    got = torch.func.vmap(lambda v: fs.softmax(v, 0, temperature=1e-3))(h)
+    torch.testing.assert_close(got, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float16, device=device))
+
+
+@pytest.mark.parametrize("cls,ref", [(fs.nn.Softmax, torch.softmax), (fs.nn.LogSoftmax, torch.log_softmax)])
+def test_modules_script_like_torchs(cls, ref, device):
+    x = torch.randn(3, 5, device=device)
+    scripted = torch.jit.script(cls(dim=1, temperature=2.0))
+    torch.testing.assert_close(scripted(x), ref(x / 2.0, 1))
+
+
+def test_logsumexp_out_like_torch(device):
+    x = torch.randn(3, 5, device=device)
+    same_error(torch.logsumexp, fs.logsumexp, x, 1, out=torch.empty(3, dtype=torch.long, device=device))
+    same_error(torch.logsumexp, fs.logsumexp, x.clone().requires_grad_(True), 1,
+               out=torch.empty(3, device=device))
+    with pytest.warns(UserWarning, match="resized"):
+        fs.logsumexp(x, 1, out=torch.empty(2, device=device))
+    h = (torch.randn(4, 7, generator=torch.Generator().manual_seed(1)) * 3).half().to(device)
+    ours, theirs = torch.empty(4, device=device), torch.empty(4, device=device)
+    fs.logsumexp(h, 1, out=ours)  # computed in out's fp32, not rounded through fp16
+    torch.logsumexp(h, 1, out=theirs)
+    ref = torch.logsumexp(h.double(), 1)
+    assert (ours.double() - ref).abs().max() <= max((theirs.double() - ref).abs().max(), 1e-6)

@@ -447,6 +447,9 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
     else:
+        if input.dim() >= 2 and target.dim() == 0:  # torch checks the batch size first
+            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match "
+                             "target batch_size (0).")
         if target.dtype not in _INDEX_DTYPES:
             raise _target_dtype_error(input, target)
         if input.dim() == 1:
@@ -469,7 +472,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
                 raise RuntimeError("expected scalar type Long but found Byte")
     if weight is not None:
         # torch's nll_loss takes any weight of C elements for (N, C, d...) inputs
-        if weight.numel() != C or (weight.dim() != 1 and input.dim() <= 2):
+        if weight.numel() != C or (weight.dim() != 1 and (input.dim() <= 2 or prob_target)):
             raise RuntimeError(
                 f"weight tensor should be defined either for all {C} classes or no classes "
                 f"but got weight tensor of shape: {list(weight.shape)}")

@@ -105,7 +105,7 @@ def _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, sof
     if coef.shape[1] == 3:
         dx = dx - coef[:, 2:3] * (weight.to(dx.dtype) if weight is not None else 1.0)
     if softcap > 0:  # dz / d(x * logit_scale) = 1 / cosh^2; logit_scale itself is in coef
-        dx = dx / torch.cosh(x.to(coef.dtype) * logit_scale / softcap) ** 2
+        dx = torch.where(a == 0, 0.0, dx / torch.cosh(x.to(coef.dtype) * logit_scale / softcap) ** 2)
     grad.copy_(dx)
 
 

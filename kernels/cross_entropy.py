@@ -198,8 +198,10 @@ def cross_entropy_fwd_kernel(
                     dz = g_coef * p - tl.where(c == t, grad_scale * (1.0 - smoothing) * w_t, 0.0)
                     if HAS_SMOOTHING:
                         dz -= grad_scale * eps_c * w
+                dz = dz * dzdx
+                if not PROB_TARGET:  # after dzdx: softcap's sech^2 of a NaN logit is NaN
                     dz = tl.where(ignored, 0.0, tl.where(in_range, dz, float("nan")))
-                tl.store(GRAD + r * sg + c, (dz * dzdx).to(GRAD.dtype.element_ty), mask=mask,
+                tl.store(GRAD + r * sg + c, dz.to(GRAD.dtype.element_ty), mask=mask,
                          eviction_policy="evict_first")
 
 

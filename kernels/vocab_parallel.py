@@ -127,6 +127,6 @@ def vocab_parallel_bwd_kernel(
                     dx -= c_w * tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
                 else:
                     dx -= c_w
-            if HAS_SOFTCAP:
-                dx *= sech2(u, PRECISE)
+            if HAS_SOFTCAP:  # an ignored row (a == 0) stays 0 even where sech^2 is NaN
+                dx = tl.where(a == 0.0, 0.0, dx * sech2(u, PRECISE))
             tl.store(GRAD + r * sg + c, dx.to(GRAD.dtype.element_ty), mask=mask)

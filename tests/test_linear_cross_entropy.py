@@ -578,6 +578,19 @@ def test_non_finite_rows_and_zero_grad_output_like_torch(path, device):
 
 
 @both_paths
+def test_ignored_row_with_nan_and_softcap_gets_zero_input_gradient(path, device):
+    x, W, t, b, _ = make(device, bias=True)
+    x = x.clone()
+    x[1] = math.nan  # row 1 is ignored (make)
+    assert t[1] == -100
+    leaves = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    lce(leaves[0], leaves[1], t, linear_bias=leaves[2], softcap=3.0, label_smoothing=0.1,
+        **PATHS[path]).backward()
+    g = leaves[0].grad
+    assert torch.equal(g[1], torch.zeros_like(g[1])) and torch.isfinite(g[[0, 2, 3]]).all()
+
+
+@both_paths
 def test_out_of_range_target_cpu_error_is_torchs(path):
     x, W, t, _, _ = make("cpu")
     t[0] = C

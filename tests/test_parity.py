@@ -495,3 +495,27 @@ def test_logsumexp_out_like_torch(device):
     torch.logsumexp(h, 1, out=theirs)
     ref = torch.logsumexp(h.double(), 1)
     assert (ours.double() - ref).abs().max() <= max((theirs.double() - ref).abs().max(), 1e-6)
+
+
+# --------------------------------------------------------------------------- cross_entropy, later audit
+def test_ignored_row_with_nan_logit_and_softcap_gets_zero_gradient(device):
+    """Ignored rows get 0 whatever they hold, also through softcap's sech^2 (NaN there)."""
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    x[1, 2] = math.nan
+    x.requires_grad_(True)
+    t = torch.tensor([0, -100, 3], device=device)
+    fs.cross_entropy(x, t, softcap=30.0, label_smoothing=0.1).backward()
+    assert torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))
+    assert torch.isfinite(x.grad[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("shape,target,weight", [
+    ((4, 5), torch.tensor(1.0), None),
+    ((4, 5, 3), torch.tensor(1), None),
+    ((4, 5, 3), "prob", torch.ones(5, 1)),
+], ids=["0-d float target", "0-d index target, K-dim", "probabilities, 2-D weight"])
+def test_more_error_types_like_torch(shape, target, weight, device):
+    x = torch.randn(*shape, device=device)
+    t = torch.softmax(torch.randn(*shape), 1) if isinstance(target, str) else target
+    w = weight.to(device) if weight is not None else None
+    same_error(F.cross_entropy, fs.cross_entropy, x, t.to(device), weight=w)

@@ -112,11 +112,10 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
 
 
 # --------------------------------------------------------------------------- torch path
-def _torch_sample(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tensor:
-    """The kernel's semantics with torch ops (a sort is fine here: CPU only, no Triton)."""
-    n_rows, vocab = logits.shape
-    if n_rows == 0:
-        return torch.empty(0, dtype=torch.int64, device=logits.device)
+def _torch_kept(logits, temperature, top_k, top_p, min_p):
+    """``(s, keep, greedy)``: scaled logits, the kept set and the greedy rows, with torch ops
+    (a sort is fine here: CPU only, no Triton)."""
+    vocab = logits.shape[1]
     t = temperature.float()
     greedy = t < _GREEDY_BELOW
     inv_t = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, t))
@@ -131,13 +130,24 @@ def _torch_sample(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tenso
         shift = torch.where(m.isinf(), 0.0, m)
         e = torch.exp(s - shift)
     if top_p is not None:
-        mass = torch.exp(desc - shift).cumsum(1)
-        target = top_p.float()[:, None] * e.sum(1, keepdim=True)
-        first = (mass >= target).int().argmax(1, keepdim=True)  # first prefix with enough mass
+        # fp64 prefix sums; a target no prefix reaches (rounding: p near 1) keeps everything
+        mass = torch.exp(desc - shift).double().cumsum(1)
+        target = top_p.double()[:, None] * mass[:, -1:]
+        reached = mass >= target
+        first = torch.where(reached.any(1, keepdim=True),
+                            reached.int().argmax(1, keepdim=True), vocab - 1)
         tau = desc.gather(1, first)
         keep &= (s >= tau) | (top_p[:, None] >= 1)
     if min_p is not None:
         keep &= e >= min_p.float()[:, None]
+    return s, keep, greedy
+
+
+def _torch_sample(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tensor:
+    """The kernel's semantics with torch ops."""
+    if logits.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    s, keep, greedy = _torch_kept(logits, temperature, top_k, top_p, min_p)
     gen = torch.Generator(device=logits.device).manual_seed(int(seed[0]))
     u = torch.rand(s.shape, generator=gen, device=s.device)
     score = torch.where(greedy[:, None], s, s - torch.log(-torch.log(u)))

@@ -288,6 +288,20 @@ def test_torch_path_support():
     check_draws(ids, probs)
 
 
+def test_torch_path_top_p_set_when_fp32_prefix_sums_fall_short():
+    """One token of mass ~1 and 100k of 2.5e-8 each: fp32 prefix sums never add the small
+    ones (each is below half an ulp of 1), so no prefix reaches 0.999 of the total. The
+    kept set must still be the exact one (~60k tokens), not the first prefix (one token)."""
+    V = 100001
+    x = torch.full((V,), -17.5)
+    x[1:] -= torch.linspace(0, 0.01, V - 1)
+    x[0] = 0.0
+    probs, _ = reference_probs(x, top_p=0.999)
+    _, keep, _ = sys.modules["fused_softmax.sampling"]._torch_kept(
+        x[None], torch.ones(1), None, torch.full((1,), 0.999), None)
+    assert abs(int(keep.sum()) - int((probs > 0).sum())) <= 1
+
+
 BAD_ARGS = [
     (dict(top_k=0), ValueError, "top_k"),
     (dict(top_k=2.5), TypeError, "top_k"),

@@ -149,7 +149,9 @@ def _torch_sample(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tenso
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     s, keep, greedy = _torch_kept(logits, temperature, top_k, top_p, min_p)
     gen = torch.Generator(device=logits.device).manual_seed(int(seed[0]))
-    u = torch.rand(s.shape, generator=gen, device=s.device)
+    # in (0, 1): torch.rand gives exactly 0 once in 2^24, a -inf Gumbel variate (kernels'
+    # uniform() has the same floor)
+    u = torch.rand(s.shape, generator=gen, device=s.device).clamp_min(torch.finfo(torch.float32).tiny)
     score = torch.where(greedy[:, None], s, s - torch.log(-torch.log(u)))
     return torch.where(keep, score, -torch.inf).argmax(1)
 

@@ -80,6 +80,15 @@ def scaled_block(X, rows64, rmask, sxm, start, cols, V, inv_t):
 
 
 @triton.jit
+def uniform(bits):
+    """Uniforms in (0, 1) from random 32-bit words. Triton's ``uint_to_uniform_float`` maps
+    two words (0 and 0xFFFFFFFF) to exactly 0, whose Gumbel variate is -inf: a block or token
+    that held all the kept mass could then lose to nothing, and the row would return token 0
+    (2^-31 per draw). The floor, fp32's smallest normal, keeps every variate finite."""
+    return tl.maximum(tl.random.uint_to_uniform_float(bits), 1.1754943508222875e-38)
+
+
+@triton.jit
 def block_uniform(seed, draw, rows, n_rows, V, start, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """Uniforms in [0, 1) for the ``[R, B]`` block at column ``start`` of draw ``draw``.
 
@@ -92,7 +101,7 @@ def block_uniform(seed, draw, rows, n_rows, V, start, BLOCK_R: tl.constexpr, BLO
     ctr = ((draw * n_rows + rows) * tl.cdiv(V, 4) + start // 4)[:, None] + q[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, ctr)
     bits = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3))
-    return tl.reshape(tl.random.uint_to_uniform_float(bits), (BLOCK_R, BLOCK_N))
+    return tl.reshape(uniform(bits), (BLOCK_R, BLOCK_N))
 
 
 @triton.jit
@@ -103,7 +112,7 @@ def gumbel_update(best, best_idx, s, keep, start, rows, n_rows, V, greedy, seed,
     ``-inf`` best and index 0. A block with nothing kept costs no noise."""
     if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
         u = block_uniform(seed, draw, rows, n_rows, V, start, BLOCK_R, BLOCK_N)
-        gumbel = -tl.log(-tl.log(u))  # u = 0 gives -inf: never drawn
+        gumbel = -tl.log(-tl.log(u))  # u > 0 (uniform()): finite
         score = tl.where(greedy[:, None], s, s + gumbel)
         score = tl.where(keep, score, -float("inf"))
         blk_best = tl.max(score, 1)
@@ -128,7 +137,7 @@ def block_choice(best, best_start, s, keep, start, rows, n_rows, V, greedy, seed
         shift = finite_or_zero(m)
         lse = shift + tl.log(tl.sum(tl.exp(sk - shift[:, None]), 1))  # -inf: none kept
         ctr = (draw * n_rows + rows) * tl.cdiv(V, 4) + start // 4
-        u = tl.random.uint_to_uniform_float(tl.randint(seed, ctr))
+        u = uniform(tl.randint(seed, ctr))
         score = tl.where(greedy, m, lse - tl.log(-tl.log(u)))
         better = score > best  # strict: the first block wins ties
         best = tl.where(better, score, best)
@@ -273,8 +282,8 @@ def sample_kernel(
                                     2 * draw + 1, n_rows, shift, min_p, floor, HAS_MIN_P, True,
                                     BLOCK_R, BLOCK_N)
                 cand = tl.where(rejected, nxt, cand)
-                # A rejected candidate always has tokens above it; only noise of -inf on all
-                # of them (U = 0, probability ~2^-31 each) leaves none: stop, not loop.
+                # A rejected candidate has tokens above it, the row's max among them, which
+                # every filter keeps: nxt_best is finite. The check only guards the loop.
                 active = rejected & (nxt_best > -float("inf"))
                 draw += 1
         if SPLIT:

@@ -206,6 +206,33 @@ def test_distribution_across_draw_blocks(kwargs, device, monkeypatch):
     check_draws(ids, probs)
 
 
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("seed,V,live,kw", [
+    (2360573, 2048, [712], {}),                   # the token's uniform is 0
+    (2360573, 2048, [712], dict(min_p=0.5)),
+    (2001878690, 4096, list(range(2048, 2100)), {}),  # the only live block's uniform is 0
+    (2001878690, 4096, [3000], dict(min_p=0.5)),
+], ids=["token", "token min_p", "block", "block min_p"])
+def test_a_zero_uniform_never_returns_a_token_outside_the_set(seed, V, live, kw, device):
+    """Philox words 0 and 0xFFFFFFFF give a uniform of exactly 0 (a -inf Gumbel variate):
+    these seeds (found with a C copy of Triton's Philox) hit one at the only kept token or
+    block. The draw must still come from the kept set, not fall back to token 0."""
+    x = torch.full((1, V), -math.inf)
+    x[0, live] = torch.linspace(0.0, 1.0, len(live))
+    if "min_p" in kw:
+        x = torch.zeros(1, V)
+        x[0, live] = 10.0
+    x = x.to(device)
+    if not _backend.use_triton(x):
+        pytest.skip("the Triton kernels do not serve this device here")
+    sampling_mod = sys.modules["fused_softmax.sampling"]
+    one = torch.ones(1, device=device)
+    extra = {k: torch.full((1,), v, device=device) for k, v in kw.items()}
+    ids = sampling_mod._launch(x, torch.tensor([seed], device=device), one, None, None,
+                               extra.get("min_p"))
+    assert int(ids[0]) in live, ids
+
+
 def test_generator_reproducible_and_fresh(device):
     x = logits_16().to(device).expand(500, -1)
     a = sample(x, top_p=0.9, generator=torch.Generator(device=device).manual_seed(42))

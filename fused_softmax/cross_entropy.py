@@ -609,7 +609,6 @@ def cross_entropy(
     if x.stride(-1) != 1:
         x = x.contiguous()
     t = t.contiguous()
-    n_rows = x.shape[0]
 
     denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc)
 

@@ -90,7 +90,7 @@ def uniform(bits):
 
 @triton.jit
 def block_uniform(seed, draw, rows, n_rows, V, start, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Uniforms in [0, 1) for the ``[R, B]`` block at column ``start`` of draw ``draw``.
+    """Uniforms in (0, 1) for the ``[R, B]`` block at column ``start`` of draw ``draw``.
 
     One Philox call gives four 32-bit words (``randint4x``), so a call serves four adjacent
     tokens: counter ``(draw * n_rows + row) * ceil(V / 4) + column // 4`` (``start`` is a
@@ -105,22 +105,16 @@ def block_uniform(seed, draw, rows, n_rows, V, start, BLOCK_R: tl.constexpr, BLO
 
 
 @triton.jit
-def gumbel_update(best, best_idx, s, keep, start, rows, n_rows, V, greedy, seed, draw,
-                  BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Fold one block into the running argmax of ``s + Gumbel`` over ``keep`` (greedy rows:
-    of ``s``), with the noise of draw number ``draw``. A row with nothing kept keeps its
-    ``-inf`` best and index 0. A block with nothing kept costs no noise."""
-    if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
-        u = block_uniform(seed, draw, rows, n_rows, V, start, BLOCK_R, BLOCK_N)
-        gumbel = -tl.log(-tl.log(u))  # u > 0 (uniform()): finite
-        score = tl.where(greedy[:, None], s, s + gumbel)
-        score = tl.where(keep, score, -float("inf"))
-        blk_best = tl.max(score, 1)
-        blk_idx = tl.argmax(score, 1).to(tl.int64) + start
-        better = blk_best > best  # strict: the first index wins ties across blocks
-        best = tl.where(better, blk_best, best)
-        best_idx = tl.where(better, blk_idx, best_idx)
-    return best, best_idx
+def kept(s, mask, shift, min_p, floor, HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr):
+    """The draw's set within a block: in the row (``mask``), min-p against ``shift`` (the
+    row max), and keys above ``floor`` (a rejection round's candidate). The block's score
+    and the token draw in the chosen block must use this same rule."""
+    keep = mask
+    if HAS_MIN_P:
+        keep = keep & (tl.exp(s - shift[:, None]) >= min_p[:, None])
+    if HAS_FLOOR:
+        keep = keep & (order_key(s) > floor[:, None])
+    return keep
 
 
 @triton.jit
@@ -159,16 +153,13 @@ def draw_in_block(X, rows, rmask, sxm, blk_start, V, inv_t, greedy, seed, draw, 
     mask = rmask[:, None] & (c < V)
     x = tl.load(X + rows[:, None] * sxm + c, mask=mask, other=-float("inf"))
     s = x.to(tl.float32) * inv_t[:, None] + 0.0
-    keep = mask
-    if HAS_MIN_P:
-        keep = keep & (tl.exp(s - shift[:, None]) >= min_p[:, None])
-    if HAS_FLOOR:
-        keep = keep & (order_key(s) > floor[:, None])
-    best = tl.full([BLOCK_R], -float("inf"), tl.float32)
-    idx = tl.zeros([BLOCK_R], tl.int64)
-    best, idx = gumbel_update(best, idx, s, keep, blk_start, rows, n_rows, V, greedy, seed,
-                              draw, BLOCK_R, DRAW_BLOCK)
-    return idx
+    keep = kept(s, mask, shift, min_p, floor, HAS_MIN_P, HAS_FLOOR)
+    u = block_uniform(seed, draw, rows, n_rows, V, blk_start, BLOCK_R, DRAW_BLOCK)
+    score = tl.where(greedy[:, None], s, s - tl.log(-tl.log(u)))  # u > 0: finite noise
+    score = tl.where(keep, score, -float("inf"))
+    # first index on ties (greedy rows: torch.argmax's rule); a row with nothing kept (all
+    # -inf: no block was chosen, blk_start 0) gets token 0
+    return tl.argmax(score, 1).to(tl.int64) + blk_start
 
 
 @triton.jit
@@ -229,9 +220,7 @@ def sample_kernel(
         blk = tl.zeros([BLOCK_R], tl.int64)
         for start in range(col_lo, col_hi, BLOCK_N):
             s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-            keep = mask
-            if HAS_MIN_P:
-                keep = keep & (tl.exp(s - shift[:, None]) >= min_p[:, None])
+            keep = kept(s, mask, shift, min_p, blk, HAS_MIN_P, False)
             best, blk = block_choice(best, blk, s, keep, start, rows, n_rows, V, greedy, seed, 0)
         cand = blk
         if not SPLIT:

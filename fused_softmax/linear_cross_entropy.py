@@ -303,14 +303,10 @@ def linear_cross_entropy_stats(
               row_max[i], sums[i], softcap)
     # The log-sum-exp rule across chunks: every chunk moved to the row's max, then summed.
     shift = _vp._finite_or_zero(row_max.amax(0))
-    if weight is not None:  # each chunk's total class weight
-        w_chunks = torch.zeros(n_chunks * vocab_chunk, dtype=acc, device=x.device)
-        w_chunks[:V] = weight
-        w_chunks = w_chunks.view(n_chunks, vocab_chunk).sum(1)
-    else:
-        w_chunks = torch.full((n_chunks,), float(vocab_chunk), dtype=acc, device=x.device)
-        w_chunks[-1] = V - (n_chunks - 1) * vocab_chunk
-    _vp.to_global_max(sums, row_max, shift, w_chunks[:, None])
+    # each chunk's total class weight (its size without a weight), padded to whole chunks
+    w_chunks = torch.zeros(n_chunks * vocab_chunk, dtype=acc, device=x.device)
+    w_chunks[:V] = weight if weight is not None else 1.0
+    _vp.to_global_max(sums, row_max, shift, w_chunks.view(n_chunks, vocab_chunk).sum(1)[:, None])
     return shift, sums.sum(0)
 
 

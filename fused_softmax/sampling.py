@@ -281,16 +281,17 @@ def sample(
     if temperature is None:
         raise TypeError("sample(): temperature must be a number or a tensor, not None")
     f32_max = torch.finfo(torch.float32).max
-    specs = dict(  # name: (value, dtype, (low, low excluded, high), in words, clamp on CUDA)
-        temperature=(temperature, torch.float32, (0.0, False, f32_max),
+    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    specs = dict(  # name: (dtype, (low, low excluded, high), in words, clamp on CUDA)
+        temperature=(torch.float32, (0.0, False, f32_max),
                      "a number >= 0 and finite in float32", dict(min=0.0, max=f32_max, nan=1.0)),
-        top_k=(top_k, torch.int64, (1, False, math.inf), "an integer >= 1", dict(min=1)),
-        top_p=(top_p, torch.float32, (0.0, True, 1.0), "in (0, 1]",
+        top_k=(torch.int64, (1, False, math.inf), "an integer >= 1", dict(min=1)),
+        top_p=(torch.float32, (0.0, True, 1.0), "in (0, 1]",
                dict(min=torch.finfo(torch.float32).tiny, max=1.0, nan=1.0)),
-        min_p=(min_p, torch.float32, (0.0, False, 1.0), "in [0, 1]",
-               dict(min=0.0, max=1.0, nan=0.0)),
+        min_p=(torch.float32, (0.0, False, 1.0), "in [0, 1]", dict(min=0.0, max=1.0, nan=0.0)),
     )
-    for name, (value, dtype, bounds, words, _) in specs.items():
+    for name, (dtype, bounds, words, _) in specs.items():
+        value = values[name]
         if value is not None and _is_number(value):  # in Python: nothing for torch.compile to trace
             if dtype == torch.int64 and not isinstance(value, numbers.Integral):
                 raise TypeError(f"sample(): {name} must be an int or an integer tensor, got {value!r}")
@@ -298,15 +299,14 @@ def sample(
                 raise ValueError(f"sample(): {name} must be {words}, got {value}")
     greedy = _is_number(temperature) and temperature < _GREEDY_BELOW
     # Filters that keep everything: skip their search.
-    if top_k is not None and _is_number(top_k) and top_k >= vocab:
-        top_k = None
-    if top_p is not None and _is_number(top_p) and top_p == 1:
-        top_p = None
-    if min_p is not None and _is_number(min_p) and min_p == 0:
-        min_p = None
-    values = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    if _is_number(top_k) and top_k >= vocab:
+        values["top_k"] = None
+    if _is_number(top_p) and top_p == 1:
+        values["top_p"] = None
+    if _is_number(min_p) and min_p == 0:
+        values["min_p"] = None
     temperature, top_k, top_p, min_p = (  # checks every tensor, greedy or not
-        None if values[name] is None else _row_param(values[name], name, spec[1], logits, *spec[2:])
+        None if values[name] is None else _row_param(values[name], name, spec[0], logits, *spec[1:])
         for name, spec in specs.items())
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"sample(): generator must be a torch.Generator, not {type(generator).__name__}")

@@ -97,7 +97,7 @@ def vocab_parallel_bwd_kernel(
 ):
     """Gradient of the shard; ``COEF`` rows (stride ``sc``) hold ``[a, b, c]`` (``c`` only
     with label smoothing), times ``logit_scale``; with softcap the result is multiplied by
-    ``dz/d(x * logit_scale) = 1 - tanh**2``. A row with ``a == 0`` (ignored) gets 0 from the
+    ``dz/d(x * logit_scale) = sech**2`` (``sech2``). A row with ``a == 0`` (ignored) gets 0 from the
     first term whatever ``lse`` holds, so a non-finite ``lse`` cannot turn its zero gradient
     into NaN. ``GRAD`` may be ``X`` itself (each element is read before it is written)."""
     logit_scale = float_arg(scale_hi, scale_lo, ACC)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import collections
 import functools
-import math
 import operator
 import os
+import struct
 
-import numpy as np
 import torch
 
 try:
@@ -117,10 +116,7 @@ def needs_torch_ops(*tensors) -> bool:
     return False
 
 
-def split_float(v: float) -> tuple:
-    """``v`` as two fp32 values ``hi + lo`` (see ``kernels.softmax.float_arg``)."""
-    with np.errstate(over="ignore"):
-        hi = float(np.float32(v))
-    if math.isinf(hi):  # beyond fp32: no finite remainder (callers keep such values away)
-        return hi, 0.0
-    return hi, float(np.float32(v - hi))
+def float_bits(v: float) -> int:
+    """The bits of ``v`` as an fp64, as a signed int64: how a float argument reaches a
+    kernel exactly (see ``kernels.softmax.float_arg``)."""
+    return struct.unpack("<q", struct.pack("<d", float(v)))[0]

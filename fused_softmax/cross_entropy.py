@@ -15,7 +15,7 @@ import torch
 
 from . import _backend
 from ._backend import (acc_dtype, as_index, check_float, is_finite, needs_torch_ops,
-                       split_float, use_triton)
+                       float_bits, use_triton)
 
 if _backend.HAS_TRITON:
     import triton
@@ -72,8 +72,8 @@ def _launch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
         grad if grad is not None else x,
         n_rows, C, x.stride(0), target.stride(0) if prob_target else 0,
         grad.stride(0) if grad is not None else 0,
-        ignore_index, *split_float(label_smoothing), *split_float(logit_scale),
-        *split_float(softcap), *split_float(z_loss),
+        ignore_index, float_bits(label_smoothing), float_bits(logit_scale),
+        float_bits(softcap), float_bits(z_loss),
         PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap > 0, HAS_Z_LOSS=z_loss != 0,
         COMPUTE_GRAD=grad is not None, ACC=_tl_acc(x.dtype), BLOCK_N=block_n,
@@ -111,7 +111,6 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
         wq = w * (target.to(acc) * (1 - eps) + eps / C)
         coef = wq.sum(-1)
         loss = -(wq * logp).sum(-1)
-        dz = coef[:, None] * p - wq
     else:
         t = target.long()
         ignored = t == ignore_index
@@ -123,15 +122,19 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
         if eps > 0:  # as the kernel's HAS_SMOOTHING: 0 * (-inf logit or inf weight) is NaN
             loss = loss - (eps / C) * (w * logp).sum(-1)
             coef = coef + (eps / C) * w_sum
-        dz = coef[:, None] * p
-        if eps > 0:
-            dz = dz - (eps / C) * w
-        dz.scatter_add_(1, t_safe[:, None], (-(1 - eps) * w_t)[:, None])
     if z_loss:
         loss = loss + z_loss * lse * lse
-        dz = dz + (2 * z_loss * lse)[:, None] * p
-    # A mean over zero total weight: the kernel's inf - inf gives NaN, as torch's 0 / 0.
-    dz = torch.where(torch.isinf(grad_scale), math.nan, dz * grad_scale) * dzdx
+        coef = coef + 2 * z_loss * lse
+    # The kernel's order: with grad_scale = 1/0 (a mean over zero total weight) the target
+    # entry is inf - inf = NaN and the others +-inf, as torch's.
+    dz = (coef * grad_scale)[:, None] * p
+    if prob_target:
+        dz = dz - grad_scale * wq
+    else:
+        dz.scatter_add_(1, t_safe[:, None], (-(grad_scale * (1 - eps)) * w_t)[:, None])
+        if eps > 0:
+            dz = dz - grad_scale * (eps / C) * w
+    dz = dz * dzdx
     if not prob_target:
         # After the scaling, as in the kernel: all rows ignored makes grad_scale 1/0.
         loss = torch.where(ignored, 0.0, loss)
@@ -329,7 +332,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if reduction == "sum":
             loss = loss.sum()
         elif reduction == "mean":
-            loss = mean_of(loss, denom)
+            loss = mean_of(loss, denom, args[1])
         ctx.mark_non_differentiable(lse)
         # An ignored row's gradient is 0 whatever grad_output holds (NaN, inf), as torch's.
         ctx.ignored = (target == args[0]) if compute_grad and not args[-1] else None
@@ -371,13 +374,26 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- public API
-def mean_of(loss: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
-    """``sum(loss) / denom``, NaN when ``denom`` is 0 (torch's 0 / 0 for a batch whose
-    target weights sum to 0, even when label smoothing made the sum non-zero)."""
-    return torch.where(denom == 0, math.nan, loss.sum() / denom)
+def mean_of(loss: torch.Tensor, denom: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """``sum(loss) / denom`` as torch forms it when ``denom`` is 0. Without label smoothing
+    that is the plain quotient: 0 / 0 = NaN for a batch with every target ignored or of
+    weight 0, +-inf when mixed-sign class weights cancel. With smoothing torch divides the
+    target and smoothing sums separately; with non-negative weights the target sum is then
+    0 (NaN), so the mean is NaN although the smoothing made ``sum(loss)`` non-zero."""
+    total = loss.sum() / denom
+    return torch.where(denom == 0, math.nan, total) if smoothing > 0 else total
 
 
-def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc):
+def grad_scale_of(denom: torch.Tensor, reduction: str, smoothing: float) -> torch.Tensor:
+    """The gradient's scale: ``1 / denom`` for a mean (``+-inf`` at 0, as torch's quotient),
+    NaN at 0 with label smoothing (torch's gradient is then NaN everywhere), else 1."""
+    if reduction != "mean":
+        return torch.ones((), dtype=denom.dtype, device=denom.device)
+    scale = 1.0 / denom
+    return torch.where(denom == 0, math.nan, scale) if smoothing > 0 else scale
+
+
+def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc, smoothing):
     """The mean's denominator and ``scalars = [grad_scale, sum(weight)]`` as device values, so
     nothing downstream needs the host: the gradient scale is 1/denominator for a mean."""
     device = t.device
@@ -390,8 +406,7 @@ def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc):
         else:
             denom = valid.sum(dtype=acc)
     w_sum = weight.to(acc).sum() if weight is not None else torch.full((), float(C), dtype=acc, device=device)
-    grad_scale = 1.0 / denom if reduction == "mean" else torch.ones((), dtype=acc, device=device)
-    return denom, torch.stack([grad_scale, w_sum])
+    return denom, torch.stack([grad_scale_of(denom, reduction, smoothing), w_sum])
 
 
 def _target_dtype_error(input: torch.Tensor, target: torch.Tensor) -> RuntimeError:
@@ -610,7 +625,8 @@ def cross_entropy(
         x = x.contiguous()
     t = t.contiguous()
 
-    denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc)
+    denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc,
+                                        label_smoothing)
 
     args = (ignore_index, float(label_smoothing), float(logit_scale),
             float(softcap) if softcap is not None else 0.0, float(z_loss), prob_target)

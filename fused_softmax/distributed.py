@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 from . import _backend
-from ._backend import acc_dtype, as_index, check_float, is_finite, split_float, use_triton
+from ._backend import acc_dtype, as_index, check_float, is_finite, float_bits, use_triton
 from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _scaled_logits, _target_dtype_error,
-                            _type_name, check_ignore_index, mean_of, smoothing_value)
+                            _type_name, check_ignore_index, grad_scale_of, mean_of, smoothing_value)
 
 if _backend.HAS_TRITON:
     from .cross_entropy import _block_and_grid
@@ -48,8 +48,8 @@ def _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, so
     _backend.record_launch("vocab_parallel_stats_kernel")
     _k.vocab_parallel_stats_kernel[(grid,)](
         x, target, weight if weight is not None else x, row_max, sums,
-        n_rows, C, x.stride(0), sums.stride(0), vocab_start, *split_float(logit_scale),
-        *split_float(softcap),
+        n_rows, C, x.stride(0), sums.stride(0), vocab_start, float_bits(logit_scale),
+        float_bits(softcap),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=sums.shape[1] == 3,
         HAS_SOFTCAP=softcap > 0, ACC=_tl_acc(x.dtype), BLOCK_N=block_n, num_warps=num_warps,
     )
@@ -62,7 +62,7 @@ def _launch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, so
     _k.vocab_parallel_bwd_kernel[(grid,)](
         x, target, weight if weight is not None else x, lse, coef, grad,
         n_rows, C, x.stride(0), coef.stride(0), grad.stride(0), vocab_start,
-        *split_float(logit_scale), *split_float(softcap),
+        float_bits(logit_scale), float_bits(softcap),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=coef.shape[1] == 3,
         HAS_SOFTCAP=softcap > 0, ACC=_tl_acc(x.dtype), BLOCK_N=block_n, num_warps=num_warps,
     )
@@ -228,13 +228,13 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
     if reduction == "sum":
         out = loss.sum()
     elif reduction == "mean":
-        out = mean_of(loss, denom)
+        out = mean_of(loss, denom, eps)
     else:
         out = loss
     if not coefficients:
         return out, lse, None
     n_rows = lse.shape[0]
-    grad_scale = 1.0 / denom if reduction == "mean" else torch.ones((), dtype=acc, device=lse.device)
+    grad_scale = grad_scale_of(denom, reduction, eps)
     # Ignored rows: all coefficients 0; out-of-range targets: NaN (loud, no sync); a row
     # whose log-sum-exp is not finite (a +inf or NaN logit, or all -inf) has a NaN
     # softmax: NaN coefficients, so that even a zero grad_output gives NaN, as torch's.

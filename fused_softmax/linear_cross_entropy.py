@@ -412,7 +412,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "sum":
             loss = loss.sum()
         elif reduction == "mean":
-            loss = mean_of(loss, denom)
+            loss = mean_of(loss, denom, args[1])
         if need_x or need_w or need_b or need_t or need_cw:
             # Kept outside save_for_backward: the first backward rescales them in place and
             # hands them on; a later backward (retain_graph) recomputes them.
@@ -709,7 +709,8 @@ def linear_cross_entropy(
         t = target.reshape(-1).contiguous()
     t, weight = _kernel_operands(t, weight, prob_target)
     acc = acc_dtype(input.dtype)
-    denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc)
+    denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc,
+                                        label_smoothing_applied)
     if chunk_size is None and vocab_chunk_size is None:
         chunk_size, vocab_chunk_size = default_plan(
             M, C, D, H, x.element_size(), vocab_chunks_possible=not prob_target and D == 1,

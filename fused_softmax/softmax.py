@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _backend
-from ._backend import (acc_dtype, check_float, is_finite, needs_torch_ops, split_float,
+from ._backend import (acc_dtype, check_float, is_finite, needs_torch_ops, float_bits,
                        use_triton, wrap_dim)
 
 if _backend.HAS_TRITON:
@@ -116,7 +116,7 @@ def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None)
     M, N, K = shape
     _backend.record_launch("softmax_fwd_kernel")
     _k.softmax_fwd_kernel[(grid,)](
-        xv, y, M * K, N, K, *sx, *sy, *split_float(inv_t),
+        xv, y, M * K, N, K, *sx, *sy, float_bits(inv_t),
         MODE=mode, ACC=_tl_acc(x.dtype), **cfg,
     )
     return y
@@ -137,7 +137,7 @@ def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None
     M, N, K = shape
     _backend.record_launch("softmax_bwd_kernel")
     _k.softmax_bwd_kernel[(grid,)](
-        sv, gv, dx, lse, M * K, N, K, *ss, *sg, *sdx, *split_float(inv_t),
+        sv, gv, dx, lse, M * K, N, K, *ss, *sg, *sdx, float_bits(inv_t),
         MODE=mode, ACC=_tl_acc(saved.dtype), **cfg,
     )
     return dx
@@ -268,10 +268,6 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
             return torch_fn(input, dim)
         # as the kernels: x / T in fp32 (fp64), not rounded to fp16/bf16 first
         return torch_fn(_scaled(input.to(acc_dtype(input.dtype)), inv_t), dim).to(input.dtype)
-    if input.dtype == torch.float64 and inv_t > torch.finfo(torch.float32).max:
-        # 1 / T beyond fp32 (T < 3e-39): the kernels take it as two fp32 halves, so scale
-        # in fp64 here (a copy; only for such temperatures).
-        input, inv_t = input * inv_t, 1.0
     if input.dim() == 0:
         return _apply(input.reshape(1), 0, mode, inv_t).reshape(())
     return _apply(input, dim, mode, inv_t)

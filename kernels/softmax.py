@@ -85,10 +85,11 @@ def finite_or_zero(m):
 
 
 @triton.jit
-def float_arg(hi, lo, ACC: tl.constexpr):
-    """A float argument split on the host into fp32 ``hi + lo`` (Triton passes Python floats
-    as fp32): exact to ~2^-48 in an fp64 kernel, and just ``hi`` in an fp32 one."""
-    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+def float_arg(bits, ACC: tl.constexpr):
+    """A float argument passed as the int64 bits of its fp64 value (``float_bits`` on the
+    host; Triton would pass a Python float as fp32): exact in an fp64 kernel, rounded once
+    (to nearest) in an fp32 one. ``.to(int64)``: the interpreter types small ints as i32."""
+    return tl.cast(bits.to(tl.int64), tl.float64, bitcast=True).to(ACC)
 
 
 @triton.jit
@@ -123,17 +124,17 @@ def online_update(m_run, s_vec, x, PRECISE: tl.constexpr):
     return m_new, s_vec
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["inv_t_bits"])
 def softmax_fwd_kernel(
     X, Y, n_pos, N, K,
     sxm, sxn, sxk, sym, syn, syk,
-    inv_t_hi, inv_t_lo,
+    inv_t_bits,
     MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, WIDE: tl.constexpr,
 ):
     """``MODE`` SOFTMAX / LOG_SOFTMAX write ``Y`` shaped like ``X``; LOGSUMEXP writes one
     value per position into ``Y`` (``n_pos`` contiguous, in ``Y``'s dtype)."""
-    inv_temperature = float_arg(inv_t_hi, inv_t_lo, ACC)
+    inv_temperature = float_arg(inv_t_bits, ACC)
     PRECISE: tl.constexpr = Y.dtype.element_ty == tl.float32
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
@@ -191,11 +192,11 @@ def softmax_fwd_kernel(
                              eviction_policy="evict_first")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["inv_t_bits"])
 def softmax_bwd_kernel(
     S, DY, DX, LSE, n_pos, N, K,
     ssm, ssn, ssk, sdm, sdn, sdk, sgm, sgn, sgk,
-    inv_t_hi, inv_t_lo,
+    inv_t_bits,
     MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, WIDE: tl.constexpr,
 ):
@@ -206,7 +207,7 @@ def softmax_bwd_kernel(
     * LOGSUMEXP (``S`` = x):    ``dx = t * dy * exp(t * x - lse)``, ``dy`` and ``lse`` one
       value per position (``n_pos`` contiguous).
     """
-    inv_temperature = float_arg(inv_t_hi, inv_t_lo, ACC)
+    inv_temperature = float_arg(inv_t_bits, ACC)
     PRECISE: tl.constexpr = DX.dtype.element_ty == tl.float32
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)

@@ -35,10 +35,10 @@ from .cross_entropy import linear_sum_update, scaled_logits, sech2, tanh
 from .softmax import exp_, finite_or_zero, float_arg, rescale_factor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits", "softcap_bits"])
 def vocab_parallel_stats_kernel(
     X, TARGET, WEIGHT, MAX, SUMS,
-    n_rows, C, sx, ss, vocab_start, scale_hi, scale_lo, softcap_hi, softcap_lo,
+    n_rows, C, sx, ss, vocab_start, scale_bits, softcap_bits,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -47,8 +47,8 @@ def vocab_parallel_stats_kernel(
     with ``m`` the shard's max (``finite_or_zero``; ``linear_sum_update``): the host moves
     the last to the global max as it rescales the sum of exps. ``WEIGHT`` is the local
     slice of the class weight."""
-    logit_scale = float_arg(scale_hi, scale_lo, ACC)
-    softcap = float_arg(softcap_hi, softcap_lo, ACC)
+    logit_scale = float_arg(scale_bits, ACC)
+    softcap = float_arg(softcap_bits, ACC)
     PRECISE: tl.constexpr = X.dtype.element_ty == tl.float32  # libm exp for fp32 logits
     cols = tl.arange(0, BLOCK_N)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
@@ -88,10 +88,10 @@ def vocab_parallel_stats_kernel(
             tl.store(SUMS + r * ss + 2, tl.sum(lin_vec, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits", "softcap_bits"])
 def vocab_parallel_bwd_kernel(
     X, TARGET, WEIGHT, LSE, COEF, GRAD,
-    n_rows, C, sx, sc, sg, vocab_start, scale_hi, scale_lo, softcap_hi, softcap_lo,
+    n_rows, C, sx, sc, sg, vocab_start, scale_bits, softcap_bits,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -100,8 +100,8 @@ def vocab_parallel_bwd_kernel(
     ``dz/d(x * logit_scale) = sech**2`` (``sech2``). A row with ``a == 0`` (ignored) gets 0 from the
     first term whatever ``lse`` holds, so a non-finite ``lse`` cannot turn its zero gradient
     into NaN. ``GRAD`` may be ``X`` itself (each element is read before it is written)."""
-    logit_scale = float_arg(scale_hi, scale_lo, ACC)
-    softcap = float_arg(softcap_hi, softcap_lo, ACC)
+    logit_scale = float_arg(scale_bits, ACC)
+    softcap = float_arg(softcap_bits, ACC)
     PRECISE: tl.constexpr = X.dtype.element_ty == tl.float32
     cols = tl.arange(0, BLOCK_N)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):

@@ -414,6 +414,25 @@ def test_all_targets_ignored(reduction, weighted, smoothing, device):
     assert torch.equal(grad2, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weights", [(1.0, -1.0, 2.0), (0.0, 0.0, 2.0)], ids=["mixed-sign", "zero"])
+def test_mean_over_zero_total_weight(weights, smoothing, device):
+    """Target weights summing to 0: torch's mean is the plain quotient (+-inf, or NaN for
+    0 / 0) without smoothing, NaN with it; its gradient holds NaN at the targets and +-inf
+    elsewhere, or NaN everywhere with smoothing. Same NaN/inf pattern here."""
+    x = torch.tensor([[0.3, -1.2, 0.5], [1.1, 0.2, -0.4]], dtype=torch.float64, device=device)
+    t = torch.tensor([0, 1], device=device)
+    w = torch.tensor(weights, dtype=torch.float64, device=device)
+    kw = dict(weight=w, label_smoothing=smoothing)
+    loss, grad = loss_and_grad(ce, x, t, None, **kw)
+    t_loss, t_grad = loss_and_grad(F.cross_entropy, x, t, None, **kw)
+    torch.testing.assert_close(loss, t_loss, equal_nan=True)
+    torch.testing.assert_close(grad, t_grad, equal_nan=True)
+    if weights[1] < 0 and smoothing == 0:
+        assert t_loss.item() == -math.inf  # the case is what it claims: not all NaN
+        assert t_grad.isinf().sum().item() == 4
+
+
 @pytest.mark.parametrize("smoothing,weighted", [(0.0, False), (0.1, True)])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_target_logit_minus_inf_gives_inf(smoothing, weighted, reduction, device):

@@ -466,7 +466,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
                 sig = {n: ("constexpr" if n in const else "*i64" if n == "TARGET"
                            else f"*{data}" if n in ("X", "WEIGHT", "GRAD")
                            else f"*{side}" if n.isupper() and n != "C"
-                           else "fp32" if n.endswith(("_hi", "_lo")) else "i64")
+                           else "i64")
                        for n in kernel.arg_names}
                 name = f"{kernel.fn.__name__} {data} " + ",".join(f"{n}={v}" for n, v in const.items())
                 try:

@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
     ACC_PTRS = {"SCALARS", "LOSS", "LSE", "DLOSS"}
 
     def compile_for_h100(kernel, constexprs, data="bf16"):
-        # Pointers in the data dtype (fp32 side buffers), ints i64, split floats fp32.
+        # Pointers in the data dtype (fp32 side buffers), ints (and float bits) i64.
         acc = "fp64" if constexprs.get("ACC") == tl.float64 else "fp32"
         sig = {}
         for name in kernel.arg_names:
@@ -49,8 +49,6 @@ SCRIPT = textwrap.dedent("""
                 sig[name] = "*i64"
             elif name.isupper() and name not in ("N", "K", "C"):  # N, K, C: sizes
                 sig[name] = f"*{acc}" if name in ACC_PTRS else f"*{data}"
-            elif name.endswith(("_hi", "_lo")):
-                sig[name] = "fp32"
             else:
                 sig[name] = "i64"
         cc = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),

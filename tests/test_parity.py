@@ -463,6 +463,30 @@ def test_fp64_temperature_below_fp32_range(device):
         torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_fp64_scalars_reach_the_kernels_exactly(device):
+    """fp64 kernels see a float argument's every bit (it travels as its fp64 bits): 1/T for
+    T = 3 is the fp64 reciprocal, so log_softmax of a logit of -1e5 matches torch's x / 3
+    to an fp64 ulp or two (1/3 as two fp32 halves was off by 8.7e-11 here), and
+    cross_entropy's logit_scale / softcap work beyond fp32's range."""
+    x = torch.tensor([-3e5, 0.0, 1.0], dtype=torch.float64, device=device)
+    got = fs.log_softmax(x, 0, temperature=3.0)
+    exp = torch.log_softmax(x / 3.0, 0)
+    torch.testing.assert_close(got, exp, rtol=0, atol=4 * 2**-52 * 1e5 / 4)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 7, generator=gen, dtype=torch.float64).to(device)
+    t = torch.tensor([0, 3, 6, 2], device=device)
+    a = (z * 1e-40).requires_grad_(True)
+    loss = fs.cross_entropy(a, t, logit_scale=1e40, softcap=1e39, reduction="none")
+    b = (z * 1e-40).requires_grad_(True)
+    scaled = b * 1e40
+    ref = F.cross_entropy(1e39 * torch.tanh(scaled / 1e39), t, reduction="none")
+    torch.testing.assert_close(loss, ref)
+    up = torch.tensor([1.0, -0.5, 2.0, 0.25], dtype=torch.float64, device=device)
+    loss.backward(up)
+    ref.backward(up)
+    torch.testing.assert_close(a.grad, b.grad)
+
+
 def test_temperature_under_torch_func_is_computed_in_fp32(device):
     """vmap / jvp go through torch ops: x / T is still taken in fp32, not rounded to bf16
     first (which moved a probability by 38%)."""

@@ -13,6 +13,7 @@ import functools
 import operator
 import os
 import struct
+import warnings
 
 import torch
 
@@ -42,8 +43,18 @@ def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and INTERPRET and t.device.type == "cpu"
 
 
-def record_launch(name: str) -> None:
-    launch_counts[name] += 1
+def launch(kernel, grid: int, *args, **kwargs) -> None:
+    """Run the Triton ``kernel`` on a 1-D ``grid`` and count the launch. Under the
+    interpreter the numpy warnings it emits (masked lanes' 0 / 0 and log(0), its own
+    DeprecationWarnings) are silenced: they are the interpreter's, not the caller's, and
+    would fail a program run with ``-W error``."""
+    launch_counts[kernel.__name__] += 1
+    if INTERPRET:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kernel[(grid,)](*args, **kwargs)
+    else:
+        kernel[(grid,)](*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +63,40 @@ def num_programs_per_wave(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter runs programs one after another: few, long programs are cheapest
+
+
+# torch's autocast runs these ops in fp32 (policy ``fp32``, or ``fp32_set_opt_dtype`` for
+# softmax / log_softmax) on the devices where they have an autocast kernel: CUDA, XPU and
+# MPS for the softmax family; cross_entropy also on CPU (``cross_entropy_loss`` has a CPU
+# autocast kernel; elsewhere its log_softmax and nll_loss do). Read from the dispatcher
+# once, so that the answer follows the installed torch.
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU",
+                  "mps": "AutocastMPS"}
+
+
+def _autocast_devices(*ops: str) -> frozenset:
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(dev for dev, key in _AUTOCAST_KEYS.items() if any(has(op, key) for op in ops))
+
+
+_AUTOCAST_FP32 = {
+    "softmax": _autocast_devices("aten::softmax.int"),
+    "log_softmax": _autocast_devices("aten::log_softmax.int"),
+    "logsumexp": _autocast_devices("aten::logsumexp"),
+    "cross_entropy": _autocast_devices("aten::cross_entropy_loss", "aten::log_softmax.int"),
+}
+
+
+def autocast_fp32_active(fn: str, device_type: str) -> bool:
+    """True when the autocast now active makes torch's ``fn`` cast its fp16 / bf16 tensor
+    arguments to fp32 on ``device_type``."""
+    return device_type in _AUTOCAST_FP32[fn] and torch.is_autocast_enabled(device_type)
+
+
+def autocast_to_fp32(fn: str, t: torch.Tensor) -> bool:
+    """True when, under the autocast now active, torch's ``fn`` would compute the fp16 /
+    bf16 tensor ``t`` in fp32 (and return fp32)."""
+    return t.dtype in (torch.float16, torch.bfloat16) and autocast_fp32_active(fn, t.device.type)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

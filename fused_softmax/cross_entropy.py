@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._backend import (acc_dtype, as_index, check_float, is_finite, needs_torch_ops,
-                       float_bits, use_triton)
+from ._backend import (acc_dtype, as_index, autocast_fp32_active, check_float, float_bits,
+                       is_finite, needs_torch_ops, use_triton)
 
 if _backend.HAS_TRITON:
     import triton
@@ -66,8 +66,8 @@ def _launch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     if n_rows == 0:
         return loss, lse
     block_n, num_warps, grid = config or _block_and_grid(x, C, n_rows, grad is not None)
-    _backend.record_launch("cross_entropy_fwd_kernel")
-    _k.cross_entropy_fwd_kernel[(grid,)](
+    _backend.launch(
+        _k.cross_entropy_fwd_kernel, grid,
         x, target, weight if weight is not None else scalars, scalars, loss, lse,
         grad if grad is not None else x,
         n_rows, C, x.stride(0), target.stride(0) if prob_target else 0,
@@ -87,8 +87,8 @@ def _launch_bwd(grad: torch.Tensor, dloss: torch.Tensor) -> None:
     if grad.numel() == 0:
         return
     block_n, num_warps, grid = _block_and_grid(grad, C, n_rows, grad=False)
-    _backend.record_launch("cross_entropy_bwd_kernel")
-    _k.cross_entropy_bwd_kernel[(grid,)](
+    _backend.launch(
+        _k.cross_entropy_bwd_kernel, grid,
         grad, dloss, n_rows, C, grad.stride(0), dloss.stride(0) if dloss.dim() else 0,
         ACC=_tl_acc(grad.dtype), BLOCK_N=block_n, num_warps=num_warps,
     )
@@ -431,9 +431,13 @@ def smoothing_value(label_smoothing) -> float:
     return float(label_smoothing) if label_smoothing > 0 else 0.0
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
-                logit_scale, softcap):
-    """torch's checks, torch's error types and messages, in torch's order."""
+                logit_scale, softcap, input_dtype=None):
+    """torch's checks, torch's error types and messages, in torch's order. ``input_dtype``:
+    the dtype torch computes ``input`` in (fp32 for fp16 / bf16 under autocast)."""
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("cross_entropy(): input and target must be Tensors")
     ignore_index = check_ignore_index(ignore_index)
@@ -495,9 +499,10 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             raise RuntimeError(  # torch's error: nll_loss has no gradient for its weight
                 "the derivative for 'weight' is not implemented: cross_entropy with class-index "
                 "targets is not differentiable with respect to argument 'weight'")
-        if weight.dtype != input.dtype and not prob_target:
+        input_dtype = input_dtype or input.dtype
+        if weight.dtype != input_dtype and not prob_target:
             raise RuntimeError(
-                f"expected scalar type {_type_name(input.dtype)} but found {_type_name(weight.dtype)}")
+                f"expected scalar type {_type_name(input_dtype)} but found {_type_name(weight.dtype)}")
     for name, t in (("target", target), ("weight", weight)):
         if t is not None and t.device != input.device:
             raise RuntimeError(
@@ -585,8 +590,15 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    input_dtype = None
+    if isinstance(input, torch.Tensor) and autocast_fp32_active("cross_entropy", input.device.type):
+        # torch casts fp16 / bf16 operands to fp32 under autocast; the kernel computes in fp32
+        # already, so the logits are not copied: only the loss comes back in fp32.
+        weight, target = (t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW else t
+                          for t in (weight, target))
+        input_dtype = torch.float32 if input.dtype in _LOW else None
     C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
-                                 label_smoothing, logit_scale, softcap)
+                                 label_smoothing, logit_scale, softcap, input_dtype)
     ignore_index = as_index(ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
     if C == 0:  # nothing to fuse: torch's own answers (zeros, NaN, or its IndexError)
@@ -605,7 +617,7 @@ def cross_entropy(
         return torch_cross_entropy(_capped_logits(input, logit_scale, softcap), target, weight,
                                    ignore_index, reduction, label_smoothing)
     target, weight = _kernel_operands(target, weight, prob_target)
-    out_dtype = input.dtype
+    out_dtype = input_dtype or input.dtype
     if prob_target:  # torch computes -(log_softmax(input) * target * weight): promotes
         out_dtype = torch.promote_types(out_dtype, target.dtype)
         if weight is not None:

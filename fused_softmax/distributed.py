@@ -45,8 +45,8 @@ if _backend.HAS_TRITON:
 def _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, softcap=0.0):
     n_rows, C = x.shape
     block_n, num_warps, grid = _block_and_grid(x, C, n_rows, grad=False)  # one pass over the row
-    _backend.record_launch("vocab_parallel_stats_kernel")
-    _k.vocab_parallel_stats_kernel[(grid,)](
+    _backend.launch(
+        _k.vocab_parallel_stats_kernel, grid,
         x, target, weight if weight is not None else x, row_max, sums,
         n_rows, C, x.stride(0), sums.stride(0), vocab_start, float_bits(logit_scale),
         float_bits(softcap),
@@ -58,8 +58,8 @@ def _launch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, so
 def _launch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, softcap=0.0):
     n_rows, C = x.shape
     block_n, num_warps, grid = _block_and_grid(x, C, n_rows, grad=False)  # one pass over the row
-    _backend.record_launch("vocab_parallel_bwd_kernel")
-    _k.vocab_parallel_bwd_kernel[(grid,)](
+    _backend.launch(
+        _k.vocab_parallel_bwd_kernel, grid,
         x, target, weight if weight is not None else x, lse, coef, grad,
         n_rows, C, x.stride(0), coef.stride(0), grad.stride(0), vocab_start,
         float_bits(logit_scale), float_bits(softcap),

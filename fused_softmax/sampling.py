@@ -93,8 +93,8 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
         part_idx = torch.empty((n_rows, n_split), dtype=torch.int64, device=logits.device)
     else:
         part_best, part_idx = temperature, seed  # unused
-    _backend.record_launch("sample_kernel")
-    _k.sample_kernel[(grid,)](
+    _backend.launch(
+        _k.sample_kernel, grid,
         logits, out, seed, temperature, temperature.stride(0),
         *_param_args(top_k, seed), *_param_args(top_p, temperature),
         *_param_args(min_p, temperature), part_best, part_idx,
@@ -103,8 +103,8 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
         **cfg,
     )
     if cfg["SPLIT"]:
-        _backend.record_launch("sample_finish_kernel")
-        _k.sample_finish_kernel[(n_rows,)](
+        _backend.launch(
+            _k.sample_finish_kernel, n_rows,
             part_best, part_idx, out, logits, seed, temperature, temperature.stride(0), n_split,
             n_rows, vocab, logits.stride(0), BLOCK_S=triton.next_power_of_2(n_split),
             DRAW_BLOCK=cfg["BLOCK_N"], num_warps=4)

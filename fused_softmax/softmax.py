@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _backend
-from ._backend import (acc_dtype, check_float, is_finite, needs_torch_ops, float_bits,
-                       use_triton, wrap_dim)
+from ._backend import (acc_dtype, autocast_to_fp32, check_float, float_bits, is_finite,
+                       needs_torch_ops, use_triton, wrap_dim)
 
 if _backend.HAS_TRITON:
     import triton
@@ -114,8 +114,8 @@ def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None)
     _, _, sy = view3d(y, dim) if mode != LOGSUMEXP else (None, None, (0, 0, 0))
     cfg, grid = config or launch_config(xv, shape, sx, (sx[1], sy[1]))
     M, N, K = shape
-    _backend.record_launch("softmax_fwd_kernel")
-    _k.softmax_fwd_kernel[(grid,)](
+    _backend.launch(
+        _k.softmax_fwd_kernel, grid,
         xv, y, M * K, N, K, *sx, *sy, float_bits(inv_t),
         MODE=mode, ACC=_tl_acc(x.dtype), **cfg,
     )
@@ -135,8 +135,8 @@ def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None
     _, _, sdx = view3d(dx, dim)
     cfg, grid = config or launch_config(sv, shape, ss, (ss[1], sg[1], sdx[1]))
     M, N, K = shape
-    _backend.record_launch("softmax_bwd_kernel")
-    _k.softmax_bwd_kernel[(grid,)](
+    _backend.launch(
+        _k.softmax_bwd_kernel, grid,
         sv, gv, dx, lse, M * K, N, K, *ss, *sg, *sdx, float_bits(inv_t),
         MODE=mode, ACC=_tl_acc(saved.dtype), **cfg,
     )
@@ -247,11 +247,18 @@ def _inv_temperature(temperature) -> float:
     return 1.0 / t
 
 
+_PYTHON_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool,
+                  complex: torch.complex128}
+
+
 def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     name = _NAMES[mode]
     if not isinstance(input, torch.Tensor):  # torch calls input.softmax(...): AttributeError
         raise AttributeError(f"'{type(input).__name__}' object has no attribute '{name}' "
                              f"({name}() takes a Tensor)")
+    dtype = _PYTHON_DTYPES.get(dtype, dtype)  # torch takes dtype=float (fp64), int, ...
+    if dtype is None and autocast_to_fp32(name, input):  # torch: dtype=float32 under autocast
+        dtype = torch.float32
     if dtype is not None:
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not "
@@ -386,6 +393,8 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     if not input.is_floating_point():
         input = input.to(torch.get_default_dtype())
     check_float("logsumexp", input)
+    # torch casts to fp32 under autocast; the kernel reads fp16 / bf16 and computes in fp32
+    out_dtype = torch.float32 if autocast_to_fp32("logsumexp", input) else input.dtype
     ndim = input.dim()
     dims = [dim] if hasattr(type(dim), "__index__") else list(dim)
     if not dims and not keepdim and ndim > 0:
@@ -395,7 +404,7 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     if len(set(dims)) != len(dims):
         raise RuntimeError(f"dim {dims} appears multiple times in the list of dims")
     if ndim == 0:
-        return _apply(input.reshape(1), 0, LOGSUMEXP, 1.0).to(input.dtype).reshape(())
+        return _apply(input.reshape(1), 0, LOGSUMEXP, 1.0).to(out_dtype).reshape(())
     if len(dims) == 1:
         x, d = input, dims[0]
     else:
@@ -403,7 +412,7 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
         x = input.permute(kept + dims).reshape(
             [input.shape[i] for i in kept] + [math.prod([input.shape[i] for i in dims])])
         d = len(kept)
-    out = _apply(x, d, LOGSUMEXP, 1.0).to(input.dtype)
+    out = _apply(x, d, LOGSUMEXP, 1.0).to(out_dtype)
     if keepdim:
         for d in sorted(dims):
             out = out.unsqueeze(d)

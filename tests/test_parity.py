@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_softmax as fs
+from fused_softmax import _backend
 
 
 def raised(fn, *args, **kwargs):
@@ -543,3 +544,108 @@ def test_more_error_types_like_torch(shape, target, weight, device):
     t = torch.softmax(torch.randn(*shape), 1) if isinstance(target, str) else target
     w = weight.to(device) if weight is not None else None
     same_error(F.cross_entropy, fs.cross_entropy, x, t.to(device), weight=w)
+
+
+# --------------------------------------------------------------------------- autocast
+def _autocast_grad(fn, x, *args, device_type, **kw):
+    """``fn`` under bf16 autocast: its result and d(result.sum())/dx."""
+    xl = x.clone().requires_grad_(True)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out = fn(xl, *args, **kw)
+    out.float().sum().backward()
+    return out.detach(), xl.grad
+
+
+@pytest.mark.parametrize("kw", [{}, dict(weight="fp32"), dict(weight="bf16"), dict(prob="fp32"),
+                                dict(prob="bf16"), dict(reduction="none", label_smoothing=0.1)],
+                         ids=["plain", "fp32 weight", "bf16 weight", "fp32 probs", "bf16 probs",
+                              "none+smoothing"])
+def test_cross_entropy_under_autocast_like_torch(kw, device):
+    """torch runs cross_entropy in fp32 under autocast (CPU and CUDA): an fp32 loss from bf16
+    logits, fp16 / bf16 weights and probabilities cast to fp32, and a bf16 gradient."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 9, generator=gen).bfloat16().to(device)
+    kw = dict(kw)
+    if "prob" in kw:
+        target = torch.softmax(torch.randn(6, 9, generator=gen), 1).to(
+            torch.float32 if kw.pop("prob") == "fp32" else torch.bfloat16).to(device)
+    else:
+        target = torch.randint(0, 9, (6,), generator=gen).to(device)
+    if "weight" in kw:
+        kw["weight"] = (torch.rand(9, generator=gen) + 0.5).to(
+            torch.float32 if kw["weight"] == "fp32" else torch.bfloat16).to(device)
+    dev = torch.device(device).type
+    ours, g_ours = _autocast_grad(fs.cross_entropy, x, target, device_type=dev, **kw)
+    theirs, g_theirs = _autocast_grad(F.cross_entropy, x, target, device_type=dev, **kw)
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert g_ours.dtype == g_theirs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=2**-7, atol=2**-8)
+
+
+def test_cross_entropy_autocast_fp64_weight_error_like_torch(device):
+    x = torch.randn(3, 4, device=device).bfloat16()
+    t = torch.tensor([0, 1, 2], device=device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        same_error(F.cross_entropy, fs.cross_entropy, x, t, weight=torch.ones(4, device=device).double())
+
+
+def test_autocast_table_follows_torch():
+    """The devices where torch's ops autocast to fp32 come from torch's dispatcher: softmax,
+    log_softmax and logsumexp on CUDA (not CPU), cross_entropy on both."""
+    table = _backend._AUTOCAST_FP32
+    for fn in ("softmax", "log_softmax", "logsumexp"):
+        assert "cuda" in table[fn] and "cpu" not in table[fn], (fn, table[fn])
+    assert {"cuda", "cpu"} <= table["cross_entropy"]
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax", "logsumexp"])
+def test_softmax_family_under_autocast_like_torch(op, device, monkeypatch):
+    """Under CUDA autocast torch computes these in fp32 and returns fp32 (``dtype=float32``
+    for softmax / log_softmax). On CPU, where torch does not, the rule is checked by adding
+    CPU to the table and comparing with torch's fp32 result; on CUDA against torch's own."""
+    dev = torch.device(device).type
+    if dev == "cpu":
+        monkeypatch.setitem(_backend._AUTOCAST_FP32, op, frozenset({"cpu"}))
+    x = (torch.randn(5, 33, generator=torch.Generator().manual_seed(2)) * 4).half().to(device)
+    ours, g_ours = _autocast_grad(getattr(fs, op), x, 1, device_type=dev)
+    if dev == "cpu":
+        ref_fn = {"softmax": lambda v, d: torch.softmax(v.float(), d),
+                  "log_softmax": lambda v, d: torch.log_softmax(v.float(), d),
+                  "logsumexp": lambda v, d: torch.logsumexp(v.float(), d)}[op]
+        theirs, g_theirs = _autocast_grad(ref_fn, x, 1, device_type=dev)
+    else:
+        theirs, g_theirs = _autocast_grad(getattr(torch, op), x, 1, device_type=dev)
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert g_ours.dtype == g_theirs.dtype == torch.float16
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-3, atol=1e-4)
+    # an explicit dtype is kept (torch's fp32_set_opt_dtype), not overridden
+    if op != "logsumexp":
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            assert getattr(fs, op)(x, 1, dtype=torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_python_type_as_dtype(op, device):
+    """torch takes ``dtype=float`` (fp64)."""
+    x = torch.randn(3, 4, device=device)
+    got, exp = getattr(fs, op)(x, 1, dtype=float), getattr(F, op)(x, 1, dtype=float)
+    assert got.dtype == exp.dtype == torch.float64
+    torch.testing.assert_close(got, exp)
+
+
+def test_calls_raise_no_warnings(device):
+    """A program run with ``-W error`` works: the interpreter's numpy warnings (masked
+    lanes' 0 / 0, its DeprecationWarnings) are not the caller's."""
+    import warnings
+    x = torch.randn(3, 8, device=device, requires_grad=True)
+    t = torch.tensor([0, 7, 2], device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = fs.softmax(x, -1)
+        y.backward(torch.ones_like(y))
+        fs.cross_entropy(x, t, label_smoothing=0.1).backward()
+        fs.logsumexp(x, 1)
+        fs.sample(x.detach(), top_p=0.9, generator=torch.Generator(device).manual_seed(0))
+    torch.testing.assert_close(y, torch.softmax(x, -1))

@@ -58,7 +58,7 @@ def _block_and_grid(x: torch.Tensor, C: int, n_rows: int, grad: bool = True):
 
 
 def _launch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
-                logit_scale, softcap, z_loss, prob_target, config=None):
+                logit_scale, softcap, z_loss, prob_target, config=None, dscale=None):
     n_rows, C = x.shape
     acc = acc_dtype(x.dtype)
     loss = torch.empty(n_rows, dtype=acc, device=x.device)
@@ -72,11 +72,14 @@ def _launch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
         grad if grad is not None else x,
         n_rows, C, x.stride(0), target.stride(0) if prob_target else 0,
         grad.stride(0) if grad is not None else 0,
+        dscale if dscale is not None else scalars,
+        dscale.stride(0) if dscale is not None and dscale.dim() else 0,
         ignore_index, float_bits(label_smoothing), float_bits(logit_scale),
         float_bits(softcap), float_bits(z_loss),
         PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap > 0, HAS_Z_LOSS=z_loss != 0,
-        COMPUTE_GRAD=grad is not None, ACC=_tl_acc(x.dtype), BLOCK_N=block_n,
+        COMPUTE_GRAD=grad is not None, HAS_DSCALE=dscale is not None,
+        ACC=_tl_acc(x.dtype), BLOCK_N=block_n,
         num_warps=num_warps,
     )
     return loss, lse
@@ -96,7 +99,7 @@ def _launch_bwd(grad: torch.Tensor, dloss: torch.Tensor) -> None:
 
 # --------------------------------------------------------------------------- torch path
 def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
-               logit_scale, softcap, z_loss, prob_target):
+               logit_scale, softcap, z_loss, prob_target, dscale=None):
     """The kernel's math with torch ops (CPU without the interpreter, or no Triton)."""
     n_rows, C = x.shape
     acc = acc_dtype(x.dtype)
@@ -106,6 +109,9 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     p = logp.exp()
     w = weight.to(acc) if weight is not None else torch.ones(C, dtype=acc, device=x.device)
     grad_scale, w_sum = scalars[0], scalars[1]
+    if dscale is not None:  # per row (n_rows,) or one () for all, as the kernel's DSCALE
+        grad_scale = grad_scale * dscale.to(acc)
+    gs_col = grad_scale[:, None] if grad_scale.dim() else grad_scale
     eps = label_smoothing
     if prob_target:
         wq = w * (target.to(acc) * (1 - eps) + eps / C)
@@ -129,11 +135,11 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     # entry is inf - inf = NaN and the others +-inf, as torch's.
     dz = (coef * grad_scale)[:, None] * p
     if prob_target:
-        dz = dz - grad_scale * wq
+        dz = dz - gs_col * wq
     else:
         dz.scatter_add_(1, t_safe[:, None], (-(grad_scale * (1 - eps)) * w_t)[:, None])
         if eps > 0:
-            dz = dz - grad_scale * (eps / C) * w
+            dz = dz - gs_col * (eps / C) * w
     dz = dz * dzdx
     if not prob_target:
         # After the scaling, as in the kernel: all rows ignored makes grad_scale 1/0.
@@ -154,13 +160,13 @@ def check_targets_on_cpu(target: torch.Tensor, ignore_index: int, n_classes: int
             raise IndexError(f"Target {bad[0].item()} is out of bounds.")
 
 
-def _run_fwd(x, target, weight, scalars, grad, ignore_index, *args):
+def _run_fwd(x, target, weight, scalars, grad, ignore_index, *args, dscale=None):
     if not args[-1]:  # class-index targets
         check_targets_on_cpu(target, ignore_index, x.shape[1])
     args = (ignore_index, *args)
     if use_triton(x):
-        return _launch_fwd(x, target, weight, scalars, grad, *args)
-    return _torch_fwd(x, target, weight, scalars, grad, *args)
+        return _launch_fwd(x, target, weight, scalars, grad, *args, dscale=dscale)
+    return _torch_fwd(x, target, weight, scalars, grad, *args, dscale=dscale)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -168,19 +174,21 @@ def _run_fwd(x, target, weight, scalars, grad, ignore_index, *args):
 def cross_entropy_fwd(
     x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], scalars: torch.Tensor,
     ignore_index: int, label_smoothing: float, logit_scale: float, softcap: float,
-    z_loss: float, prob_target: bool, compute_grad: bool,
+    z_loss: float, prob_target: bool, compute_grad: bool, dscale: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss and log-sum-exp of ``(rows, C)`` logits, and their gradient when
-    ``compute_grad`` (scaled by ``scalars[0]``; an empty tensor otherwise)."""
+    ``compute_grad`` (scaled by ``scalars[0]`` and by ``dscale``, a ``grad_output`` per row
+    or one for all, if given; an empty tensor otherwise)."""
     grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad else x.new_empty(0)
     loss, lse = _run_fwd(x, target, weight, scalars, grad if compute_grad else None,
-                         ignore_index, label_smoothing, logit_scale, softcap, z_loss, prob_target)
+                         ignore_index, label_smoothing, logit_scale, softcap, z_loss, prob_target,
+                         dscale=dscale)
     return loss, lse, grad
 
 
 @cross_entropy_fwd.register_fake
 def _(x, target, weight, scalars, ignore_index, label_smoothing, logit_scale, softcap,
-      z_loss, prob_target, compute_grad):
+      z_loss, prob_target, compute_grad, dscale=None):
     acc = acc_dtype(x.dtype)
     grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad else x.new_empty(0)
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc), grad
@@ -190,16 +198,16 @@ def _(x, target, weight, scalars, ignore_index, label_smoothing, logit_scale, so
 def cross_entropy_fwd_inplace(
     x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], scalars: torch.Tensor,
     ignore_index: int, label_smoothing: float, logit_scale: float, softcap: float,
-    z_loss: float, prob_target: bool,
+    z_loss: float, prob_target: bool, dscale: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As :func:`cross_entropy_fwd`, writing the gradient over the logits ``x``."""
     return _run_fwd(x, target, weight, scalars, x, ignore_index, label_smoothing,
-                    logit_scale, softcap, z_loss, prob_target)
+                    logit_scale, softcap, z_loss, prob_target, dscale=dscale)
 
 
 @cross_entropy_fwd_inplace.register_fake
 def _(x, target, weight, scalars, ignore_index, label_smoothing, logit_scale, softcap,
-      z_loss, prob_target):
+      z_loss, prob_target, dscale=None):
     acc = acc_dtype(x.dtype)
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
@@ -210,7 +218,9 @@ def cross_entropy_bwd_(grad: torch.Tensor, dloss: torch.Tensor) -> None:
     if use_triton(grad):
         _launch_bwd(grad, dloss)
     else:
-        grad.mul_((dloss[:, None] if dloss.dim() else dloss).to(grad.dtype))
+        # in fp32, as the kernel: a grad_output of 65536 (GradScaler's) is inf in fp16
+        scale = (dloss[:, None] if dloss.dim() else dloss).to(acc_dtype(grad.dtype))
+        grad.copy_(grad.to(scale.dtype) * scale)
 
 
 @cross_entropy_bwd_.register_fake
@@ -312,7 +322,8 @@ def _differentiable_backward(ctx, dscale):
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Fused forward (loss + gradient), backward = in-place rescale of that gradient."""
+    """Fused forward (loss + gradient), backward = in-place rescale of that gradient; for
+    fp16 logits the backward forms the gradient instead (see ``deferred``)."""
 
     @staticmethod
     def forward(ctx, x, target, weight, scalars, denom, reduction, inplace, args, grad_mode):
@@ -322,13 +333,18 @@ class CrossEntropyFunction(torch.autograd.Function):
         target_grad = grad_mode and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         # The target gradient needs the logits: never overwrite them then.
         inplace = inplace and compute_grad and not target_grad
-        if inplace:
+        # fp16's range: a gradient formed here (scaled by 1/N, rounded to fp16) loses every
+        # entry below 6e-8 before grad_output (GradScaler's 2^16) reaches it. For fp16 the
+        # backward forms it from the saved logits with grad_output folded in, in fp32 before
+        # the one rounding, as torch orders it: one more read of the logits.
+        deferred = compute_grad and x.dtype == torch.float16
+        if inplace and not deferred:
             loss, lse = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
                 x, target, weight, scalars, *args)
             grad = x
         else:
             loss, lse, grad = torch.ops.fused_softmax.cross_entropy_fwd(
-                x, target, weight, scalars, *args, compute_grad)
+                x, target, weight, scalars, *args, compute_grad and not deferred)
         if reduction == "sum":
             loss = loss.sum()
         elif reduction == "mean":
@@ -340,9 +356,10 @@ class CrossEntropyFunction(torch.autograd.Function):
             # The gradient is kept outside save_for_backward: the first backward rescales
             # it in place and hands it on; a later backward through the same graph
             # (retain_graph, gradcheck) recomputes it from the saved logits.
-            ctx.fused_grad = grad if compute_grad else None
-            ctx.inplace, ctx.args = inplace, args
-            ctx.save_for_backward(*(() if inplace else (x, target, weight, scalars, lse)))
+            ctx.fused_grad = grad if compute_grad and not deferred else None
+            ctx.deferred, ctx.args = deferred, args
+            ctx.inplace, ctx.inplace_later = inplace and not deferred, inplace and deferred
+            ctx.save_for_backward(*(() if ctx.inplace else (x, target, weight, scalars, lse)))
         return loss, lse
 
     @staticmethod
@@ -361,9 +378,20 @@ class CrossEntropyFunction(torch.autograd.Function):
                         "fused_softmax.cross_entropy(inplace_backward=True): the logits were "
                         "overwritten by the gradient, so the graph can be backpropagated only once")
                 x, target, weight, scalars, _ = ctx.saved_tensors
-                grad_x = torch.ops.fused_softmax.cross_entropy_fwd(
-                    x, target, weight, scalars, *ctx.args, True)[2]
-            torch.ops.fused_softmax.cross_entropy_bwd_(grad_x, dscale)
+                if ctx.deferred:  # fp16: one pass from the saved logits, grad_output folded in
+                    if ctx.inplace_later:
+                        torch.ops.fused_softmax.cross_entropy_fwd_inplace(
+                            x, target, weight, scalars, *ctx.args, dscale)
+                        grad_x, ctx.inplace = x, True
+                    else:
+                        grad_x = torch.ops.fused_softmax.cross_entropy_fwd(
+                            x, target, weight, scalars, *ctx.args, True, dscale)[2]
+                else:  # a later backward (retain_graph, gradcheck): as the first, bit for bit
+                    grad_x = torch.ops.fused_softmax.cross_entropy_fwd(
+                        x, target, weight, scalars, *ctx.args, True)[2]
+                    torch.ops.fused_softmax.cross_entropy_bwd_(grad_x, dscale)
+            else:
+                torch.ops.fused_softmax.cross_entropy_bwd_(grad_x, dscale)
         grad_weight = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             x, target, weight, scalars, lse = ctx.saved_tensors
@@ -469,6 +497,9 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
         if input.dim() >= 2 and target.dim() == 0:  # torch checks the batch size first
             raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match "
                              "target batch_size (0).")
+        if input.dim() >= 2 and target.shape[0] != input.shape[0]:
+            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match "
+                             f"target batch_size ({target.shape[0]}).")
         if target.dtype not in _INDEX_DTYPES:
             raise _target_dtype_error(input, target)
         if input.dim() == 1:
@@ -478,10 +509,6 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
                 raise ValueError(
                     f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
         else:
-            target_batch = target.shape[0] if target.dim() else 0
-            if target_batch != input.shape[0] and (input.dim() > 2 or target.dim() <= 1):
-                raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match "
-                                 f"target batch_size ({target_batch}).")
             if input.dim() == 2 and target.dim() != 1:
                 raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
             expected = [input.shape[0]] + list(input.shape[2:])
@@ -590,6 +617,8 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if reduction == "elementwise_mean":  # torch's deprecated alias: its warning, then 'mean'
+        reduction = _REDUCTIONS[torch.nn._reduction.get_enum(reduction)]
     input_dtype = None
     if isinstance(input, torch.Tensor) and autocast_fp32_active("cross_entropy", input.device.type):
         # torch casts fp16 / bf16 operands to fp32 under autocast; the kernel computes in fp32

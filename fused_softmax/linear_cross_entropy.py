@@ -62,9 +62,10 @@ again in the same run as ``chunk_size=8192``, with 2.0 GB beyond inputs and grad
 63 MB (it accumulates ``grad_W`` in bf16). The vocabulary path has not been timed on a GPU
 yet (``bench/linear_ce.py`` runs it as ``ours``).
 
-fp16: on the rows path the gradient is formed in the forward, before any loss scaling
-(``GradScaler``) applies, so logit gradients below fp16's smallest subnormal (6e-8) flush
-to zero, as in an unscaled fp16 backward; prefer bf16.
+fp16: on the rows path the gradients are formed in the backward, with ``grad_output``
+(``GradScaler``'s 2^16) folded into each logit gradient before it is rounded to fp16, as
+torch orders it (formed in the forward, entries below fp16's 6e-8 flushed to 0); this
+costs the logits matmul again.
 """
 
 from __future__ import annotations
@@ -187,9 +188,8 @@ def linear_cross_entropy_fwd(
         z = logits.view(-1, num_classes)
         if compute_grad:
             loss_c, lse_c = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
-                z, target[rows], weight, scalars, *ce_args)
-            if row_scale is not None:
-                torch.ops.fused_softmax.cross_entropy_bwd_(z, row_scale[rows])
+                z, target[rows], weight, scalars, *ce_args,
+                row_scale[rows] if row_scale is not None else None)
             if grad_input:
                 torch.mm(logits, w, out=gx[start:end])
             if grad_weight:
@@ -405,7 +405,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_enabled):
         # needs_input_grad ignores no_grad / inference_mode: gate it on the caller's mode.
         need_x, need_w, need_b, need_t, need_cw = (n and grad_enabled for n in ctx.needs_input_grad[:5])
-        fused = reduction != "none"
+        # 'none' needs grad_output per row; fp16 needs it folded in before the logits'
+        # gradient is rounded (see CrossEntropyFunction): both form the gradients in backward.
+        fused = reduction != "none" and x.dtype != torch.float16
         loss, lse, gx, gw, gb = torch.ops.fused_softmax.linear_cross_entropy_fwd(
             x, w, b, target, weight, scalars, None, *args, chunk_size,
             fused and need_x, fused and need_w, fused and need_b)
@@ -669,6 +671,9 @@ def linear_cross_entropy(
         low = torch.get_autocast_dtype(device_type)
         input, linear_weight = input.to(low), linear_weight.to(low)
         linear_bias = linear_bias.to(low) if linear_bias is not None else None
+        # and cross_entropy casts its fp16 / bf16 class weight and probabilities to fp32
+        weight, target = (t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16)
+                          else t for t in (weight, target))
     ce_dtype = torch.float32 if autocast else input.dtype
 
     # cross_entropy's own checks, on (rows, C, d...)-shaped stand-ins of the logits/target.

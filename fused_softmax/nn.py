@@ -88,6 +88,10 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.inplace_backward = inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._fused(input, target)
+
+    @torch.jit.ignore
+    def _fused(self, input, target):  # left to Python by torch.jit.script, as the softmax modules
         return cross_entropy(
             input, target, weight=self.weight, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,

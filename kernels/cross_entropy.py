@@ -98,16 +98,19 @@ def linear_sum_update(lin_vec, w_vec, z, w, mask, m_run, m_new):
 @triton.jit(do_not_specialize=["smoothing_bits", "scale_bits", "softcap_bits", "z_loss_bits"])
 def cross_entropy_fwd_kernel(
     X, TARGET, WEIGHT, SCALARS, LOSS, LSE, GRAD,
-    n_rows, C, sx, st, sg,
+    n_rows, C, sx, st, sg, DSCALE, sd,
     ignore_index, smoothing_bits, scale_bits, softcap_bits, z_loss_bits,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_Z_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DSCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One row per loop iteration of a persistent grid.
 
     ``SCALARS`` = [gradient scale (1/denominator for a mean, else 1), sum(weight)], device
-    values computed before the launch so that nothing here needs the host.
+    values computed before the launch so that nothing here needs the host. ``HAS_DSCALE``:
+    the gradient is also scaled by ``grad_output`` (``DSCALE``, one value per row or, with
+    ``sd = 0``, one for all), in fp32 before the store, as torch orders it (a backward that
+    recomputes the gradient).
     """
     smoothing = float_arg(smoothing_bits, ACC)
     logit_scale = float_arg(scale_bits, ACC)
@@ -179,7 +182,10 @@ def cross_entropy_fwd_kernel(
 
         # ---- pass 2 (L2-resident re-read): gradient of the row's loss
         if COMPUTE_GRAD:
-            g_coef = coef * grad_scale
+            row_scale = grad_scale
+            if HAS_DSCALE:
+                row_scale = grad_scale * tl.load(DSCALE + r * sd).to(ACC)
+            g_coef = coef * row_scale
             for start in range(0, C, BLOCK_N):
                 c = start + cols
                 mask = c < C
@@ -198,11 +204,11 @@ def cross_entropy_fwd_kernel(
                     w = 1.0
                 if PROB_TARGET:
                     q = tl.load(TARGET + r * st + c, mask=mask, other=0.0).to(ACC)
-                    dz = g_coef * p - grad_scale * w * (q * (1.0 - smoothing) + eps_c)
+                    dz = g_coef * p - row_scale * w * (q * (1.0 - smoothing) + eps_c)
                 else:
-                    dz = g_coef * p - tl.where(c == t, grad_scale * (1.0 - smoothing) * w_t, 0.0)
+                    dz = g_coef * p - tl.where(c == t, row_scale * (1.0 - smoothing) * w_t, 0.0)
                     if HAS_SMOOTHING:
-                        dz -= grad_scale * eps_c * w
+                        dz -= row_scale * eps_c * w
                 dz = dz * dzdx
                 if not PROB_TARGET:  # after dzdx: softcap's sech^2 of a NaN logit is NaN
                     dz = tl.where(ignored, 0.0, tl.where(in_range, dz, float("nan")))

@@ -895,6 +895,12 @@ ERROR_CASES = [
                                                torch.zeros(2, 3, 4, dtype=torch.long, device=d)), {}), "target"),
     ("1-d input, target of 2", lambda d: ((torch.randn(10, device=d), torch.tensor([1, 2], device=d)), {}), "target"),
     ("batch mismatch", lambda d: ((_x(d), _t(d)[:3]), {}), "batch_size"),
+    # torch checks the batch size before the target's dtype and rank
+    ("batch mismatch, float target", lambda d: ((_x(d), _q(d)[:3]), {}), "batch_size"),
+    ("batch mismatch, 2-d target", lambda d: ((_x(d), torch.zeros(1, 4, dtype=torch.long, device=d)), {}),
+     "batch_size"),
+    ("batch mismatch, spatial float target", lambda d: ((torch.randn(2, 10, 3, device=d),
+                                                         torch.rand(6, 10, device=d)), {}), "batch_size"),
     ("weight wrong size", lambda d: ((_x(d), _t(d)), dict(weight=torch.rand(9, device=d))), "weight"),
     ("weight 2-d", lambda d: ((_x(d), _t(d)), dict(weight=torch.rand(10, 2, device=d))), "weight"),
     ("weight wrong dtype", lambda d: ((_x(d), _t(d)), dict(weight=torch.rand(10, dtype=torch.float64, device=d))),
@@ -1355,9 +1361,9 @@ def test_no_gradient_written_under_no_grad(monkeypatch, device):
     wrote_grad = []
     original = ce_mod._run_fwd
 
-    def spy(x, target, weight, scalars, grad, *args):
+    def spy(x, target, weight, scalars, grad, *args, **kw):
         wrote_grad.append(grad is not None)
-        return original(x, target, weight, scalars, grad, *args)
+        return original(x, target, weight, scalars, grad, *args, **kw)
 
     monkeypatch.setattr(ce_mod, "_run_fwd", spy)
     x = torch.randn(4, 10, device=device, requires_grad=True)
@@ -1368,3 +1374,50 @@ def test_no_gradient_written_under_no_grad(monkeypatch, device):
     fused_softmax.cross_entropy(x, t).backward()
     assert wrote_grad == [False, True]
     torch.testing.assert_close(loss, F.cross_entropy(x.detach(), t))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp16", "fp16-autocast"])
+def test_fp16_gradient_scaled_before_rounding(autocast, device):
+    """GradScaler multiplies the loss by 2^16 (2^12 here for a plain fp16 loss, whose own
+    dtype caps grad_output): torch scales the gradient before rounding it to fp16, so
+    entries of p / N below fp16's 6e-8 survive. A gradient formed in the forward and scaled
+    later lost ~90% of the entries; the fp16 backward forms it with grad_output folded in."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(64, 512, generator=gen) * 4).half().to(device)
+    t = torch.randint(0, 512, (64,), generator=gen).to(device)
+    scale = 65536.0 if autocast else 4096.0
+    ref_x = x.double().requires_grad_(True)
+    F.cross_entropy(ref_x, t).backward(torch.tensor(scale, dtype=torch.float64, device=device))
+    ref = ref_x.grad
+    errs = {}
+    for name, fn in (("ours", fused_softmax.cross_entropy), ("torch", F.cross_entropy)):
+        xl = x.clone().requires_grad_(True)
+        with torch.autocast(torch.device(device).type, dtype=torch.float16, enabled=autocast):
+            loss = fn(xl, t)
+        loss.backward(torch.tensor(scale, dtype=loss.dtype, device=device))
+        g = xl.grad.double()
+        errs[name] = ((g - ref).abs().sum() / ref.abs().sum()).item(), (g == 0).sum().item()
+    assert (ref == 0).sum().item() == 0
+    assert errs["ours"][0] <= 2 * errs["torch"][0] + 1e-3, errs
+    assert errs["ours"][1] <= errs["torch"][1] + 64, errs  # torch keeps (almost) every entry
+
+
+def test_elementwise_mean_is_torchs_deprecated_mean(device):
+    x, t = _x(device), _t(device)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        exp = F.cross_entropy(x, t, reduction="elementwise_mean")
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        got = ce(x, t, reduction="elementwise_mean")
+    torch.testing.assert_close(got, exp)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        got = fused_softmax.nn.CrossEntropyLoss(reduction="elementwise_mean")(x, t)
+    torch.testing.assert_close(got, exp)
+
+
+def test_nn_module_scripts_like_torch(device):
+    """torch.jit.script takes torch's CrossEntropyLoss; ours too (the kernels left to Python)."""
+    w = torch.rand(10, device=device) + 0.5
+    x, t = _x(device), _t(device)
+    ours = torch.jit.script(fused_softmax.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1))
+    theirs = torch.jit.script(torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1))
+    torch.testing.assert_close(ours(x, t), theirs(x, t))

@@ -649,3 +649,17 @@ def test_calls_raise_no_warnings(device):
         fs.logsumexp(x, 1)
         fs.sample(x.detach(), top_p=0.9, generator=torch.Generator(device).manual_seed(0))
     torch.testing.assert_close(y, torch.softmax(x, -1))
+
+
+def test_linear_cross_entropy_autocast_casts_class_weight(device):
+    """Under autocast torch's cross_entropy casts a bf16 class weight to fp32 (no dtype
+    error), as it does for the logits."""
+    gen = torch.Generator().manual_seed(8)
+    x, w = torch.randn(6, 16, generator=gen).to(device), torch.randn(10, 16, generator=gen).to(device)
+    t = torch.randint(0, 10, (6,), generator=gen).to(device)
+    cw = (torch.rand(10, generator=gen) + 0.5).bfloat16().to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got = fs.linear_cross_entropy(x, w, t, weight=cw)
+        exp = F.cross_entropy(F.linear(x, w), t, weight=cw)
+    assert got.dtype == exp.dtype == torch.float32
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)

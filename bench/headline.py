@@ -58,6 +58,17 @@ for V in (128256, 32000):
         def go(): xg.grad = None; f(xg, t).backward()
         return go
     case(f"ce_fwdbwd_bf16_8192x{V}", 4 * lg.numel(), dict(ours=fb(ce.cross_entropy), eager=fb(torch.nn.functional.cross_entropy), liger=fb(lambda a_, b_: LigerCrossEntropyFunction.apply(a_, b_, None)[0])))
+    if V == 128256:  # fp16 AMP: autocast + GradScaler's 2^16; ours forms the gradient in the backward
+        xh, s16 = lg.half().requires_grad_(), torch.tensor(65536.0, device="cuda")
+        def amp(f):
+            def go():
+                xh.grad = None
+                with torch.autocast("cuda", dtype=torch.float16):
+                    loss = f(xh, t)
+                loss.backward(s16)
+            return go
+        case(f"ce_fwdbwd_fp16_amp_8192x{V}", 4 * lg.numel(), dict(ours=amp(ce.cross_entropy), eager=amp(torch.nn.functional.cross_entropy)))
+        del xh
     del lg, xg
 for N in (131072, 262144):
     x = torch.randn((1 << 28) // N, N, device="cuda", dtype=torch.bfloat16)

@@ -144,9 +144,21 @@ def wrap_dim(dim: int, ndim: int) -> int:
     return dim % n
 
 
+def _foreign_subclass(t: torch.Tensor) -> bool:
+    """A tensor subclass with its own dispatch (DTensor, nested jagged tensors, wrapper
+    subclasses): torch's ops have its rules, the custom ops do not. Parameters and the
+    tracing tensors of FakeTensorMode / export are plain for this purpose."""
+    if type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter):
+        return False
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return not isinstance(t, (FakeTensor, FunctionalTensor))
+
+
 def needs_torch_ops(*tensors) -> bool:
     """True for inputs of ``torch.func`` transforms (``grad``, ``vmap``, ``jvp``,
-    ``jacfwd``, ...) and forward-mode AD dual tensors. The custom ops define reverse-mode
+    ``jacfwd``, ...), forward-mode AD dual tensors and tensor subclasses with their own
+    dispatch (DTensor, nested tensors). The custom ops define reverse-mode
     autograd only (no batching or forward-AD rule, where torch would silently give a zero
     tangent), so such calls go through torch's own ops: same semantics, every transform."""
     if torch.compiler.is_compiling():
@@ -154,6 +166,8 @@ def needs_torch_ops(*tensors) -> bool:
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
+        if _foreign_subclass(t):
+            return True
         if torch._C._functorch.is_functorch_wrapped_tensor(t):
             return True
         if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:

@@ -638,11 +638,11 @@ def cross_entropy(
             return loss, torch.full(lead, -math.inf, dtype=acc_dtype(input.dtype),
                                     device=input.device)
         return loss
-    if needs_torch_ops(input, target, weight):  # torch.func transforms, forward-mode AD
+    if needs_torch_ops(input, target, weight):  # torch.func, forward-mode AD, DTensor, ...
         if z_loss != 0 or return_lse:
             raise NotImplementedError(
                 "fused_softmax.cross_entropy: z_loss and return_lse are not supported under "
-                "torch.func transforms or forward-mode AD")
+                "torch.func transforms or forward-mode AD, nor for tensor subclasses")
         return torch_cross_entropy(_capped_logits(input, logit_scale, softcap), target, weight,
                                    ignore_index, reduction, label_smoothing)
     target, weight = _kernel_operands(target, weight, prob_target)

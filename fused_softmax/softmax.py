@@ -269,7 +269,7 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
     dim = wrap_dim(dim, input.dim())
     inv_t = _inv_temperature(temperature)
-    if needs_torch_ops(input):  # torch.func transforms, forward-mode AD
+    if needs_torch_ops(input):  # torch.func transforms, forward-mode AD, DTensor, ...
         torch_fn = torch.softmax if mode == SOFTMAX else torch.log_softmax
         if inv_t == 1.0:
             return torch_fn(input, dim)

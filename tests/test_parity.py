@@ -663,3 +663,37 @@ def test_linear_cross_entropy_autocast_casts_class_weight(device):
         exp = F.cross_entropy(F.linear(x, w), t, weight=cw)
     assert got.dtype == exp.dtype == torch.float32
     torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- tensor subclasses
+def test_nested_jagged_tensors_take_torchs_ops(device):
+    """Nested (jagged) tensors dispatch through torch's own ops (the custom ops have no
+    nested rules): values equal torch's."""
+    nt = torch.nested.nested_tensor([torch.randn(2, 5), torch.randn(3, 5)], layout=torch.jagged,
+                                    device=device)
+    for ours, theirs in ((fs.softmax, F.softmax), (fs.log_softmax, F.log_softmax)):
+        assert torch.equal(ours(nt, -1).values(), theirs(nt, -1).values())
+
+
+def test_dtensor_takes_torchs_ops(tmp_path):
+    """A DTensor (one-process gloo mesh) goes through torch's ops, which have sharding
+    rules; the custom ops have none and raised NotImplementedError."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available here")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        x = torch.randn(4, 9)
+        t = torch.tensor([0, 3, 8, 1])
+        for placement in (Replicate(), Shard(0), Shard(1)):
+            dx = distribute_tensor(x, mesh, [placement])
+            torch.testing.assert_close(fs.softmax(dx, -1).full_tensor(), torch.softmax(x, -1))
+            torch.testing.assert_close(fs.log_softmax(dx, 1).full_tensor(), torch.log_softmax(x, 1))
+            dt = distribute_tensor(t, mesh, [Replicate()])
+            torch.testing.assert_close(fs.cross_entropy(dx, dt, label_smoothing=0.1).full_tensor(),
+                                       F.cross_entropy(x, t, label_smoothing=0.1))
+    finally:
+        dist.destroy_process_group()

@@ -697,3 +697,18 @@ def test_dtensor_takes_torchs_ops(tmp_path):
                                        F.cross_entropy(x, t, label_smoothing=0.1))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dim", [torch.tensor(1), torch.tensor([1]), np.array(1), np.int64(1)],
+                         ids=["0-d tensor", "1-d tensor", "0-d array", "numpy int"])
+def test_dim_argument_types_like_torch(dim, device):
+    """torch's parser takes a 0-d int tensor or a numpy integer as dim, not an array."""
+    x = torch.randn(3, 4, device=device)
+    for ours, theirs in ((fs.softmax, F.softmax), (fs.log_softmax, F.log_softmax)):
+        try:
+            exp = theirs(x, dim)
+        except TypeError:
+            with pytest.raises(TypeError):
+                ours(x, dim)
+        else:
+            torch.testing.assert_close(ours(x, dim), exp)

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from . import _backend
-from ._backend import acc_dtype, as_index, check_float, is_finite, float_bits, use_triton
+from ._backend import (acc_dtype, as_index, autocast_fp32_active, check_float, float_bits,
+                       is_finite, use_triton)
 from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _scaled_logits, _target_dtype_error,
                             _type_name, check_ignore_index, grad_scale_of, mean_of, smoothing_value)
 
@@ -334,8 +335,9 @@ def _rank_and_world(group):
 
 
 def _check_args(input, target, weight, vocab_start_index, ignore_index, reduction,
-                label_smoothing, logit_scale, z_loss, world):
+                label_smoothing, logit_scale, z_loss, world, input_dtype=None):
     name = "vocab_parallel_cross_entropy"
+    input_dtype = input_dtype or input.dtype
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError(f"{name}(): local_logits and target must be Tensors")
     check_ignore_index(ignore_index, name)
@@ -376,9 +378,9 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
     if weight is not None:
         if weight.dim() != 1:
             raise RuntimeError(f"weight must be the 1-D class weight (V,), got shape {list(weight.shape)}")
-        if weight.dtype != input.dtype:
+        if weight.dtype != input_dtype:
             raise RuntimeError(
-                f"expected scalar type {_type_name(input.dtype)} but found {_type_name(weight.dtype)}")
+                f"expected scalar type {_type_name(input_dtype)} but found {_type_name(weight.dtype)}")
         if weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 "the derivative for 'weight' is not implemented: cross_entropy with class-index "
@@ -427,7 +429,7 @@ def vocab_parallel_cross_entropy(
             ``rank * V_local`` (equal shards). Give it for unequal shards; the shards must
             tile ``[0, V)`` exactly, and ``V`` is the sum of the shard sizes.
         weight (Tensor, optional): the full ``(V,)`` class weight, the same on every rank,
-            ``local_logits``' dtype.
+            ``local_logits``' dtype (under autocast, as torch: fp32, or fp16 / bf16 cast).
         ignore_index, reduction, label_smoothing: as torch; ``'mean'`` divides by the sum of
             the target weights of non-ignored rows (their count without ``weight``), the
             same denominator on every rank; all ignored gives NaN.
@@ -436,7 +438,8 @@ def vocab_parallel_cross_entropy(
             log-sum-exp), reduced like the loss.
 
     Returns:
-        The loss in ``local_logits``' dtype, identical on every rank: a scalar, or
+        The loss in ``local_logits``' dtype (fp32 for fp16 / bf16 under autocast, as
+        torch's cross_entropy), identical on every rank: a scalar, or
         ``target``'s shape for ``reduction='none'``. Backpropagate it on every rank with the
         same ``grad_output``; each rank receives the gradient of its own shard.
 
@@ -452,8 +455,18 @@ def vocab_parallel_cross_entropy(
         >>> loss.backward()                              # d loss / d local, no communication
     """
     rank, world = _rank_and_world(group)
+    if reduction == "elementwise_mean":  # torch's deprecated alias: its warning, then 'mean'
+        reduction = _REDUCTIONS[torch.nn._reduction.get_enum(reduction)]
+    input_dtype = None
+    if isinstance(local_logits, torch.Tensor) and autocast_fp32_active("cross_entropy",
+                                                                       local_logits.device.type):
+        # as cross_entropy under autocast: fp32 loss, fp16 / bf16 class weight cast to fp32
+        if weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
+            weight = weight.float()
+        if local_logits.dtype in (torch.float16, torch.bfloat16):
+            input_dtype = torch.float32
     C = _check_args(local_logits, target, weight, vocab_start_index, ignore_index, reduction,
-                    label_smoothing, logit_scale, z_loss, world)
+                    label_smoothing, logit_scale, z_loss, world, input_dtype)
     start = rank * C if vocab_start_index is None else vocab_start_index
     ignore_index = as_index(ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
@@ -478,7 +491,7 @@ def vocab_parallel_cross_entropy(
     loss = VocabParallelCrossEntropyFunction.apply(
         x, t, weight, (group, world), start, int(ignore_index), reduction, label_smoothing,
         float(logit_scale), float(z_loss))
-    loss = loss.to(input.dtype)
+    loss = loss.to(input_dtype or input.dtype)
     if reduction == "none":
         loss = loss.reshape(() if input.dim() == 1 else target.shape)
     return loss

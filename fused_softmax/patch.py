@@ -65,14 +65,18 @@ _TORCH_LOG_SOFTMAX = F.log_softmax
 _TORCH_CROSS_ENTROPY = F.cross_entropy
 
 
-def _fall_through(name: str, args: tuple, tensors: tuple):
-    """torch's function for ``name``. A ``__torch_function__`` override sees torch's own
-    function object (not this wrapper), exactly as without the patch."""
+def _fall_through(name: str, args: tuple, kwargs: dict, tensors: tuple):
+    """torch's function for ``name``. A ``__torch_function__`` override (a subclass,
+    ``torch.fx`` tracing) sees torch's own function object, called as torch calls it
+    (tensors positional, the rest keywords, the caller's ``_stacklevel``), exactly as
+    without the patch."""
     original = _ORIGINALS[(F, name)]
     present = tuple(t for t in tensors if t is not None)
     if has_torch_function(present):
-        return handle_torch_function(original, present, *args)
-    return original(*args)
+        return handle_torch_function(original, present, *args, **kwargs)
+    if "_stacklevel" in kwargs:  # the warning points past this module's three frames
+        kwargs = dict(kwargs, _stacklevel=kwargs["_stacklevel"] + 3)
+    return original(*args, **kwargs)
 
 
 @torch.jit.unused
@@ -80,7 +84,8 @@ def _softmax_eager(input: torch.Tensor, dim: Optional[int], _stacklevel: int,
                    dtype: Optional[int]) -> torch.Tensor:
     if _kernels_serve(input) and _float_after_cast(input, dtype):
         return _routed(_fused_softmax, input, dim, _stacklevel + 3, dtype)
-    return _fall_through("softmax", (input, dim, _stacklevel + 3, dtype), (input,))
+    return _fall_through("softmax", (input,), dict(dim=dim, _stacklevel=_stacklevel, dtype=dtype),
+                         (input,))
 
 
 @torch.jit.unused
@@ -88,7 +93,8 @@ def _log_softmax_eager(input: torch.Tensor, dim: Optional[int], _stacklevel: int
                        dtype: Optional[int]) -> torch.Tensor:
     if _kernels_serve(input) and _float_after_cast(input, dtype):
         return _routed(_fused_log_softmax, input, dim, _stacklevel + 3, dtype)
-    return _fall_through("log_softmax", (input, dim, _stacklevel + 3, dtype), (input,))
+    return _fall_through("log_softmax", (input,),
+                         dict(dim=dim, _stacklevel=_stacklevel, dtype=dtype), (input,))
 
 
 @torch.jit.unused
@@ -99,7 +105,10 @@ def _cross_entropy_eager(input: torch.Tensor, target: torch.Tensor, weight: Opti
     if (_kernels_serve(input, target, weight) and _float_after_cast(input, None)
             and target.dtype != torch.int32):  # torch refuses int32 targets: its error
         return _routed(_fused_cross_entropy, *args)
-    return _fall_through("cross_entropy", args, (input, target, weight))
+    return _fall_through("cross_entropy", (input, target),
+                         dict(weight=weight, size_average=size_average, ignore_index=ignore_index,
+                              reduce=reduce, reduction=reduction, label_smoothing=label_smoothing),
+                         (input, target, weight))
 
 
 # The wrappers are TorchScript-compatible: scripted code calls torch's own function.

@@ -712,3 +712,20 @@ def test_dim_argument_types_like_torch(dim, device):
                 ours(x, dim)
         else:
             torch.testing.assert_close(ours(x, dim), exp)
+
+
+def test_vocab_parallel_follows_autocast_and_elementwise_mean(device):
+    """World of 1 (no process group): as F.cross_entropy under autocast (fp32 loss, an fp32
+    class weight accepted) and with the deprecated reduction='elementwise_mean'."""
+    from fused_softmax.distributed import vocab_parallel_cross_entropy as vpce
+    gen = torch.Generator().manual_seed(9)
+    z = torch.randn(5, 12, generator=gen).bfloat16().to(device)
+    t = torch.randint(0, 12, (5,), generator=gen).to(device)
+    w = (torch.rand(12, generator=gen) + 0.5).to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got, exp = vpce(z, t, weight=w), F.cross_entropy(z, t, weight=w)
+    assert got.dtype == exp.dtype == torch.float32
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        got = vpce(z.float(), t, reduction="elementwise_mean")
+    torch.testing.assert_close(got, F.cross_entropy(z.float(), t))

@@ -207,3 +207,17 @@ def test_patched_functions_script_and_keep_torch_function_overrides():
         F.softmax(x.as_subclass(Logged), 1)
         F.cross_entropy(x.as_subclass(Logged), t)
     assert originals[0] in seen and originals[2] in seen
+
+
+def test_fx_traces_the_same_graph_under_the_patch():
+    """torch.fx (a __torch_function__ override) records torch's call: same targets, the
+    tensors positional and the rest keywords, the caller's _stacklevel."""
+    class M(torch.nn.Module):
+        def forward(self, x, t):
+            return (F.softmax(x, dim=-1).sum() + F.log_softmax(x, 1, dtype=torch.float64).sum()
+                    + F.cross_entropy(x, t, label_smoothing=0.1))
+
+    plain = torch.fx.symbolic_trace(M()).code
+    with patch():
+        patched = torch.fx.symbolic_trace(M()).code
+    assert patched == plain

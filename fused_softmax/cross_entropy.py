@@ -311,8 +311,12 @@ def _differentiable_backward(ctx, dscale):
     x, target, weight, scalars, _ = ctx.saved_tensors
     wanted = [(i, t) for i, t in enumerate((x, target, weight)) if ctx.needs_input_grad[i]]
     with torch.enable_grad():
-        rows = _loss_rows(x, target, weight, ctx.args)
-        total = (rows * (dscale * scalars[0]).to(rows.dtype)).sum()
+        # In the accumulation dtype, as the kernels: grad_output (GradScaler's 2^16) is inf
+        # in fp16, and fp16 formulas lose accuracy; the casts carry the gradients back.
+        acc = acc_dtype(x.dtype)
+        w_acc = weight.to(acc) if weight is not None else None
+        rows = _loss_rows(x.to(acc), target, w_acc, ctx.args)
+        total = (rows * (dscale * scalars[0]).to(acc)).sum()
         grads = torch.autograd.grad(total, [t for _, t in wanted], create_graph=True,
                                     allow_unused=True)
     out = [None] * 9

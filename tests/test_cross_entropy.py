@@ -652,9 +652,11 @@ def test_return_lse(shape, kind, dtype, device):
         assert_close_to_ref(xl.grad, xr.grad, dtype, 2 * finite_max(x), "grad")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_inplace_backward(dtype, reduction, device):
+    """fp16 writes the gradient over the logits in the backward (grad_output folded in),
+    the others in the forward."""
     gen = torch.Generator().manual_seed(11)
     C = 31
     x0 = (3 * torch.randn(5, C, generator=gen)).to(dtype).to(device)
@@ -675,8 +677,9 @@ def test_inplace_backward(dtype, reduction, device):
     assert torch.equal(x.detach(), x.grad)
 
 
-def test_inplace_backward_second_backward_raises(device):
-    x = torch.randn(3, 6, device=device, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_inplace_backward_second_backward_raises(dtype, device):
+    x = torch.randn(3, 6, device=device).to(dtype).requires_grad_(True)
     t = torch.tensor([0, 1, 2], device=device)
     loss = ce(x, t, inplace_backward=True)
     loss.backward(retain_graph=True)
@@ -1187,6 +1190,27 @@ def test_opcheck_fwd_inplace(kind, device):
     torch.testing.assert_close(args[0], grad)  # the gradient was written over x
 
 
+@pytest.mark.parametrize("dscale_shape", [(), (4,)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_opcheck_fwd_with_grad_output(dscale_shape, inplace, device):
+    """``dscale`` (grad_output per row or one for all) folded into the gradient: the
+    unscaled gradient times it."""
+    args = _op_args("index", device, True, extras=True)
+    dscale = torch.tensor([2.0, float("nan"), -0.5, 4096.0], device=device)[:4 if dscale_shape else 1]
+    dscale = dscale.reshape(dscale_shape) if dscale_shape else dscale[0].reshape(())
+    _, _, g0 = torch.ops.fused_softmax.cross_entropy_fwd.default(*args)
+    if inplace:
+        op, call = torch.ops.fused_softmax.cross_entropy_fwd_inplace.default, args[:-1] + [dscale]
+    else:
+        op, call = torch.ops.fused_softmax.cross_entropy_fwd.default, args + [dscale]
+    torch.library.opcheck(op, [a.clone() if isinstance(a, torch.Tensor) else a for a in call])
+    out = op(*call)
+    grad = call[0] if inplace else out[2]
+    exp = g0 * (dscale[:, None] if dscale.dim() else dscale)
+    exp[1] = 0.0  # an ignored row: 0 whatever its grad_output (NaN here)
+    torch.testing.assert_close(grad, exp)
+
+
 @pytest.mark.parametrize("dloss_shape", [(), (4,)])
 def test_opcheck_bwd(dloss_shape, device):
     grad = torch.randn(4, 10, device=device)
@@ -1202,6 +1226,7 @@ def test_opcheck_bwd(dloss_shape, device):
 
 COMPILE_CASES = [
     ("index weight ls ignore", "index", dict(weight=True, label_smoothing=0.1)),
+    ("fp16 index weight", "index-fp16", dict(weight=True, label_smoothing=0.1)),
     ("index extras none", "index", dict(reduction="none", z_loss=1e-2, softcap=3.0, logit_scale=2.0)),
     ("prob", "prob", dict(label_smoothing=0.1)),
 ]
@@ -1212,11 +1237,13 @@ def test_torch_compile_fullgraph(name, kind, kw, device):
     gen = torch.Generator().manual_seed(20)
     C = 16
     x = torch.randn(5, C, generator=gen).to(device)
-    if kind == "index":
+    if kind == "index-fp16":  # the backward forms the gradient (the op with dscale)
+        x = x.half()
+    if kind.startswith("index"):
         t = torch.tensor([1, -100, 15, 0, 7], device=device)
     else:
         t = torch.softmax(torch.randn(5, C, generator=gen), 1).to(device)
-    w = (torch.rand(C, generator=gen) + 0.5).to(device)
+    w = (torch.rand(C, generator=gen) + 0.5).to(x.dtype).to(device)
     kw = dict(kw, weight=w if kw.get("weight") else None)
 
     def f(x, t):
@@ -1231,9 +1258,10 @@ def test_torch_compile_fullgraph(name, kind, kw, device):
     xr = x.clone().requires_grad_(True)
     eout, else_ = composed_ref(xr, t, return_lse=True, **kw)
     (eout.sum() * 2).backward()
-    torch.testing.assert_close(out, 2 * eout.sum().float())
+    torch.testing.assert_close(out, 2 * eout.sum().to(out.dtype))
     torch.testing.assert_close(lse, else_.float())
-    torch.testing.assert_close(xl.grad, xr.grad.float())
+    tol = dict(rtol=2e-3, atol=2e-4) if x.dtype == torch.float16 else {}
+    torch.testing.assert_close(xl.grad, xr.grad.to(x.dtype), **tol)
 
 
 # --------------------------------------------------------------------------- CUDA only
@@ -1421,3 +1449,32 @@ def test_nn_module_scripts_like_torch(device):
     ours = torch.jit.script(fused_softmax.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1))
     theirs = torch.jit.script(torch.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1))
     torch.testing.assert_close(ours(x, t), theirs(x, t))
+
+
+def test_fp16_double_backward_with_gradscaler_scale(device):
+    """create_graph=True under fp16 autocast with GradScaler's 2^16: the differentiable
+    backward works in fp32 (2^16 is inf in fp16), as torch's autocast cross_entropy."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 16, generator=gen).half().to(device)
+    t = torch.tensor([0, 3, 5, 7], device=device)
+    grads = []
+    for fn in (fused_softmax.cross_entropy, F.cross_entropy):
+        xl = x.clone().requires_grad_(True)
+        with torch.autocast(torch.device(device).type, dtype=torch.float16):
+            loss = fn(xl, t, reduction="sum")
+        g, = torch.autograd.grad(loss, xl, torch.tensor(65536.0, device=device), create_graph=True)
+        (g.float() / 65536.0).pow(2).sum().backward()  # a penalty on the unscaled gradient
+        grads.append((g.detach(), xl.grad))
+    (g, gg), (tg, tgg) = grads
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, tg, rtol=2e-3, atol=1.0)
+    torch.testing.assert_close(gg.float(), tgg.float(), rtol=1e-2, atol=tgg.float().abs().max().item() * 1e-3)
+
+
+def test_subnormal_float_argument(device):
+    """A float argument whose fp64 bits lie in [2^31, 2^32) (a subnormal near 1.5e-314) is
+    passed as 0 (the interpreter would type its bits uint32): the loss is the unsmoothed one."""
+    x = torch.randn(3, 5, dtype=torch.float64, device=device)
+    t = torch.tensor([0, 1, 2], device=device)
+    torch.testing.assert_close(ce(x, t, label_smoothing=1.5e-314), F.cross_entropy(x, t))
+    torch.testing.assert_close(ce(x, t, z_loss=1.5e-314), F.cross_entropy(x, t))

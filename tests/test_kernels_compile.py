@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
     ksm = importlib.import_module("fused_softmax.kernels.softmax")
     kce = importlib.import_module("fused_softmax.kernels.cross_entropy")
     H100 = GPUTarget("cuda", 90, 32)
-    ACC_PTRS = {"SCALARS", "LOSS", "LSE", "DLOSS"}
+    ACC_PTRS = {"SCALARS", "LOSS", "LSE", "DLOSS", "DSCALE"}
 
     def compile_for_h100(kernel, constexprs, data="bf16"):
         # Pointers in the data dtype (fp32 side buffers), ints (and float bits) i64.
@@ -87,7 +87,8 @@ SCRIPT = textwrap.dedent("""
         dict(MODE=1, ACC=tl.float32, BLOCK_R=64, BLOCK_N=64, SINGLE_PASS=False, WIDE=True)))
     for name, (prob, feats, grad) in ce_cases.items():
         const = dict(PROB_TARGET=prob, HAS_WEIGHT=feats, HAS_SMOOTHING=feats, HAS_SOFTCAP=feats,
-                     HAS_Z_LOSS=feats, COMPUTE_GRAD=grad, ACC=tl.float32, BLOCK_N=4096)
+                     HAS_Z_LOSS=feats, COMPUTE_GRAD=grad, HAS_DSCALE=grad and feats,
+                     ACC=tl.float32, BLOCK_N=4096)
         for data in ("bf16", "fp32"):
             attempt(f"{name} {data}", lambda: compile_for_h100(kce.cross_entropy_fwd_kernel, const, data))
     attempt("ce bwd", lambda: compile_for_h100(

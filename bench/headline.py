@@ -41,6 +41,8 @@ x = torch.randn(8192, 32768, device="cuda", dtype=torch.bfloat16)
 case("softmax_fwd_bf16_8192x32768", 4 * x.numel(), dict(ours=lambda: sm.softmax(x, -1), eager=lambda: torch.softmax(x, -1), liger=lambda: LigerSoftmaxFunction.apply(x)))
 xh, xf = x.half(), x.float()  # fp16 and fp32 should be within 5 % of the bf16 bandwidth
 case("softmax_fwd_fp16_8192x32768", 4 * x.numel(), dict(ours=lambda: sm.softmax(xh, -1), eager=lambda: torch.softmax(xh, -1)))
+# softmax(scores, dtype=float32), as attention code writes it: fp16 read, fp32 written
+case("softmax_fwd_fp16_to_fp32_8192x32768", 6 * x.numel(), dict(ours=lambda: sm.softmax(xh, -1, dtype=torch.float32), eager=lambda: torch.softmax(xh, -1, dtype=torch.float32)))
 case("softmax_fwd_fp32_8192x32768", 8 * x.numel(), dict(ours=lambda: sm.softmax(xf, -1), eager=lambda: torch.softmax(xf, -1)))
 del xh, xf
 xg = x.clone().requires_grad_(); dy = torch.randn_like(x)

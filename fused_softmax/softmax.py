@@ -100,12 +100,13 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None) -> torch.Tensor:
+def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None,
+                out_dtype=None) -> torch.Tensor:
     if mode == LOGSUMEXP:
         out_shape = x.shape[:dim] + x.shape[dim + 1:]
         y = torch.empty(out_shape, dtype=acc_dtype(x.dtype), device=x.device)
-    else:
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:  # out_dtype: a wider dtype (fp16 -> fp32, ...), read narrow, computed and written wide
+        y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     if y.numel() == 0:
         return y
     if x.shape[dim] == 0:  # log-sum-exp of nothing
@@ -117,13 +118,14 @@ def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None)
     _backend.launch(
         _k.softmax_fwd_kernel, grid,
         xv, y, M * K, N, K, *sx, *sy, float_bits(inv_t),
-        MODE=mode, ACC=_tl_acc(x.dtype), **cfg,
+        MODE=mode, ACC=_tl_acc(x.dtype if mode == LOGSUMEXP else y.dtype), **cfg,
     )
     return y
 
 
-def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None) -> torch.Tensor:
-    dx = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
+def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None,
+                dx_dtype=None) -> torch.Tensor:
+    dx = torch.empty(saved.shape, dtype=dx_dtype or saved.dtype, device=saved.device)
     if dx.numel() == 0:
         return dx
     sv, shape, ss = view3d(saved, dim)
@@ -154,7 +156,7 @@ def _torch_fwd(x, dim, mode, inv_t):
     return torch.logsumexp(xs.to(acc), dim)
 
 
-def _torch_bwd(saved, grad, lse, dim, mode, inv_t):
+def _torch_bwd(saved, grad, lse, dim, mode, inv_t, dx_dtype=None):
     acc = acc_dtype(saved.dtype)
     s, g = saved.to(acc), grad.to(acc)
     if mode == SOFTMAX:
@@ -163,44 +165,50 @@ def _torch_bwd(saved, grad, lse, dim, mode, inv_t):
         dx = g - torch.exp(s) * g.sum(dim, keepdim=True)
     else:
         dx = g.unsqueeze(dim) * torch.exp(s * inv_t - lse.unsqueeze(dim))
-    return (dx * inv_t).to(saved.dtype)
+    return (dx * inv_t).to(dx_dtype or saved.dtype)
 
 
 # --------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fused_softmax::softmax_fwd", mutates_args=())
-def softmax_fwd(x: torch.Tensor, dim: int, mode: int, inv_temperature: float) -> torch.Tensor:
-    """softmax (mode 0), log_softmax (1) or fp32/fp64 log-sum-exp (2) of ``x * inv_temperature``."""
+def softmax_fwd(x: torch.Tensor, dim: int, mode: int, inv_temperature: float,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """softmax (mode 0), log_softmax (1) or fp32/fp64 log-sum-exp (2) of ``x * inv_temperature``.
+    ``out_dtype`` (modes 0, 1): a wider float dtype than ``x``'s, as ``x.to(out_dtype)``
+    first, without the copy."""
     if use_triton(x):
-        return _launch_fwd(x, dim, mode, inv_temperature)
-    return _torch_fwd(x, dim, mode, inv_temperature)
+        return _launch_fwd(x, dim, mode, inv_temperature, out_dtype=out_dtype)
+    return _torch_fwd(x.to(out_dtype) if out_dtype else x, dim, mode, inv_temperature)
 
 
 @softmax_fwd.register_fake
-def _(x, dim, mode, inv_temperature):
+def _(x, dim, mode, inv_temperature, out_dtype=None):
     if mode == LOGSUMEXP:
         return x.new_empty(x.shape[:dim] + x.shape[dim + 1:], dtype=acc_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fused_softmax::softmax_bwd", mutates_args=())
 def softmax_bwd(
     saved: torch.Tensor, grad: torch.Tensor, lse: Optional[torch.Tensor],
-    dim: int, mode: int, inv_temperature: float,
+    dim: int, mode: int, inv_temperature: float, dx_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Gradient of :func:`softmax_fwd`; ``saved`` is its output (modes 0, 1) or input (2)."""
+    """Gradient of :func:`softmax_fwd`; ``saved`` is its output (modes 0, 1) or input (2).
+    ``dx_dtype``: the input's dtype where the forward widened it."""
     if use_triton(saved):
-        return _launch_bwd(saved, grad, lse, dim, mode, inv_temperature)
-    return _torch_bwd(saved, grad, lse, dim, mode, inv_temperature)
+        return _launch_bwd(saved, grad, lse, dim, mode, inv_temperature, dx_dtype=dx_dtype)
+    return _torch_bwd(saved, grad, lse, dim, mode, inv_temperature, dx_dtype)
 
 
 @softmax_bwd.register_fake
-def _(saved, grad, lse, dim, mode, inv_temperature):
-    return torch.empty_like(saved, memory_format=torch.contiguous_format)
+def _(saved, grad, lse, dim, mode, inv_temperature, dx_dtype=None):
+    return torch.empty_like(saved, dtype=dx_dtype or saved.dtype,
+                            memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, dim, mode, inv_t = inputs
+    x, dim, mode, inv_t, out_dtype = inputs
     ctx.dim, ctx.mode, ctx.inv_t = dim, mode, inv_t
+    ctx.dx_dtype = x.dtype if out_dtype is not None and out_dtype != x.dtype else None
     ctx.save_for_backward(*((x, output) if mode == LOGSUMEXP else (output,)))
 
 
@@ -210,17 +218,27 @@ def _backward(ctx, grad):
     if torch.is_grad_enabled():
         # create_graph=True: differentiable torch formulas, so double backward is exact
         # (the saved output's own gradient comes back through this op's backward).
-        dx = _torch_bwd(saved[0], grad, lse, ctx.dim, ctx.mode, ctx.inv_t)
+        dx = _torch_bwd(saved[0], grad, lse, ctx.dim, ctx.mode, ctx.inv_t, ctx.dx_dtype)
     else:
-        dx = torch.ops.fused_softmax.softmax_bwd(saved[0], grad, lse, ctx.dim, ctx.mode, ctx.inv_t)
-    return dx, None, None, None
+        dx = torch.ops.fused_softmax.softmax_bwd(saved[0], grad, lse, ctx.dim, ctx.mode,
+                                                 ctx.inv_t, ctx.dx_dtype)
+    return dx, None, None, None, None
 
 
 softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _apply(x, dim, mode, inv_t):
-    return torch.ops.fused_softmax.softmax_fwd(x, dim, mode, inv_t)
+def _apply(x, dim, mode, inv_t, out_dtype=None):
+    return torch.ops.fused_softmax.softmax_fwd(x, dim, mode, inv_t, out_dtype)
+
+
+_WIDER = {torch.float32: (torch.float16, torch.bfloat16),
+          torch.float64: (torch.float16, torch.bfloat16, torch.float32)}
+
+
+def _widening(src: torch.dtype, dst: torch.dtype) -> bool:
+    """``x.to(dst)`` is exact (a wider float): the kernels fold it into their read."""
+    return src in _WIDER.get(dst, ())
 
 
 # --------------------------------------------------------------------------- public API
@@ -263,6 +281,13 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not "
                             f"{type(dtype).__name__}")
+    # dtype= casts first, as torch; a widening cast (fp16 -> fp32: the usual
+    # softmax(scores, dtype=float32), and autocast) is folded into the kernel's read, as
+    # torch's half_to_float: no fp32 copy of the input.
+    out_dtype = None
+    if dtype is not None and _widening(input.dtype, dtype) and not needs_torch_ops(input):
+        out_dtype = dtype
+    elif dtype is not None:
         input = input.to(dtype)
     check_float(name, input)
     if dim is None:
@@ -276,8 +301,8 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         # as the kernels: x / T in fp32 (fp64), not rounded to fp16/bf16 first
         return torch_fn(_scaled(input.to(acc_dtype(input.dtype)), inv_t), dim).to(input.dtype)
     if input.dim() == 0:
-        return _apply(input.reshape(1), 0, mode, inv_t).reshape(())
-    return _apply(input, dim, mode, inv_t)
+        return _apply(input.reshape(1), 0, mode, inv_t, out_dtype).reshape(())
+    return _apply(input, dim, mode, inv_t, out_dtype)
 
 
 def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
@@ -294,7 +319,9 @@ def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3
             ``dtype=``). Any strides; a non-last ``dim`` is reduced in place (no transpose).
         dim (int): the dimension to normalise. ``None`` keeps torch's deprecated implicit
             choice (0 for 0-, 1- and 3-d inputs, else 1) and its warning.
-        dtype (torch.dtype, optional): cast ``input`` to this dtype first, as torch does.
+        dtype (torch.dtype, optional): cast ``input`` to this dtype first, as torch does;
+            a widening cast (fp16/bf16 to fp32, anything to fp64) is folded into the
+            kernel's read (no copy), and the gradient comes back in ``input``'s dtype.
         temperature (float, keyword-only): divide the logits by ``T > 0`` first (in fp32
             registers, no extra pass); ``T < 1`` sharpens, ``T > 1`` flattens.
 

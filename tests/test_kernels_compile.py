@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
     H100 = GPUTarget("cuda", 90, 32)
     ACC_PTRS = {"SCALARS", "LOSS", "LSE", "DLOSS", "DSCALE"}
 
-    def compile_for_h100(kernel, constexprs, data="bf16"):
+    def compile_for_h100(kernel, constexprs, data="bf16", override=None):
         # Pointers in the data dtype (fp32 side buffers), ints (and float bits) i64.
         acc = "fp64" if constexprs.get("ACC") == tl.float64 else "fp32"
         sig = {}
@@ -51,6 +51,7 @@ SCRIPT = textwrap.dedent("""
                 sig[name] = f"*{acc}" if name in ACC_PTRS else f"*{data}"
             else:
                 sig[name] = "i64"
+        sig.update(override or {})
         cc = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
                             target=H100, options=dict(num_warps=8))
         assert len(cc.asm["cubin"]) > 0
@@ -82,6 +83,12 @@ SCRIPT = textwrap.dedent("""
     attempt("softmax fp64 fwd", lambda: compile_for_h100(
         ksm.softmax_fwd_kernel,
         dict(MODE=0, ACC=tl.float64, BLOCK_R=1, BLOCK_N=512, SINGLE_PASS=False, WIDE=False), data="fp64"))
+    # dtype= wider than the input (bf16 read, fp32 written; the backward the other way)
+    widen = dict(MODE=1, ACC=tl.float32, BLOCK_R=2, BLOCK_N=1024, SINGLE_PASS=False, WIDE=False)
+    attempt("softmax widening fwd", lambda: compile_for_h100(
+        ksm.softmax_fwd_kernel, widen, "bf16", dict(Y="*fp32")))
+    attempt("softmax widening bwd", lambda: compile_for_h100(
+        ksm.softmax_bwd_kernel, widen, "fp32", dict(DX="*bf16")))
     attempt("softmax wide-offsets fwd", lambda: compile_for_h100(
         ksm.softmax_fwd_kernel,
         dict(MODE=1, ACC=tl.float32, BLOCK_R=64, BLOCK_N=64, SINGLE_PASS=False, WIDE=True)))
@@ -110,7 +117,8 @@ def compiled():
 
 @pytest.mark.parametrize("name", [f"{n} {t} {d}" for n in SOFTMAX_CASES for t in ("bf16", "fp32")
                                   for d in ("fwd", "bwd")]
-                         + ["fp32 softmax is precise", "softmax fp64 fwd", "softmax wide-offsets fwd"]
+                         + ["fp32 softmax is precise", "softmax fp64 fwd", "softmax wide-offsets fwd",
+                            "softmax widening fwd", "softmax widening bwd"]
                          + [f"{n} {t}" for n in CE_CASES for t in ("bf16", "fp32")] + ["ce bwd"])
 def test_kernel_compiles_for_sm90(compiled, name):
     assert compiled[name] == "ok", compiled[name]

@@ -836,6 +836,42 @@ def test_opcheck_softmax_fwd(mode, requires_grad, device):
         torch.library.opcheck(op, (x, dim, mode, inv_t))
 
 
+@pytest.mark.parametrize("mode", [0, 1])
+def test_opcheck_widening_out_dtype(mode, device):
+    """softmax_fwd with a wider out_dtype (the dtype= fold) and softmax_bwd with the input's
+    narrower dx_dtype."""
+    x = torch.randn(4, 9, device=device).to(BF16).requires_grad_(True)
+    torch.library.opcheck(torch.ops.fused_softmax.softmax_fwd.default, (x, 1, mode, 0.5, FP32))
+    y = torch.ops.fused_softmax.softmax_fwd.default(x.detach(), 1, mode, 1.0, FP32)
+    assert y.dtype == FP32
+    g = torch.randn(4, 9, device=device)
+    torch.library.opcheck(torch.ops.fused_softmax.softmax_bwd.default, (y, g, None, 1, mode, 1.0, BF16))
+
+
+@pytest.mark.parametrize("src,dst", [(torch.float16, FP32), (BF16, FP32), (FP32, torch.float64),
+                                     (torch.float16, torch.float64)])
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_widening_dtype_reads_the_input_in_place(op, src, dst, device):
+    """``dtype=`` wider than the input (``softmax(scores, dtype=float32)``): equal to
+    torch's cast-then-softmax, values and gradient (in the input's dtype), with one kernel
+    launch and no cast of the input."""
+    gen = torch.Generator().manual_seed(21)
+    x = (torch.randn(5, 40, generator=gen) * 6).to(src).to(device)
+    up = torch.randn(5, 40, generator=gen, dtype=torch.float64).to(dst).to(device)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    before = sum(_backend.launch_counts.values())
+    y = getattr(fs, op)(a, 0, dtype=dst, temperature=0.8)
+    assert sum(_backend.launch_counts.values()) - before == (1 if _backend.use_triton(x) else 0)
+    exp = getattr(torch, op)(b.to(dst) / 0.8, 0)
+    assert y.dtype == dst
+    torch.testing.assert_close(y, exp, rtol=4 * torch.finfo(dst).eps, atol=4 * torch.finfo(dst).eps)
+    y.backward(up)
+    exp.backward(up)
+    assert a.grad.dtype == src
+    tol = 2 * torch.finfo(src).eps  # one rounding into src, plus the interpreter's truncation
+    torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol * b.grad.abs().max().item())
+
+
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_opcheck_softmax_bwd(mode, device):
     op = torch.ops.fused_softmax.softmax_bwd.default

@@ -232,8 +232,9 @@ def _apply(x, dim, mode, inv_t, out_dtype=None):
     return torch.ops.fused_softmax.softmax_fwd(x, dim, mode, inv_t, out_dtype)
 
 
-_WIDER = {torch.float32: (torch.float16, torch.bfloat16),
-          torch.float64: (torch.float16, torch.bfloat16, torch.float32)}
+# fp16/bf16 -> fp64 still casts first: its backward would round fp64 straight to bf16
+# (mishandled by the interpreter) and its fp64 tiles, sized by the 2-byte input, spill.
+_WIDER = {torch.float32: (torch.float16, torch.bfloat16), torch.float64: (torch.float32,)}
 
 
 def _widening(src: torch.dtype, dst: torch.dtype) -> bool:
@@ -320,7 +321,7 @@ def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3
         dim (int): the dimension to normalise. ``None`` keeps torch's deprecated implicit
             choice (0 for 0-, 1- and 3-d inputs, else 1) and its warning.
         dtype (torch.dtype, optional): cast ``input`` to this dtype first, as torch does;
-            a widening cast (fp16/bf16 to fp32, anything to fp64) is folded into the
+            a widening cast (fp16/bf16 to fp32, fp32 to fp64) is folded into the
             kernel's read (no copy), and the gradient comes back in ``input``'s dtype.
         temperature (float, keyword-only): divide the logits by ``T > 0`` first (in fp32
             registers, no extra pass); ``T < 1`` sharpens, ``T > 1`` flattens.

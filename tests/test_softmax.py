@@ -849,12 +849,12 @@ def test_opcheck_widening_out_dtype(mode, device):
 
 
 @pytest.mark.parametrize("src,dst", [(torch.float16, FP32), (BF16, FP32), (FP32, torch.float64),
-                                     (torch.float16, torch.float64)])
+                                     (torch.float16, torch.float64), (BF16, torch.float64)])
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 def test_widening_dtype_reads_the_input_in_place(op, src, dst, device):
     """``dtype=`` wider than the input (``softmax(scores, dtype=float32)``): equal to
     torch's cast-then-softmax, values and gradient (in the input's dtype), with one kernel
-    launch and no cast of the input."""
+    launch (fp16/bf16 -> fp64 casts first, with a torch copy, not a kernel)."""
     gen = torch.Generator().manual_seed(21)
     x = (torch.randn(5, 40, generator=gen) * 6).to(src).to(device)
     up = torch.randn(5, 40, generator=gen, dtype=torch.float64).to(dst).to(device)

@@ -737,7 +737,7 @@ def linear_cross_entropy(
     return loss
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
     """Drop-in for torch 2.13's :class:`torch.nn.LinearCrossEntropyLoss`, backed by
     :func:`fused_softmax.linear_cross_entropy`.
 
@@ -770,12 +770,10 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         if label_smoothing < 0 or label_smoothing > 1.0:
             raise RuntimeError(
                 f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
-        super().__init__()
-        self.register_buffer("weight", weight)
+        super().__init__(weight, None, None, reduction)  # the `weight` buffer, as torch's
         self.num_classes = num_classes
         self.out_features = out_features  # as given (torch keeps a list a list)
         self.options = options
-        self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.logit_scale = logit_scale
@@ -787,6 +785,10 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                       bias=bias, device=device, dtype=dtype)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._fused(input, target)
+
+    @torch.jit.ignore
+    def _fused(self, input, target):  # left to Python by torch.jit.script, as the other modules
         shape = (self.num_classes, *self.out_features)
         bias = self.linear.bias.reshape(shape) if self.linear.bias is not None else None
         return linear_cross_entropy(

@@ -743,3 +743,13 @@ def test_cuda_peak_extra_memory(device):
     extra = torch.cuda.max_memory_allocated() - base - grads
     budget = (64 << 20) + 4 * x.numel() + (8 << 20)
     assert extra <= budget, f"peak extra {extra / 2**20:.0f} MiB > {budget / 2**20:.0f} MiB"
+
+
+def test_module_is_a_weighted_loss_and_scripts(device):
+    """As torch's module: a ``_WeightedLoss`` (hence a ``_Loss``); torch.jit.script takes it
+    (the kernels left to Python) and gives the eager result."""
+    m = LinearCrossEntropyLoss(8, 5, bias=True, weight=torch.rand(5) + 0.5).to(device)
+    assert isinstance(m, torch.nn.modules.loss._WeightedLoss)
+    x = torch.randn(3, 8, device=device)
+    t = torch.tensor([0, 1, 4], device=device)
+    torch.testing.assert_close(torch.jit.script(m)(x, t), m(x, t))

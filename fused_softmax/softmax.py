@@ -361,6 +361,8 @@ def _logsumexp_out(input, dim, keepdim, out):
     float dtype, then resized (with torch's warning for a non-empty ``out``) and copied."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"logsumexp(): argument 'out' must be Tensor, not {type(out).__name__}")
+    if input.is_complex() or out.is_complex():  # complex: torch's own kernel and casts
+        return torch.logsumexp(input, dim, keepdim, out=out)
     if not (out.is_floating_point() or out.is_complex()):
         raise RuntimeError("Expected floating point type for result tensor, but got "
                            f"{out.dtype}")

@@ -729,3 +729,16 @@ def test_vocab_parallel_follows_autocast_and_elementwise_mean(device):
     with pytest.warns(UserWarning, match="elementwise_mean"):
         got = vpce(z.float(), t, reduction="elementwise_mean")
     torch.testing.assert_close(got, F.cross_entropy(z.float(), t))
+
+
+def test_logsumexp_complex_with_out_like_torch(device):
+    """Complex input or out: torch's own kernel and casts (a real out of complex input holds
+    log(Re(sum(exp z))), NaN where that real part is negative)."""
+    z = torch.randn(6, 4, dtype=torch.complex64, generator=torch.Generator().manual_seed(3)).to(device)
+    ours, theirs = torch.empty(6, device=device), torch.empty(6, device=device)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "Casting complex values to real"
+        fs.logsumexp(z, 1, out=ours)
+        torch.logsumexp(z, 1, out=theirs)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)

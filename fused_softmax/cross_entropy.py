@@ -315,7 +315,8 @@ def _differentiable_backward(ctx, dscale):
         # in fp16, and fp16 formulas lose accuracy; the casts carry the gradients back.
         acc = acc_dtype(x.dtype)
         w_acc = weight.to(acc) if weight is not None else None
-        rows = _loss_rows(x.to(acc), target, w_acc, ctx.args)
+        t_acc = target.to(acc) if target.is_floating_point() else target  # smoothed in acc
+        rows = _loss_rows(x.to(acc), t_acc, w_acc, ctx.args)
         total = (rows * (dscale * scalars[0]).to(acc)).sum()
         grads = torch.autograd.grad(total, [t for _, t in wanted], create_graph=True,
                                     allow_unused=True)
@@ -669,6 +670,8 @@ def cross_entropy(
     if x.stride(-1) != 1:
         x = x.contiguous()
     t = t.contiguous()
+    if inplace_backward and torch._debug_has_internal_overlap(x) != 0:
+        inplace_backward = False  # rows sharing memory (an expanded row): no place to write
 
     denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc,
                                         label_smoothing)

@@ -1478,3 +1478,16 @@ def test_subnormal_float_argument(device):
     t = torch.tensor([0, 1, 2], device=device)
     torch.testing.assert_close(ce(x, t, label_smoothing=1.5e-314), F.cross_entropy(x, t))
     torch.testing.assert_close(ce(x, t, z_loss=1.5e-314), F.cross_entropy(x, t))
+
+
+def test_inplace_backward_on_overlapping_logits(device):
+    """One row broadcast over the batch (stride 0): the rows share memory, so the gradient
+    is not written over them (each row's would overwrite the others')."""
+    b = torch.randn(1, 37, device=device, requires_grad=True)
+    t = torch.tensor([3, 0, 36, 5], device=device)
+    for dtype in (torch.float32, torch.float16):
+        bl = b.detach().to(dtype).requires_grad_(True)
+        ce(bl.expand(4, 37), t, inplace_backward=True).backward()
+        br = b.detach().to(dtype).requires_grad_(True)
+        F.cross_entropy(br.expand(4, 37).double(), t).backward()
+        torch.testing.assert_close(bl.grad.float(), br.grad.float(), rtol=2e-3, atol=2e-4)

@@ -94,10 +94,19 @@ def autocast_fp32_active(fn: str, device_type: str) -> bool:
     return device_type in _AUTOCAST_FP32[fn] and torch.is_autocast_enabled(device_type)
 
 
+LOW_FLOATS = (torch.float16, torch.bfloat16)
+
+
 def autocast_to_fp32(fn: str, t: torch.Tensor) -> bool:
     """True when, under the autocast now active, torch's ``fn`` would compute the fp16 /
     bf16 tensor ``t`` in fp32 (and return fp32)."""
-    return t.dtype in (torch.float16, torch.bfloat16) and autocast_fp32_active(fn, t.device.type)
+    return t.dtype in LOW_FLOATS and autocast_fp32_active(fn, t.device.type)
+
+
+def fp32_if_low(t):
+    """Autocast's cast of an operand: an fp16 / bf16 tensor to fp32; anything else (None,
+    integers, fp32, fp64) as it is."""
+    return t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_FLOATS else t
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from . import _backend
-from ._backend import (acc_dtype, as_index, autocast_fp32_active, check_float, float_bits,
-                       is_finite, needs_torch_ops, use_triton)
+from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
+                       float_bits, fp32_if_low, is_finite, needs_torch_ops, use_triton)
 
 if _backend.HAS_TRITON:
     import triton
@@ -407,23 +407,27 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- public API
-def mean_of(loss: torch.Tensor, denom: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """``sum(loss) / denom`` as torch forms it when ``denom`` is 0. Without label smoothing
+def _over_denominator(num, denom: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """``num / denom`` as torch forms a mean when ``denom`` is 0. Without label smoothing
     that is the plain quotient: 0 / 0 = NaN for a batch with every target ignored or of
     weight 0, +-inf when mixed-sign class weights cancel. With smoothing torch divides the
     target and smoothing sums separately; with non-negative weights the target sum is then
-    0 (NaN), so the mean is NaN although the smoothing made ``sum(loss)`` non-zero."""
-    total = loss.sum() / denom
-    return torch.where(denom == 0, math.nan, total) if smoothing > 0 else total
+    0 (NaN), so the mean is NaN although the smoothing made the sum non-zero, and so is
+    its gradient everywhere."""
+    q = num / denom
+    return torch.where(denom == 0, math.nan, q) if smoothing > 0 else q
+
+
+def mean_of(loss: torch.Tensor, denom: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """The mean reduction: ``sum(loss) / denom`` (see ``_over_denominator``)."""
+    return _over_denominator(loss.sum(), denom, smoothing)
 
 
 def grad_scale_of(denom: torch.Tensor, reduction: str, smoothing: float) -> torch.Tensor:
-    """The gradient's scale: ``1 / denom`` for a mean (``+-inf`` at 0, as torch's quotient),
-    NaN at 0 with label smoothing (torch's gradient is then NaN everywhere), else 1."""
+    """The gradient's scale: ``1 / denom`` for a mean (see ``_over_denominator``), else 1."""
     if reduction != "mean":
         return torch.ones((), dtype=denom.dtype, device=denom.device)
-    scale = 1.0 / denom
-    return torch.where(denom == 0, math.nan, scale) if smoothing > 0 else scale
+    return _over_denominator(1.0, denom, smoothing)
 
 
 def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc, smoothing):
@@ -458,13 +462,18 @@ def check_ignore_index(ignore_index, fn: str = "cross_entropy") -> int:
     return index
 
 
+def reduction_name(reduction):
+    """torch's deprecated alias ``'elementwise_mean'`` as ``'mean'``, with torch's warning;
+    any other value as it is (checked later, in torch's order)."""
+    if reduction == "elementwise_mean":
+        return _REDUCTIONS[torch.nn._reduction.get_enum(reduction)]
+    return reduction
+
+
 def smoothing_value(label_smoothing) -> float:
     """The smoothing applied: torch applies it only when ``> 0`` (a negative value or NaN
     is no smoothing)."""
     return float(label_smoothing) if label_smoothing > 0 else 0.0
-
-
-_LOW = (torch.float16, torch.bfloat16)
 
 
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
@@ -622,15 +631,13 @@ def cross_entropy(
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-    if reduction == "elementwise_mean":  # torch's deprecated alias: its warning, then 'mean'
-        reduction = _REDUCTIONS[torch.nn._reduction.get_enum(reduction)]
+    reduction = reduction_name(reduction)
     input_dtype = None
     if isinstance(input, torch.Tensor) and autocast_fp32_active("cross_entropy", input.device.type):
         # torch casts fp16 / bf16 operands to fp32 under autocast; the kernel computes in fp32
         # already, so the logits are not copied: only the loss comes back in fp32.
-        weight, target = (t.float() if isinstance(t, torch.Tensor) and t.dtype in _LOW else t
-                          for t in (weight, target))
-        input_dtype = torch.float32 if input.dtype in _LOW else None
+        weight, target = fp32_if_low(weight), fp32_if_low(target)
+        input_dtype = torch.float32 if input.dtype in LOW_FLOATS else None
     C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
                                  label_smoothing, logit_scale, softcap, input_dtype)
     ignore_index = as_index(ignore_index)

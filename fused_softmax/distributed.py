@@ -31,10 +31,11 @@ import torch
 import torch.distributed as dist
 
 from . import _backend
-from ._backend import (acc_dtype, as_index, autocast_fp32_active, check_float, float_bits,
-                       is_finite, use_triton)
+from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
+                       float_bits, fp32_if_low, is_finite, use_triton)
 from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _scaled_logits, _target_dtype_error,
-                            _type_name, check_ignore_index, grad_scale_of, mean_of, smoothing_value)
+                            _type_name, check_ignore_index, grad_scale_of, mean_of, reduction_name,
+                            smoothing_value)
 
 if _backend.HAS_TRITON:
     from .cross_entropy import _block_and_grid
@@ -455,15 +456,13 @@ def vocab_parallel_cross_entropy(
         >>> loss.backward()                              # d loss / d local, no communication
     """
     rank, world = _rank_and_world(group)
-    if reduction == "elementwise_mean":  # torch's deprecated alias: its warning, then 'mean'
-        reduction = _REDUCTIONS[torch.nn._reduction.get_enum(reduction)]
+    reduction = reduction_name(reduction)
     input_dtype = None
     if isinstance(local_logits, torch.Tensor) and autocast_fp32_active("cross_entropy",
                                                                        local_logits.device.type):
         # as cross_entropy under autocast: fp32 loss, fp16 / bf16 class weight cast to fp32
-        if weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
-            weight = weight.float()
-        if local_logits.dtype in (torch.float16, torch.bfloat16):
+        weight = fp32_if_low(weight)
+        if local_logits.dtype in LOW_FLOATS:
             input_dtype = torch.float32
     C = _check_args(local_logits, target, weight, vocab_start_index, ignore_index, reduction,
                     label_smoothing, logit_scale, z_loss, world, input_dtype)

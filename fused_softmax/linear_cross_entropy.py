@@ -78,7 +78,7 @@ from typing import Optional
 import torch
 
 from . import distributed as _vp
-from ._backend import acc_dtype, check_float, needs_torch_ops, use_triton
+from ._backend import acc_dtype, check_float, fp32_if_low, needs_torch_ops, use_triton
 from .cross_entropy import (_check_args, _kernel_operands, _prob_target_grads,
                             _reduction_scalars, check_ignore_index, check_targets_on_cpu,
                             cross_entropy, mean_of, smoothing_value)
@@ -672,8 +672,7 @@ def linear_cross_entropy(
         input, linear_weight = input.to(low), linear_weight.to(low)
         linear_bias = linear_bias.to(low) if linear_bias is not None else None
         # and cross_entropy casts its fp16 / bf16 class weight and probabilities to fp32
-        weight, target = (t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16)
-                          else t for t in (weight, target))
+        weight, target = fp32_if_low(weight), fp32_if_low(target)
     ce_dtype = torch.float32 if autocast else input.dtype
 
     # cross_entropy's own checks, on (rows, C, d...)-shaped stand-ins of the logits/target.

@@ -285,8 +285,9 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     # dtype= casts first, as torch; a widening cast (fp16 -> fp32: the usual
     # softmax(scores, dtype=float32), and autocast) is folded into the kernel's read, as
     # torch's half_to_float: no fp32 copy of the input.
+    torch_ops = needs_torch_ops(input)  # torch.func transforms, forward-mode AD, DTensor, ...
     out_dtype = None
-    if dtype is not None and _widening(input.dtype, dtype) and not needs_torch_ops(input):
+    if dtype is not None and _widening(input.dtype, dtype) and not torch_ops:
         out_dtype = dtype
     elif dtype is not None:
         input = input.to(dtype)
@@ -295,7 +296,7 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
     dim = wrap_dim(dim, input.dim())
     inv_t = _inv_temperature(temperature)
-    if needs_torch_ops(input):  # torch.func transforms, forward-mode AD, DTensor, ...
+    if torch_ops:
         torch_fn = torch.softmax if mode == SOFTMAX else torch.log_softmax
         if inv_t == 1.0:
             return torch_fn(input, dim)
@@ -363,7 +364,7 @@ def _logsumexp_out(input, dim, keepdim, out):
         raise TypeError(f"logsumexp(): argument 'out' must be Tensor, not {type(out).__name__}")
     if input.is_complex() or out.is_complex():  # complex: torch's own kernel and casts
         return torch.logsumexp(input, dim, keepdim, out=out)
-    if not (out.is_floating_point() or out.is_complex()):
+    if not out.is_floating_point():
         raise RuntimeError("Expected floating point type for result tensor, but got "
                            f"{out.dtype}")
     if out.device != input.device:

@@ -85,14 +85,17 @@ def _launch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     return loss, lse
 
 
-def _launch_bwd(grad: torch.Tensor, dloss: torch.Tensor) -> None:
+def _launch_bwd(grad: torch.Tensor, dloss: torch.Tensor, target=None,
+                nonfinite_row: bool = False) -> None:
     n_rows, C = grad.shape
     if grad.numel() == 0:
         return
     block_n, num_warps, grid = _block_and_grid(grad, C, n_rows, grad=False)
     _backend.launch(
         _k.cross_entropy_bwd_kernel, grid,
-        grad, dloss, n_rows, C, grad.stride(0), dloss.stride(0) if dloss.dim() else 0,
+        grad, dloss, target if target is not None else dloss,
+        n_rows, C, grad.stride(0), dloss.stride(0) if dloss.dim() else 0,
+        NONFINITE_ROW=nonfinite_row, HAS_TARGET=target is not None,
         ACC=_tl_acc(grad.dtype), BLOCK_N=block_n, num_warps=num_warps,
     )
 
@@ -213,18 +216,28 @@ def _(x, target, weight, scalars, ignore_index, label_smoothing, logit_scale, so
 
 
 @torch.library.custom_op("fused_softmax::cross_entropy_bwd_", mutates_args=("grad",))
-def cross_entropy_bwd_(grad: torch.Tensor, dloss: torch.Tensor) -> None:
-    """``grad *= dloss`` row-wise in place (``dloss`` a scalar or one value per row)."""
+def cross_entropy_bwd_(grad: torch.Tensor, dloss: torch.Tensor, target: Optional[torch.Tensor] = None,
+                       nonfinite_row: bool = False) -> None:
+    """``grad *= dloss`` row-wise in place (``dloss`` a scalar or one value per row). Where
+    ``dloss`` is inf or NaN, torch's NaN: at ``target[row]`` (class indices) if given, or
+    across the row if ``nonfinite_row`` (label smoothing, probability targets)."""
     if use_triton(grad):
-        _launch_bwd(grad, dloss)
-    else:
-        # in fp32, as the kernel: a grad_output of 65536 (GradScaler's) is inf in fp16
-        scale = (dloss[:, None] if dloss.dim() else dloss).to(acc_dtype(grad.dtype))
-        grad.copy_(grad.to(scale.dtype) * scale)
+        _launch_bwd(grad, dloss, target, nonfinite_row)
+        return
+    # in fp32, as the kernel: a grad_output of 65536 (GradScaler's) is inf in fp16
+    scale = (dloss[:, None] if dloss.dim() else dloss).to(acc_dtype(grad.dtype))
+    scaled = grad.to(scale.dtype) * scale
+    if nonfinite_row or target is not None:
+        nan_at = ~torch.isfinite(scale).expand(grad.shape)
+        if not nonfinite_row:
+            cols = torch.arange(grad.shape[1], device=grad.device)
+            nan_at = nan_at & (cols == target.reshape(-1, 1))
+        scaled = scaled.masked_fill(nan_at, math.nan)
+    grad.copy_(scaled)
 
 
 @cross_entropy_bwd_.register_fake
-def _(grad, dloss):
+def _(grad, dloss, target=None, nonfinite_row=False):
     return None
 
 
@@ -326,6 +339,15 @@ def _differentiable_backward(ctx, dscale):
     return tuple(out)
 
 
+def _rescale(ctx, grad_x, dscale):
+    """The forward's gradient times ``grad_output``, with torch's NaN for a non-finite one."""
+    target = ctx.saved_tensors[1]
+    prob_target, smoothing = ctx.args[-1], ctx.args[1]
+    whole_row = prob_target or smoothing > 0
+    torch.ops.fused_softmax.cross_entropy_bwd_(grad_x, dscale, None if whole_row else target,
+                                               whole_row)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Fused forward (loss + gradient), backward = in-place rescale of that gradient; for
     fp16 logits the backward forms the gradient instead (see ``deferred``)."""
@@ -364,7 +386,9 @@ class CrossEntropyFunction(torch.autograd.Function):
             ctx.fused_grad = grad if compute_grad and not deferred else None
             ctx.deferred, ctx.args = deferred, args
             ctx.inplace, ctx.inplace_later = inplace and not deferred, inplace and deferred
-            ctx.save_for_backward(*(() if ctx.inplace else (x, target, weight, scalars, lse)))
+            # (the target too when the logits were overwritten: a non-finite grad_output's NaN)
+            ctx.save_for_backward(*((None, target, None, None, None) if ctx.inplace
+                                    else (x, target, weight, scalars, lse)))
         return loss, lse
 
     @staticmethod
@@ -394,9 +418,9 @@ class CrossEntropyFunction(torch.autograd.Function):
                 else:  # a later backward (retain_graph, gradcheck): as the first, bit for bit
                     grad_x = torch.ops.fused_softmax.cross_entropy_fwd(
                         x, target, weight, scalars, *ctx.args, True)[2]
-                    torch.ops.fused_softmax.cross_entropy_bwd_(grad_x, dscale)
+                    _rescale(ctx, grad_x, dscale)
             else:
-                torch.ops.fused_softmax.cross_entropy_bwd_(grad_x, dscale)
+                _rescale(ctx, grad_x, dscale)
         grad_weight = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             x, target, weight, scalars, lse = ctx.saved_tensors

@@ -217,19 +217,33 @@ def cross_entropy_fwd_kernel(
 
 
 @triton.jit
-def cross_entropy_bwd_kernel(GRAD, DLOSS, n_rows, C, sg, sd, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+def cross_entropy_bwd_kernel(GRAD, DLOSS, TARGET, n_rows, C, sg, sd, NONFINITE_ROW: tl.constexpr,
+                             HAS_TARGET: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scale each row of the forward's gradient by ``grad_output`` in place.
 
     ``sd`` is 0 for a scalar ``grad_output`` (mean / sum). A row whose scale is exactly 1
     (``loss.backward()``) is skipped on the device: a launch, not a pass over HBM.
+
+    A non-finite ``grad_output`` (inf, NaN) gives NaN where torch's backward through
+    ``log_softmax`` forms ``inf - inf``: at the row's target (``HAS_TARGET``: class-index
+    targets), or across the row (``NONFINITE_ROW``: label smoothing, probability targets).
+    Ignored rows arrive with a scale of 0.
     """
     cols = tl.arange(0, BLOCK_N)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         r = tl.cast(row, tl.int64)
         g = tl.load(DLOSS + r * sd).to(ACC)
         if g != 1.0:
+            nonfinite = (tl.abs(g) == float("inf")) | (g != g)
+            t_nan = -1  # the column made NaN (none: -1)
+            if HAS_TARGET:
+                t_nan = tl.where(nonfinite, tl.load(TARGET + r).to(tl.int64), -1)
             for start in range(0, C, BLOCK_N):
                 c = start + cols
                 mask = c < C
-                v = tl.load(GRAD + r * sg + c, mask=mask, other=0.0)
-                tl.store(GRAD + r * sg + c, (v.to(ACC) * g).to(GRAD.dtype.element_ty), mask=mask)
+                v = tl.load(GRAD + r * sg + c, mask=mask, other=0.0).to(ACC) * g
+                if NONFINITE_ROW:
+                    v = tl.where(nonfinite, float("nan"), v)
+                elif HAS_TARGET:
+                    v = tl.where(c == t_nan, float("nan"), v)
+                tl.store(GRAD + r * sg + c, v.to(GRAD.dtype.element_ty), mask=mask)

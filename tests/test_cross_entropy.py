@@ -533,6 +533,44 @@ def test_inf_rows_nan_pattern_like_torch(smoothing, device):
         assert torch.equal(got.isnan(), exp.isnan()) and torch.equal(got.isinf(), exp.isinf())
 
 
+def same_nonfinite(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same NaN entries and same signed infinities."""
+    return (torch.equal(a.isnan(), b.isnan()) and torch.equal(a == math.inf, b == math.inf)
+            and torch.equal(a == -math.inf, b == -math.inf))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["index", "smoothing", "prob", "inplace"])
+def test_nonfinite_grad_output_nan_pattern_like_torch(dtype, mode, device):
+    """grad_output of inf / -inf / NaN: torch's log_softmax backward forms inf - inf at the
+    target (NaN), or across the row with label smoothing or probability targets; ignored
+    rows stay 0. The fused gradient (formed in the forward, rescaled in the backward; for
+    fp16 formed in the backward) has the same NaN / inf entries."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 6, generator=gen) * 3).to(dtype)
+    x[0, 1] = -math.inf          # p = 0 off the target: 0 * inf
+    x[1, 2] = -200.0             # p underflows at the target
+    if mode == "prob":
+        t = torch.softmax(torch.randn(4, 6, generator=gen), -1).to(dtype)
+        t[0, 3] = 0.0
+    else:
+        t = torch.tensor([0, 2, -100, 5])
+    smoothing = 0.2 if mode == "smoothing" else 0.0
+    x, t = x.to(device), t.to(device)
+    for reduction, g in itertools.product(("none", "mean"), (math.inf, -math.inf, math.nan)):
+        grads = []
+        for fn in (F.cross_entropy, ce):
+            leaf = x.clone().requires_grad_()
+            kw = dict(inplace_backward=True) if fn is ce and mode == "inplace" else {}
+            loss = fn(leaf.clone() if kw else leaf, t, reduction=reduction,
+                      label_smoothing=smoothing, **kw)
+            loss.backward(torch.full_like(loss, g))
+            grads.append(leaf.grad)
+        assert same_nonfinite(grads[1], grads[0]), (reduction, g, grads)
+        if mode != "prob":
+            assert torch.equal(grads[1][2], torch.zeros_like(grads[1][2]))  # ignored row
+
+
 # --------------------------------------------------------------------------- extras
 def composed_ref(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                  logit_scale=1.0, softcap=None, z_loss=0.0, return_lse=False):
@@ -1222,6 +1260,17 @@ def test_opcheck_bwd(dloss_shape, device):
     ones = torch.ones(4, device=device)  # the device-side skip of rows scaled by exactly 1
     torch.ops.fused_softmax.cross_entropy_bwd_.default(grad, ones)
     torch.testing.assert_close(grad, g0 * (dloss[:, None] if dloss.dim() else dloss))
+    target = torch.tensor([1, 0, 9, 3], device=device)
+    for whole_row in (False, True):  # a non-finite grad_output: NaN at the target / the row
+        torch.library.opcheck(torch.ops.fused_softmax.cross_entropy_bwd_.default,
+                              (grad.clone(), dloss, None if whole_row else target, whole_row))
+        g1 = g0.clone()
+        inf = torch.full_like(ones, math.inf)
+        torch.ops.fused_softmax.cross_entropy_bwd_.default(g1, inf, None if whole_row else target,
+                                                           whole_row)
+        nan_at = torch.ones_like(g1, dtype=torch.bool) if whole_row else \
+            torch.arange(10, device=device) == target[:, None]
+        assert torch.equal(g1.isnan(), nan_at | (g0 == 0))
 
 
 COMPILE_CASES = [

@@ -26,6 +26,7 @@ CE_CASES = {
     "ce prob plain grad": (True, False, True),
     "ce prob all-features grad": (True, True, True),
 }
+CE_BWD_CASES = [(False, False), (False, True), (True, False)]  # (NONFINITE_ROW, HAS_TARGET)
 
 SCRIPT = textwrap.dedent("""
     import importlib, json, sys
@@ -57,7 +58,7 @@ SCRIPT = textwrap.dedent("""
         assert len(cc.asm["cubin"]) > 0
         return cc
 
-    softmax_cases, ce_cases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    softmax_cases, ce_cases, ce_bwd_cases = (json.loads(a) for a in sys.argv[1:4])
     out = {}
     def attempt(name, fn):
         try:
@@ -98,8 +99,10 @@ SCRIPT = textwrap.dedent("""
                      ACC=tl.float32, BLOCK_N=4096)
         for data in ("bf16", "fp32"):
             attempt(f"{name} {data}", lambda: compile_for_h100(kce.cross_entropy_fwd_kernel, const, data))
-    attempt("ce bwd", lambda: compile_for_h100(
-        kce.cross_entropy_bwd_kernel, dict(ACC=tl.float32, BLOCK_N=4096)))
+    for row, tgt in ce_bwd_cases:
+        attempt(f"ce bwd row={row} target={tgt}", lambda: compile_for_h100(
+            kce.cross_entropy_bwd_kernel,
+            dict(NONFINITE_ROW=row, HAS_TARGET=tgt, ACC=tl.float32, BLOCK_N=4096)))
     print(json.dumps(out))
 """)
 
@@ -108,7 +111,8 @@ SCRIPT = textwrap.dedent("""
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(SOFTMAX_CASES), json.dumps(CE_CASES)],
+        [sys.executable, "-c", SCRIPT, json.dumps(SOFTMAX_CASES), json.dumps(CE_CASES),
+         json.dumps(CE_BWD_CASES)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -119,6 +123,7 @@ def compiled():
                                   for d in ("fwd", "bwd")]
                          + ["fp32 softmax is precise", "softmax fp64 fwd", "softmax wide-offsets fwd",
                             "softmax widening fwd", "softmax widening bwd"]
-                         + [f"{n} {t}" for n in CE_CASES for t in ("bf16", "fp32")] + ["ce bwd"])
+                         + [f"{n} {t}" for n in CE_CASES for t in ("bf16", "fp32")]
+                         + [f"ce bwd row={r} target={t}" for r, t in CE_BWD_CASES])
 def test_kernel_compiles_for_sm90(compiled, name):
     assert compiled[name] == "ok", compiled[name]

@@ -32,7 +32,7 @@ gradient are NaN, so the failure is loud without a host synchronisation.
 import triton
 import triton.language as tl
 
-from .softmax import div_, exp_, finite_or_zero, float_arg, log_, rescale_factor
+from .softmax import div_, exp_, finite_or_zero, float_arg, log_, out_cast, rescale_factor
 
 
 @triton.jit
@@ -212,7 +212,7 @@ def cross_entropy_fwd_kernel(
                 dz = dz * dzdx
                 if not PROB_TARGET:  # after dzdx: softcap's sech^2 of a NaN logit is NaN
                     dz = tl.where(ignored, 0.0, tl.where(in_range, dz, float("nan")))
-                tl.store(GRAD + r * sg + c, dz.to(GRAD.dtype.element_ty), mask=mask,
+                tl.store(GRAD + r * sg + c, out_cast(dz, GRAD), mask=mask,
                          eviction_policy="evict_first")
 
 
@@ -246,4 +246,4 @@ def cross_entropy_bwd_kernel(GRAD, DLOSS, TARGET, n_rows, C, sg, sd, NONFINITE_R
                     v = tl.where(nonfinite, float("nan"), v)
                 elif HAS_TARGET:
                     v = tl.where(c == t_nan, float("nan"), v)
-                tl.store(GRAD + r * sg + c, v.to(GRAD.dtype.element_ty), mask=mask)
+                tl.store(GRAD + r * sg + c, out_cast(v, GRAD), mask=mask)

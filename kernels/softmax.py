@@ -39,8 +39,25 @@ LOG_SOFTMAX = tl.constexpr(1)
 LOGSUMEXP = tl.constexpr(2)
 
 
-#: libdevice exists only in compiled kernels; Triton's interpreter (numpy) is exact anyway.
-LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+#: Triton's interpreter (numpy) runs the kernels.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+#: libdevice exists only in compiled kernels; the interpreter's numpy is exact anyway.
+LIBDEVICE = tl.constexpr(not INTERPRETED)
+
+
+@triton.jit
+def out_cast(v, PTR):
+    """``v`` in ``PTR``'s element type, rounded to nearest even, for a store. Compiled
+    kernels cast directly (``cvt.rn``). Triton's interpreter truncates fp32 -> bf16 (half
+    of all bf16 results 1 ulp toward zero: twice torch's error) and flushes bf16
+    subnormals, so there the fp32 bits are rounded to their upper half, which is the bf16
+    value: the same result as the GPU's."""
+    if INTERPRETED and PTR.dtype.element_ty == tl.bfloat16:
+        b = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        nan = (b & 0x7FFFFFFF) > 0x7F800000
+        b = tl.where(nan, 0x7FC00000, b + 0x7FFF + ((b >> 16) & 1))  # carries: up to inf
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return v.to(PTR.dtype.element_ty)
 
 
 @triton.jit
@@ -165,7 +182,7 @@ def softmax_fwd_kernel(
             s = tl.sum(s_vec, 1)
 
         if MODE == LOGSUMEXP:
-            tl.store(Y + p, (shift + log_(s, PRECISE)).to(Y.dtype.element_ty), mask=pmask)
+            tl.store(Y + p, out_cast(shift + log_(s, PRECISE), Y), mask=pmask)
         else:
             # torch: a +inf in the row makes the whole softmax row NaN (inf - inf).
             s = tl.where(m == float("inf"), float("nan"), s)
@@ -176,7 +193,7 @@ def softmax_fwd_kernel(
                     y = div_(e, s[:, None], PRECISE)
                 else:
                     y = (x - shift[:, None]) - log_s[:, None]
-                tl.store(yrow + cols[None, :] * syn, y.to(Y.dtype.element_ty), mask=mask)
+                tl.store(yrow + cols[None, :] * syn, out_cast(y, Y), mask=mask)
             else:
                 for start in range(0, N, BLOCK_N):
                     c = start + cols
@@ -188,7 +205,7 @@ def softmax_fwd_kernel(
                         y = div_(exp_(x - shift[:, None], PRECISE), s[:, None], PRECISE)
                     else:
                         y = (x - shift[:, None]) - log_s[:, None]
-                    tl.store(yrow + c[None, :] * syn, y.to(Y.dtype.element_ty), mask=mask,
+                    tl.store(yrow + c[None, :] * syn, out_cast(y, Y), mask=mask,
                              eviction_policy="evict_first")
 
 
@@ -226,7 +243,7 @@ def softmax_bwd_kernel(
                 mask = pmask[:, None] & (c < N)[None, :]
                 x = tl.load(srow + c[None, :] * ssn, mask=mask, other=0.0).to(ACC)
                 dx = (dy * inv_temperature)[:, None] * exp_(x * inv_temperature - lse[:, None], PRECISE)
-                tl.store(dxrow + c[None, :] * sgn, dx.to(DX.dtype.element_ty), mask=mask)
+                tl.store(dxrow + c[None, :] * sgn, out_cast(dx, DX), mask=mask)
         else:
             if SINGLE_PASS:
                 mask = pmask[:, None] & (cols < N)[None, :]
@@ -238,7 +255,7 @@ def softmax_bwd_kernel(
                 else:
                     dx = dy - exp_(y, PRECISE) * tl.sum(dy, 1)[:, None]
                 dx = dx * inv_temperature
-                tl.store(dxrow + cols[None, :] * sgn, dx.to(DX.dtype.element_ty), mask=mask)
+                tl.store(dxrow + cols[None, :] * sgn, out_cast(dx, DX), mask=mask)
             else:
                 acc = tl.zeros([BLOCK_R, BLOCK_N], ACC)
                 for start in range(0, N, BLOCK_N):
@@ -265,5 +282,5 @@ def softmax_bwd_kernel(
                     else:
                         dx = dy - exp_(y, PRECISE) * red[:, None]
                     dx = dx * inv_temperature
-                    tl.store(dxrow + c[None, :] * sgn, dx.to(DX.dtype.element_ty), mask=mask,
+                    tl.store(dxrow + c[None, :] * sgn, out_cast(dx, DX), mask=mask,
                              eviction_policy="evict_first")

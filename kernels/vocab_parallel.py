@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import linear_sum_update, scaled_logits, sech2, tanh
-from .softmax import exp_, finite_or_zero, float_arg, rescale_factor
+from .softmax import exp_, finite_or_zero, float_arg, out_cast, rescale_factor
 
 
 @triton.jit(do_not_specialize=["scale_bits", "softcap_bits"])
@@ -129,4 +129,4 @@ def vocab_parallel_bwd_kernel(
                     dx -= c_w
             if HAS_SOFTCAP:  # an ignored row (a == 0) stays 0 even where sech^2 is NaN
                 dx = tl.where(a == 0.0, 0.0, dx * sech2(u, PRECISE))
-            tl.store(GRAD + r * sg + c, dx.to(GRAD.dtype.element_ty), mask=mask)
+            tl.store(GRAD + r * sg + c, out_cast(dx, GRAD), mask=mask)

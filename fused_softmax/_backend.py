@@ -169,8 +169,8 @@ def _foreign_subclass(t: torch.Tensor) -> bool:
 
 def needs_torch_ops(*tensors) -> bool:
     """True for inputs of ``torch.func`` transforms (``grad``, ``vmap``, ``jvp``,
-    ``jacfwd``, ...), forward-mode AD dual tensors and tensor subclasses with their own
-    dispatch (DTensor, nested tensors). The custom ops define reverse-mode
+    ``jacfwd``, ...), forward-mode AD dual tensors, tensor subclasses with their own
+    dispatch (DTensor, nested tensors) and sparse layouts. The custom ops define reverse-mode
     autograd only (no batching or forward-AD rule, where torch would silently give a zero
     tangent), so such calls go through torch's own ops: same semantics, every transform."""
     if torch.compiler.is_compiling():
@@ -178,7 +178,7 @@ def needs_torch_ops(*tensors) -> bool:
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
-        if _foreign_subclass(t):
+        if _foreign_subclass(t) or t.layout != torch.strided:  # DTensor, sparse, ...
             return True
         if torch._C._functorch.is_functorch_wrapped_tensor(t):
             return True

@@ -39,7 +39,7 @@ _patched = False
 def _kernels_serve(*tensors) -> bool:
     """True when every tensor (``None`` skipped) can go to the fused kernels unchanged."""
     present = tuple(t for t in tensors if t is not None)
-    if getattr(_state, "inside", False) or has_torch_function(present):
+    if not present or getattr(_state, "inside", False) or has_torch_function(present):
         return False
     for t in present:
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_nested:

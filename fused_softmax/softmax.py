@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _backend
-from ._backend import (acc_dtype, autocast_to_fp32, check_float, float_bits, is_finite,
-                       needs_torch_ops, use_triton, wrap_dim)
+from ._backend import (FLOAT_DTYPES, acc_dtype, autocast_to_fp32, check_float, float_bits,
+                       is_finite, needs_torch_ops, use_triton, wrap_dim)
 
 if _backend.HAS_TRITON:
     import triton
@@ -268,20 +268,30 @@ def _inv_temperature(temperature) -> float:
 
 _PYTHON_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool,
                   complex: torch.complex128}
+_INTEGRAL = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
 def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     name = _NAMES[mode]
     if not isinstance(input, torch.Tensor):  # torch calls input.softmax(...): AttributeError
-        raise AttributeError(f"'{type(input).__name__}' object has no attribute '{name}' "
-                             f"({name}() takes a Tensor)")
+        raise AttributeError(f"'{type(input).__name__}' object has no attribute '{name}'")
+    if dim is None:  # torch warns first, whatever is wrong with the rest
+        dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
+    requested = dtype
     dtype = _PYTHON_DTYPES.get(dtype, dtype)  # torch takes dtype=float (fp64), int, ...
     if dtype is None and autocast_to_fp32(name, input):  # torch: dtype=float32 under autocast
         dtype = torch.float32
-    if dtype is not None:
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not "
-                            f"{type(dtype).__name__}")
+    try:
+        dim = wrap_dim(dim, input.dim())
+        ours = dtype is None or isinstance(dtype, torch.dtype)
+    except (TypeError, IndexError):
+        ours = False
+    if not ours or (dtype or input.dtype) not in FLOAT_DTYPES:
+        # A bad dim or dtype, or a result the kernels do not make (integer, bool, complex):
+        # torch's own call, so its error (type, message, order of checks) or its result
+        # (an empty integer tensor, say).
+        method = torch.Tensor.softmax if mode == SOFTMAX else torch.Tensor.log_softmax
+        return method(input, dim) if requested is None else method(input, dim, dtype=requested)
     # dtype= casts first, as torch; a widening cast (fp16 -> fp32: the usual
     # softmax(scores, dtype=float32), and autocast) is folded into the kernel's read, as
     # torch's half_to_float: no fp32 copy of the input.
@@ -291,10 +301,6 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         out_dtype = dtype
     elif dtype is not None:
         input = input.to(dtype)
-    check_float(name, input)
-    if dim is None:
-        dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
-    dim = wrap_dim(dim, input.dim())
     inv_t = _inv_temperature(temperature)
     if torch_ops:
         torch_fn = torch.softmax if mode == SOFTMAX else torch.log_softmax
@@ -360,21 +366,15 @@ def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int
 def _logsumexp_out(input, dim, keepdim, out):
     """torch's ``out=`` semantics: its checks, the result computed in ``out``'s (wider)
     float dtype, then resized (with torch's warning for a non-empty ``out``) and copied."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"logsumexp(): argument 'out' must be Tensor, not {type(out).__name__}")
-    if input.is_complex() or out.is_complex():  # complex: torch's own kernel and casts
+    ours = (isinstance(out, torch.Tensor) and out.is_floating_point()
+            and (input.is_floating_point() or input.dtype in _INTEGRAL)
+            and out.device == input.device
+            and not (torch.is_grad_enabled() and (input.requires_grad or out.requires_grad)))
+    if not ours:  # torch's error for a bad out; complex: torch's own kernel and casts
         return torch.logsumexp(input, dim, keepdim, out=out)
-    if not out.is_floating_point():
-        raise RuntimeError("Expected floating point type for result tensor, but got "
-                           f"{out.dtype}")
-    if out.device != input.device:
-        raise RuntimeError(f"Expected out tensor to have device {input.device}, but got "
-                           f"{out.device} instead")
-    if torch.is_grad_enabled() and (input.requires_grad or out.requires_grad):
-        raise RuntimeError("logsumexp(): functions with out=... arguments don't support "
-                           "automatic differentiation, but one of the arguments requires grad.")
-    if input.is_floating_point() and out.is_floating_point() and \
-            torch.finfo(out.dtype).bits > torch.finfo(input.dtype).bits:
+    if not input.is_floating_point():  # integers: torch's default dtype, then as a float
+        input = input.to(torch.get_default_dtype())
+    if torch.finfo(out.dtype).bits > torch.finfo(input.dtype).bits:
         input = input.to(out.dtype)
     result = logsumexp(input, dim, keepdim)
     if out.numel() and out.shape != result.shape:
@@ -387,6 +387,21 @@ def _logsumexp_out(input, dim, keepdim, out):
             "t.resize_(0).", UserWarning, stacklevel=3)
     out.resize_(result.shape)
     return out.copy_(result)
+
+
+def _reduced_dims(dim, ndim: int, keepdim: bool):
+    """``logsumexp``'s ``dim`` (an int or a sequence) as distinct wrapped dims, every dim for
+    ``()``; ``None`` where torch must decide: a bad or repeated dim (its error), a
+    one-element tensor (which it takes), and ``()`` without ``keepdim`` (torch 2.13
+    reduces everything, then cannot squeeze a non-empty result: its error)."""
+    try:
+        dims = [wrap_dim(dim, ndim)] if hasattr(type(dim), "__index__") else \
+            [wrap_dim(d, ndim) for d in dim]
+    except (TypeError, IndexError):
+        return None
+    if len(set(dims)) != len(dims) or (not dims and not keepdim and ndim > 0):
+        return None
+    return dims or list(range(max(ndim, 1)))
 
 
 def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False, *,
@@ -413,27 +428,21 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
         >>> fused_softmax.logsumexp(torch.tensor([1000.0, 1000.0]), dim=0)
         tensor(1000.6931)
     """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"logsumexp(): argument 'input' must be Tensor, not {type(input).__name__}")
-    if not isinstance(keepdim, bool):
-        raise TypeError(f"logsumexp(): argument 'keepdim' must be bool, not {type(keepdim).__name__}")
+    if not isinstance(input, torch.Tensor) or not isinstance(keepdim, bool):
+        return torch.logsumexp(input, dim, keepdim)  # torch's TypeError
     if out is not None:
         return _logsumexp_out(input, dim, keepdim, out)
-    if input.is_complex() or needs_torch_ops(input):  # complex: torch's own kernel
+    ndim = input.dim()
+    dims = _reduced_dims(dim, ndim, keepdim)
+    if dims is None or input.is_complex() or needs_torch_ops(input):
+        # torch's own call: its error for a bad dim, its result where it takes one that we
+        # do not (a one-element tensor); complex input and torch.func transforms
         return torch.logsumexp(input, dim, keepdim)
     if not input.is_floating_point():
         input = input.to(torch.get_default_dtype())
     check_float("logsumexp", input)
     # torch casts to fp32 under autocast; the kernel reads fp16 / bf16 and computes in fp32
     out_dtype = torch.float32 if autocast_to_fp32("logsumexp", input) else input.dtype
-    ndim = input.dim()
-    dims = [dim] if hasattr(type(dim), "__index__") else list(dim)
-    if not dims and not keepdim and ndim > 0:
-        raise RuntimeError(  # torch 2.13 reduces everything but cannot squeeze the result
-            f"output with shape [] doesn't match the broadcast shape {[1] * ndim}")
-    dims = [wrap_dim(d, ndim) for d in dims] if dims else list(range(max(ndim, 1)))
-    if len(set(dims)) != len(dims):
-        raise RuntimeError(f"dim {dims} appears multiple times in the list of dims")
     if ndim == 0:
         return _apply(input.reshape(1), 0, LOGSUMEXP, 1.0).to(out_dtype).reshape(())
     if len(dims) == 1:

@@ -594,11 +594,73 @@ def test_dtype_argument_gradient_flows_to_input(device):
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
 def test_integer_input_raises_like_torch(name, dtype, device):
+    """torch's own error (type and message); an empty integer tensor is returned as torch
+    does, and a bad dim is reported before the dtype, as torch checks them."""
     x = torch.ones(2, 3, device=device).to(dtype)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError) as theirs:
         getattr(torch, name)(x, -1)
-    with pytest.raises(NotImplementedError, match="dtype"):
+    with pytest.raises(NotImplementedError) as ours:
         getattr(fs, name)(x, -1)
+    assert str(ours.value) == str(theirs.value)
+    empty = torch.ones(0, 3, device=device).to(dtype)
+    out, exp = getattr(fs, name)(empty, 1), getattr(torch, name)(empty, 1)
+    assert out.dtype == exp.dtype and out.shape == exp.shape
+    with pytest.raises(IndexError):
+        getattr(fs, name)(x, 5)
+    with pytest.warns(UserWarning, match="Implicit dimension"), pytest.raises(NotImplementedError):
+        getattr(fs, name)(x)  # torch warns about the implicit dim before it raises
+
+
+def _outcome(fn):
+    """``fn()``'s result, or its error as (type, message)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - comparing whatever torch raises
+        return type(e), str(e)
+
+
+# (name, call(module, x)): bad arguments (torch's error, word for word) and calls torch
+# takes that a kernel does not serve (torch's result)
+TORCH_DECIDES = [
+    ("softmax dim float", lambda m, x: m.softmax(x, 1.0)),
+    ("softmax dim tuple", lambda m, x: m.softmax(x, (0,))),
+    ("softmax dim float, int dtype", lambda m, x: m.softmax(x, 1.0, dtype=torch.int64)),
+    ("softmax int dim out of range", lambda m, x: m.softmax(x.long(), 5)),
+    ("softmax dtype=complex of empty", lambda m, x: m.softmax(x[:0], 0, dtype=torch.complex64)),
+    ("softmax dtype not a dtype", lambda m, x: m.softmax(x, 0, dtype="float32")),
+    ("softmax non-tensor", lambda m, x: m.softmax(None, 0)),
+    ("softmax sparse", lambda m, x: m.softmax(x.to_sparse(), 1)),
+    ("logsumexp repeated dim", lambda m, x: m.logsumexp(x, (0, 0))),
+    ("logsumexp dim None", lambda m, x: m.logsumexp(x, None)),
+    ("logsumexp dim float", lambda m, x: m.logsumexp(x, 1.0)),
+    ("logsumexp keepdim int", lambda m, x: m.logsumexp(x, 0, 1)),
+    ("logsumexp list input", lambda m, x: m.logsumexp([1.0], 0)),
+    ("logsumexp int out", lambda m, x: m.logsumexp(x, 0, out=torch.empty(2, dtype=torch.long))),
+    ("logsumexp dim () non-empty", lambda m, x: m.logsumexp(x, ())),
+    ("logsumexp dim () empty", lambda m, x: m.logsumexp(x[:0], ())),
+    ("logsumexp dim tensor", lambda m, x: m.logsumexp(x, torch.tensor([0]))),
+]
+
+
+@pytest.mark.parametrize("name,call", TORCH_DECIDES, ids=[n for n, _ in TORCH_DECIDES])
+def test_bad_arguments_and_unserved_calls_like_torch(name, call, device):
+    x = torch.randn(3, 2, device=device)
+    ours = _outcome(lambda: call(fs, x))
+    theirs = _outcome(lambda: call(F if name.startswith("softmax") else torch, x))
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor), ours
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs)
+    else:
+        assert ours == theirs
+
+
+def test_logsumexp_integer_input_with_wider_out_is_exact(device):
+    """torch sums an integer input's fp32 exps into an fp64 ``out``; ours computes in fp64."""
+    x = torch.randint(-5, 5, (8, 50), generator=torch.Generator().manual_seed(0)).to(device)
+    out = torch.empty(8, dtype=torch.float64, device=device)
+    fs.logsumexp(x, 1, out=out)
+    torch.testing.assert_close(out, torch.logsumexp(x.double(), 1), rtol=4e-16, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int8, torch.bool])

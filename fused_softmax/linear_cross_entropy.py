@@ -81,7 +81,7 @@ from . import distributed as _vp
 from ._backend import acc_dtype, check_float, fp32_if_low, needs_torch_ops, use_triton
 from .cross_entropy import (_check_args, _kernel_operands, _prob_target_grads,
                             _reduction_scalars, check_ignore_index, check_targets_on_cpu,
-                            cross_entropy, mean_of, smoothing_value)
+                            cross_entropy, mean_of, reduction_name, smoothing_value)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -523,8 +523,8 @@ def _check_linear_args(input, linear_weight, target, linear_bias):
                                  f"(linear_cross_entropy(): {name} must be a Tensor)")
     if input.dtype != linear_weight.dtype and not _autocast_on(input.device.type):
         raise RuntimeError(  # torch's matmul error, which comes before any dtype support check
-            f"expected m1 and m2 to have the same dtype, but got: {input.dtype} != "
-            f"{linear_weight.dtype}")
+            f"expected m1 and m2 to have the same dtype, but got: {_c10_name(input.dtype)} != "
+            f"{_c10_name(linear_weight.dtype)}")
     check_float("linear_cross_entropy", input)
     if input.dim() < 1:
         raise RuntimeError(f"expected input with dimensionality at least 1, got {input.dim()}")
@@ -567,6 +567,15 @@ def _check_linear_args(input, linear_weight, target, linear_bias):
             f"Expected target size {list(index_shapes[0])} (class indices) or "
             f"{[*lead, C, *out]} (class probabilities), got {list(target.shape)}")
     return lead, C, out, prob_target
+
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _c10_name(dtype: torch.dtype) -> str:
+    """A dtype as torch's C++ errors print it (``double``, ``c10::BFloat16``)."""
+    return {torch.float64: "double", torch.float32: "float", torch.float16: "c10::Half",
+            torch.bfloat16: "c10::BFloat16"}.get(dtype, str(dtype))
 
 
 def linear_cross_entropy(
@@ -655,6 +664,7 @@ def linear_cross_entropy(
         >>> loss.backward()
     """
     lead, C, out, prob_target = _check_linear_args(input, linear_weight, target, linear_bias)
+    reduction = reduction_name(reduction)
     if prob_target and ignore_index is not None:
         raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
     ignore_index = -100 if ignore_index is None else check_ignore_index(ignore_index)
@@ -669,11 +679,16 @@ def linear_cross_entropy(
     autocast = _autocast_on(device_type)
     if autocast:  # torch: linear runs in the autocast dtype, cross_entropy in fp32
         low = torch.get_autocast_dtype(device_type)
-        input, linear_weight = input.to(low), linear_weight.to(low)
-        linear_bias = linear_bias.to(low) if linear_bias is not None else None
+        # autocast casts fp32 / fp16 / bf16 operands, never fp64 ones
+        input, linear_weight, linear_bias = (
+            t.to(low) if t is not None and t.dtype in _AUTOCAST_CASTS else t
+            for t in (input, linear_weight, linear_bias))
+        if input.dtype != linear_weight.dtype:
+            raise RuntimeError("expected m1 and m2 to have the same dtype, but got: "
+                               f"{_c10_name(input.dtype)} != {_c10_name(linear_weight.dtype)}")
         # and cross_entropy casts its fp16 / bf16 class weight and probabilities to fp32
         weight, target = fp32_if_low(weight), fp32_if_low(target)
-    ce_dtype = torch.float32 if autocast else input.dtype
+    ce_dtype = torch.float32 if autocast and input.dtype != torch.float64 else input.dtype
 
     # cross_entropy's own checks, on (rows, C, d...)-shaped stand-ins of the logits/target.
     M, D = math.prod(lead), math.prod(out)

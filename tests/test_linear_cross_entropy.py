@@ -399,6 +399,27 @@ def test_autocast_like_torch(path, device):
         assert max_error(a, e.double()) <= 4 * torch.finfo(torch.bfloat16).eps * scale, name
 
 
+def test_autocast_leaves_fp64_alone_like_torch(device):
+    """autocast casts fp32 / fp16 / bf16 operands only: fp64 ones stay fp64 (the loss too),
+    and an fp64 input with an fp32 (cast) weight fails as torch's matmul does."""
+    x, W, t, _, _ = make(device)
+    x, W = x.double(), W.double()
+    device_type = torch.device(device).type
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        got, exp = lce(x, W, t), torch_loss(x, W, t)
+        assert got.dtype == exp.dtype == torch.float64
+        torch.testing.assert_close(got, exp)
+        with pytest.raises(RuntimeError, match="same dtype, but got: double != c10::BFloat16"):
+            lce(x, W.float(), t)
+
+
+def test_elementwise_mean_is_mean_with_torch_warning(device):
+    x, W, t, _, _ = make(device)
+    with pytest.warns(UserWarning, match="elementwise_mean"):
+        got = lce(x, W, t, reduction="elementwise_mean")
+    torch.testing.assert_close(got, torch_loss(x, W, t))
+
+
 # --------------------------------------------------------------------------- kernels, ops, compile
 def test_kernel_runs_once_per_chunk(device, monkeypatch):
     x, W, t, b, _ = make(device, bias=True)

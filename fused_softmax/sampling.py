@@ -122,16 +122,19 @@ def _torch_kept(logits, temperature, top_k, top_p, min_p):
     s = logits.float() * inv_t[:, None] + 0.0
     keep = torch.ones_like(s, dtype=torch.bool)
     desc = s.sort(dim=1, descending=True).values
+    in_top_k = torch.ones_like(desc, dtype=torch.bool)
     if top_k is not None:
-        k = top_k.clamp(max=vocab)
-        keep &= s >= desc.gather(1, (k - 1)[:, None])
+        kth = desc.gather(1, (top_k.clamp(max=vocab) - 1)[:, None])
+        keep &= s >= kth
+        in_top_k = desc >= kth
     if top_p is not None or min_p is not None:
         m = s.amax(1, keepdim=True)
         shift = torch.where(m.isinf(), 0.0, m)
         e = torch.exp(s - shift)
     if top_p is not None:
+        # the mass of the top-k set's renormalised distribution (top-p after top-k), in
         # fp64 prefix sums; a target no prefix reaches (rounding: p near 1) keeps everything
-        mass = torch.exp(desc - shift).double().cumsum(1)
+        mass = torch.where(in_top_k, torch.exp(desc - shift), 0.0).double().cumsum(1)
         target = top_p.double()[:, None] * mass[:, -1:]
         reached = mass >= target
         first = torch.where(reached.any(1, keepdim=True),
@@ -247,16 +250,19 @@ def sample(
         top_k (int or integer Tensor, optional): keep the ``k >= 1`` largest logits; every
             token tied with the k-th largest is kept too.
         top_p (float or Tensor, optional): ``0 < p <= 1``: keep the smallest set of most
-            probable tokens whose probability (under ``softmax(x / T)``) is ``>= p``; every
-            token tied with the least probable member is kept too.
+            probable tokens whose probability (under ``softmax(x / T)``, renormalised over
+            the top-k set when ``top_k`` is given) is ``>= p``; every token tied with the
+            least probable member is kept too.
         min_p (float or Tensor, optional): ``0 <= min_p <= 1``: keep tokens with
             probability ``>= min_p`` times the largest probability.
         generator (torch.Generator, optional): on the logits' device; the kernel's seed is
             drawn from it (on the device, no host synchronisation), so equal generator
             states give equal draws and successive calls give fresh ones.
 
-    The filters intersect: a token is drawn from ``softmax(x / T)`` renormalised over the
-    tokens that all given filters keep (top-p's mass is that of the full distribution).
+    The filters apply in Hugging Face's and vLLM's order (FlashInfer's ``top_k_first``):
+    top-k, then top-p on the distribution renormalised over the top-k set, and min-p
+    (a ratio to the largest probability, which renormalising leaves alone); a token is
+    drawn from ``softmax(x / T)`` renormalised over the tokens that all of them keep.
     Per-row tensors are validated on the CPU (outside :func:`torch.compile`); on CUDA
     (where reading them would synchronise) and in compiled code, out-of-range entries are
     clamped into range instead, and a NaN entry disables its filter (temperature: 1).

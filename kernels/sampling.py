@@ -5,7 +5,9 @@ What it draws. Row ``r`` with logits ``x`` and temperature ``T > 0`` has scaled 
 
 * top-k: tokens with ``s >= tau_k``, ``tau_k`` the k-th largest value of ``s``;
 * top-p: tokens with ``s >= tau_p``, ``tau_p`` the largest value whose tokens at or above
-  it carry probability mass ``>= p`` (the smallest most-probable set with mass ``>= p``);
+  it carry probability mass ``>= p`` (the smallest most-probable set with mass ``>= p``),
+  the mass measured after top-k (Hugging Face's and vLLM's order): as a fraction of the
+  top-k set's, which one bisection for the k-th largest value gives;
 * min-p: tokens with ``p_i >= min_p * p_max``, i.e. ``exp(s_i - max s) >= min_p``.
 
 Ties at a threshold are all kept (a tie at the k-th value keeps more than k tokens), so
@@ -43,7 +45,8 @@ variate per block and one per token of one block, instead of one per token.
 HBM passes. Plain temperature sampling: one read of the row, plus the chosen block (the
 noise is counter based, Philox of ``(seed, f(draw, row, token // 4))``, and costs no memory
 traffic). min-p alone: two (the row max first). top-k / top-p: the max-and-sum pass (top-p,
-min-p), the first draw, then one pass per round. Re-reads of a row of 128k bf16 logits
+min-p), the first draw, then one pass per round; top-k with top-p 33 more (the
+bisection). Re-reads of a row of 128k bf16 logits
 (256 KB) hit L2 on an H100. Draws depend only on the seed, so equal seeds give equal draws.
 
 Numerics. Everything in fp32 (fp64 logits are rounded to fp32: sampling needs no more).
@@ -115,6 +118,34 @@ def kept(s, mask, shift, min_p, floor, HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.co
     if HAS_FLOOR:
         keep = keep & (order_key(s) > floor[:, None])
     return keep
+
+
+@triton.jit
+def top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z,
+               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``sum(exp(s - shift))`` over the top-k set (every token tied with the k-th largest
+    value included), against which top-p after top-k measures its ``p``; ``z`` (the whole
+    row's) where ``k >= V``. The k-th largest key by bisection of the 2^32 int32 keys (the
+    largest key with at least ``k`` keys at or above it): 32 counting passes over the row,
+    which stays in L2, then one summing pass. Only rows given both top-k and top-p pay."""
+    lo = tl.full([BLOCK_R], -2147483648, tl.int64)  # count(key >= lo) = V >= k
+    hi = tl.full([BLOCK_R], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        count = tl.zeros([BLOCK_R], tl.int64)
+        for start in range(0, V, BLOCK_N):
+            s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+            at_or_above = mask & (order_key(s).to(tl.int64) >= mid[:, None])
+            count += tl.sum(at_or_above.to(tl.int64), 1)
+        enough = count >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    mass = tl.zeros([BLOCK_R], tl.float32)
+    for start in range(0, V, BLOCK_N):
+        s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+        inside = mask & (order_key(s).to(tl.int64) >= lo[:, None])
+        mass += tl.sum(tl.where(inside, tl.exp(s - shift[:, None]), 0.0), 1)
+    return tl.where(k >= V, z, mass)
 
 
 @triton.jit
@@ -228,14 +259,19 @@ def sample_kernel(
                                  shift, min_p, blk, HAS_MIN_P, False, BLOCK_R, BLOCK_N)
 
         if HAS_TOP_K or HAS_TOP_P:
-            # A candidate is kept iff fewer than k tokens, of mass < p * z, lie above it; a
-            # switched-off filter (k >= V, p >= 1) accepts everything.
+            # A candidate is kept iff fewer than k tokens, of mass < p * (the top-k set's
+            # mass: top-p after top-k), lie above it; a switched-off filter (k >= V,
+            # p >= 1) accepts everything.
             if HAS_TOP_K:
                 k = tl.load(TOPK + rows * st_k, mask=rmask, other=1).to(tl.int64)
                 k_target = tl.where(k >= V, V + 1, k)
             if HAS_TOP_P:
                 p = tl.load(TOPP + rows * st_p, mask=rmask, other=1.0).to(tl.float32)
-                mass_target = tl.where(p >= 1.0, float("inf"), p * z)
+                z_p = z
+                if HAS_TOP_K:
+                    z_p = top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z,
+                                     BLOCK_R, BLOCK_N)
+                mass_target = tl.where(p >= 1.0, float("inf"), p * z_p)
             active = rmask & (best > -float("inf"))  # a row of -inf has no candidate
             draw = tl.full([], 1, tl.int64)  # round r: noise 2r for blocks, 2r + 1 for tokens
             while tl.max(active.to(tl.int32), 0) > 0:

@@ -26,19 +26,23 @@ P_VALUE_FLOOR = 1e-3
 def reference_probs(x, temperature=1.0, top_k=None, top_p=None, min_p=None):
     """Exact fp64 distribution of ``softmax(x / T)`` restricted to the kept set of a 1-d row.
 
-    Ties at a threshold are kept, as documented. Also returns the smallest distance of a
-    top-p prefix mass (or min-p ratio) from its threshold, so a test can check that its
-    data sit far from fp32 rounding of the boundary.
+    Ties at a threshold are kept, as documented. top-p after top-k (Hugging Face's and
+    vLLM's order): its mass is that of the distribution renormalised over the top-k set.
+    Also returns the smallest distance of a top-p prefix mass (or min-p ratio) from its
+    threshold, so a test can check that its data sit far from fp32 rounding of the boundary.
     """
     s = x.double() / temperature
     p = torch.softmax(s, 0)
     keep = torch.ones_like(p, dtype=torch.bool)
     margin = math.inf
     desc = s.sort(descending=True).values
+    in_top_k = torch.ones_like(desc, dtype=torch.bool)
     if top_k is not None:
-        keep &= s >= desc[min(top_k, len(s)) - 1]
+        kth = desc[min(top_k, len(s)) - 1]
+        keep &= s >= kth
+        in_top_k = desc >= kth
     if top_p is not None:
-        cum = torch.softmax(desc, 0).cumsum(0)
+        cum = torch.softmax(torch.where(in_top_k, desc, -math.inf), 0).cumsum(0)
         first = int((cum >= top_p).nonzero()[0])
         keep &= s >= desc[first]
         margin = min(margin, float((cum - top_p).abs().min()))
@@ -112,6 +116,19 @@ def test_distribution_and_support(make, kwargs, device):
     ids = sample(x.to(device).expand(N_DRAWS, -1), generator=g, **kwargs)
     assert ids.shape == (N_DRAWS,) and ids.dtype == torch.int64
     check_draws(ids.cpu(), probs)
+
+
+def test_top_p_after_top_k_renormalises(device):
+    """Hugging Face's and vLLM's order: top-k keeps (0.4, 0.3), renormalised (0.57, 0.43),
+    so top-p 0.5 keeps token 0 alone (measured on the full distribution, 0.4 < 0.5 would
+    have kept token 1 too)."""
+    x = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().to(device).expand(N_DRAWS, -1)
+    gen = torch.Generator(device=device).manual_seed(11)
+    ids = sample(x, top_k=2, top_p=0.5, generator=gen)
+    assert torch.equal(ids.cpu(), torch.zeros(N_DRAWS, dtype=torch.int64))
+    per_row = sample(x, top_k=torch.full((N_DRAWS,), 2, device=device),
+                     top_p=torch.full((N_DRAWS,), 0.5, device=device), generator=gen)
+    assert torch.equal(per_row.cpu(), torch.zeros(N_DRAWS, dtype=torch.int64))
 
 
 def test_ties_keep_every_tied_token(device):

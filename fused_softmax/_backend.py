@@ -122,7 +122,7 @@ def check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise NotImplementedError(
             f"fused_softmax.{name}: not implemented for input dtype {t.dtype}; expected "
-            "float16, bfloat16, float32 or float64 (pass dtype=torch.float32 to cast first)"
+            "float16, bfloat16, float32 or float64 (cast the input first, input.float())"
         )
 
 

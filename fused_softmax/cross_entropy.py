@@ -483,6 +483,8 @@ def check_ignore_index(ignore_index, fn: str = "cross_entropy") -> int:
     if index is None:
         raise TypeError(f"{fn}(): argument 'ignore_index' must be int, not "
                         f"{type(ignore_index).__name__}")
+    if not -2**63 <= index < 2**63:
+        raise ValueError("Overflow when unpacking long long")
     return index
 
 
@@ -576,6 +578,19 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     return C, prob_target
 
 
+def _torch_refuses_too(ours: Exception, input, target, weight, ignore_index, reduction,
+                       label_smoothing):
+    """The checks refused a call: raise torch's own error for it, word for word and in
+    torch's order of checks, by making torch's call; ours where torch takes it (a bad
+    extra, which torch does not have)."""
+    if isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
+        try:
+            torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        except Exception as theirs:  # noqa: BLE001 - whatever torch raises is the contract
+            raise theirs.with_traceback(None) from None
+    raise ours
+
+
 def _type_name(dtype: torch.dtype) -> str:
     return torch.empty(0, dtype=dtype).type().split(".")[-1].replace("Tensor", "")
 
@@ -662,8 +677,11 @@ def cross_entropy(
         # already, so the logits are not copied: only the loss comes back in fp32.
         weight, target = fp32_if_low(weight), fp32_if_low(target)
         input_dtype = torch.float32 if input.dtype in LOW_FLOATS else None
-    C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
-                                 label_smoothing, logit_scale, softcap, input_dtype)
+    try:
+        C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
+                                     label_smoothing, logit_scale, softcap, input_dtype)
+    except (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError) as ours:
+        _torch_refuses_too(ours, input, target, weight, ignore_index, reduction, label_smoothing)
     ignore_index = as_index(ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
     if C == 0:  # nothing to fuse: torch's own answers (zeros, NaN, or its IndexError)

@@ -1291,6 +1291,46 @@ def test_bf16_stores_round_to_nearest_even(scale, device):
     assert bool(same[~exp.isnan()].all()), (grad[~same], exp[~same])
 
 
+# Calls torch refuses: our error must be torch's, word for word (type, message, and which
+# of several problems torch reports first).
+TORCH_ERRORS = {
+    "0-d input, 1-d target": lambda x, t: (x[0, 0], t),
+    "ignore_index beyond int64": lambda x, t: (x, t, None, 2**64),
+    "float target of the wrong shape": lambda x, t: (x, torch.rand(3, 6)),
+    "float target, 3-d mismatch": lambda x, t: (torch.randn(3, 2, 4), torch.rand(3, 5, 3)),
+    "class weight requiring grad": lambda x, t: (x, t, torch.rand(5, requires_grad=True)),
+    "label_smoothing None": lambda x, t: (x, t, None, -100, "mean", None),
+    "label_smoothing str": lambda x, t: (x, t, None, -100, "mean", "0.1"),
+    "ignore_index float": lambda x, t: (x, t, None, 1.0),
+    "weight size, probabilities": lambda x, t: (x, torch.rand(3, 5), torch.rand(4)),
+    "weight size, (N, C, d)": lambda x, t: (torch.randn(3, 5, 2), torch.zeros(3, 2).long(),
+                                            torch.rand(4)),
+    "integer input": lambda x, t: (x.long(), t),
+    "integer input, probabilities, ignore_index": lambda x, t: (x.long(), torch.rand(3, 5),
+                                                                None, 1),
+    "probabilities, ignore_index, smoothing 1.5": lambda x, t: (x, torch.rand(3, 5), None, 1,
+                                                                "mean", 1.5),
+    "bad reduction": lambda x, t: (x, t, None, -100, "avg"),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_ERRORS)
+def test_errors_word_for_word_like_torch(case):
+    def call(fn):
+        x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
+        args = TORCH_ERRORS[case](x, t)
+        kw = dict(zip(("weight", "ignore_index", "reduction", "label_smoothing"), args[2:]))
+        try:
+            fn(*args[:2], **kw)
+        except Exception as e:  # noqa: BLE001
+            return type(e), str(e)
+        return None
+
+    theirs = call(F.cross_entropy)
+    assert theirs is not None
+    assert call(ce) == theirs
+
+
 COMPILE_CASES = [
     ("index weight ls ignore", "index", dict(weight=True, label_smoothing=0.1)),
     ("fp16 index weight", "index-fp16", dict(weight=True, label_smoothing=0.1)),

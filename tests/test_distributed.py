@@ -15,8 +15,7 @@ Tolerances. The reference is torch in fp64 on the same (possibly rounded) logits
 log-sum-exp of logits of magnitude ``zmax`` carries an absolute error of a few ``eps *
 zmax`` of the accumulation dtype (fp32, fp64 for fp64); the loss and every probability in
 the gradient inherit it (relative to their size), and the result is rounded once to the
-output dtype (one ``eps`` of that dtype, relative; a full ``eps`` because the interpreter
-truncates to bf16).
+output dtype (half an ``eps`` of that dtype, relative; a full ``eps`` allowed).
 """
 
 from __future__ import annotations

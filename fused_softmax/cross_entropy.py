@@ -514,10 +514,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     check_float("cross_entropy", input)
     if label_smoothing > 1.0:  # torch rejects > 1 and treats a negative value (or NaN) as 0
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if not is_finite(logit_scale):
-        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
-    if softcap is not None and not (softcap > 0 and is_finite(softcap)):
-        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap}")
+    check_extras(logit_scale, softcap)
     if input.dim() == 0:
         if target.dim() == 0 and target.is_floating_point():  # torch: a probability target
             raise IndexError("Dimension specified as 1 but tensor has no dimensions")
@@ -578,12 +575,24 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     return C, prob_target
 
 
+def check_extras(logit_scale, softcap) -> None:
+    """The extras' own checks (torch has no such arguments)."""
+    if not is_finite(logit_scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    if softcap is not None and not (softcap > 0 and is_finite(softcap)):
+        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap}")
+
+
 def _torch_refuses_too(ours: Exception, input, target, weight, ignore_index, reduction,
                        label_smoothing):
     """The checks refused a call: raise torch's own error for it, word for word and in
     torch's order of checks, by making torch's call; ours where torch takes it (a bad
-    extra, which torch does not have)."""
+    extra, which torch does not have). The extras are checked before (torch would compute
+    a whole loss where only they are wrong), and int32 targets, which torch refuses and we
+    take, reach torch as int64, so that its error is about what is really wrong."""
     if isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
+        if target.dtype == torch.int32:
+            target = target.long()
         try:
             torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         except Exception as theirs:  # noqa: BLE001 - whatever torch raises is the contract
@@ -677,6 +686,7 @@ def cross_entropy(
         # already, so the logits are not copied: only the loss comes back in fp32.
         weight, target = fp32_if_low(weight), fp32_if_low(target)
         input_dtype = torch.float32 if input.dtype in LOW_FLOATS else None
+    check_extras(logit_scale, softcap)
     try:
         C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
                                      label_smoothing, logit_scale, softcap, input_dtype)

@@ -638,8 +638,8 @@ def linear_cross_entropy(
 
     Returns:
         The loss: a scalar, or of the target's index shape for ``reduction='none'``; in
-        ``input``'s dtype (float32 under autocast, where the projection runs in the
-        autocast dtype, as torch).
+        ``input``'s dtype (float32 under autocast for fp32 / fp16 / bf16 operands, where
+        the projection runs in the autocast dtype, as torch; fp64 stays fp64).
 
     Gradients: of ``input``, ``linear_weight`` and ``linear_bias`` for those that require
     grad — with chunks of rows computed during the forward (held from forward to backward;

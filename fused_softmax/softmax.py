@@ -277,6 +277,7 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         raise AttributeError(f"'{type(input).__name__}' object has no attribute '{name}'")
     if dim is None:  # torch warns first, whatever is wrong with the rest
         dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
+    inv_t = _inv_temperature(temperature)
     requested = dtype
     dtype = _PYTHON_DTYPES.get(dtype, dtype)  # torch takes dtype=float (fp64), int, ...
     if dtype is None and autocast_to_fp32(name, input):  # torch: dtype=float32 under autocast
@@ -301,7 +302,6 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         out_dtype = dtype
     elif dtype is not None:
         input = input.to(dtype)
-    inv_t = _inv_temperature(temperature)
     if torch_ops:
         torch_fn = torch.softmax if mode == SOFTMAX else torch.log_softmax
         if inv_t == 1.0:

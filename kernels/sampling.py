@@ -25,7 +25,7 @@ summing pass decides it. Draw ``j`` from ``S = {s > floor} & min-p`` (the floor 
 (``K`` is inside ``S``); if not, nothing at or below ``s_j`` is in ``K``, so the floor rises
 to ``s_j`` and we draw again with fresh noise. Each rejection removes at least the drawn
 token and everything below it, so a row ends after at most ``V`` rounds, and in few on
-real logits: a top-p of 0.9 accepts the first draw with probability at least 0.9. The
+real logits: a top-p of 0.9 alone accepts the first draw with probability at least 0.9. The
 counting pass for a candidate also draws, speculatively, the next candidate above it, so a
 round is one pass over the row.
 
@@ -121,31 +121,35 @@ def kept(s, mask, shift, min_p, floor, HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.co
 
 
 @triton.jit
-def top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z,
+def top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z, needed,
                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """``sum(exp(s - shift))`` over the top-k set (every token tied with the k-th largest
     value included), against which top-p after top-k measures its ``p``; ``z`` (the whole
-    row's) where ``k >= V``. The k-th largest key by bisection of the 2^32 int32 keys (the
-    largest key with at least ``k`` keys at or above it): 32 counting passes over the row,
-    which stays in L2, then one summing pass. Only rows given both top-k and top-p pay."""
-    lo = tl.full([BLOCK_R], -2147483648, tl.int64)  # count(key >= lo) = V >= k
-    hi = tl.full([BLOCK_R], 2147483647, tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        count = tl.zeros([BLOCK_R], tl.int64)
+    row's) where it is not ``needed`` (``k >= V``, ``p >= 1``, greedy). The k-th largest key
+    by bisection of the 2^32 int32 keys (the largest key with at least ``k`` keys at or
+    above it): 32 counting passes over the row, which stays in L2, then one summing pass;
+    skipped, on the device, by a tile with no row that needs it."""
+    mass = z
+    if tl.max(needed.to(tl.int32), 0) > 0:
+        lo = tl.full([BLOCK_R], -2147483648, tl.int64)  # count(key >= lo) = V >= k
+        hi = tl.full([BLOCK_R], 2147483647, tl.int64)
+        for _ in range(32):
+            mid = (lo + hi + 1) >> 1
+            count = tl.zeros([BLOCK_R], tl.int32)
+            for start in range(0, V, BLOCK_N):
+                s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+                at_or_above = mask & (order_key(s).to(tl.int64) >= mid[:, None])
+                count += tl.sum(at_or_above.to(tl.int32), 1)
+            enough = count >= k
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        top = tl.zeros([BLOCK_R], tl.float32)
         for start in range(0, V, BLOCK_N):
             s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-            at_or_above = mask & (order_key(s).to(tl.int64) >= mid[:, None])
-            count += tl.sum(at_or_above.to(tl.int64), 1)
-        enough = count >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    mass = tl.zeros([BLOCK_R], tl.float32)
-    for start in range(0, V, BLOCK_N):
-        s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-        inside = mask & (order_key(s).to(tl.int64) >= lo[:, None])
-        mass += tl.sum(tl.where(inside, tl.exp(s - shift[:, None]), 0.0), 1)
-    return tl.where(k >= V, z, mass)
+            inside = mask & (order_key(s).to(tl.int64) >= lo[:, None])
+            top += tl.sum(tl.where(inside, tl.exp(s - shift[:, None]), 0.0), 1)
+        mass = tl.where(needed, top, z)
+    return mass
 
 
 @triton.jit
@@ -269,7 +273,8 @@ def sample_kernel(
                 p = tl.load(TOPP + rows * st_p, mask=rmask, other=1.0).to(tl.float32)
                 z_p = z
                 if HAS_TOP_K:
-                    z_p = top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z,
+                    needed = rmask & (k < V) & (p < 1.0) & ~greedy
+                    z_p = top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z, needed,
                                      BLOCK_R, BLOCK_N)
                 mass_target = tl.where(p >= 1.0, float("inf"), p * z_p)
             active = rmask & (best > -float("inf"))  # a row of -inf has no candidate

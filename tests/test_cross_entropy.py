@@ -1331,6 +1331,18 @@ def test_errors_word_for_word_like_torch(case):
     assert call(ce) == theirs
 
 
+def test_bad_extras_and_int32_targets_keep_our_errors():
+    """The extras are ours (torch is not asked, nor does it compute a loss to find nothing
+    wrong), and an int32 target, which we take, never turns into torch's complaint."""
+    x, t32 = torch.randn(3, 5), torch.tensor([1, 2, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="softcap must be"):
+        ce(x, t32, softcap=-1.0)
+    with pytest.raises(ValueError, match="logit_scale must be"):
+        ce(x, t32, logit_scale=math.nan)
+    with pytest.raises(RuntimeError, match="weight tensor should be defined"):
+        ce(x, t32, weight=torch.rand(4))
+
+
 COMPILE_CASES = [
     ("index weight ls ignore", "index", dict(weight=True, label_smoothing=0.1)),
     ("fp16 index weight", "index-fp16", dict(weight=True, label_smoothing=0.1)),

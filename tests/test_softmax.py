@@ -655,6 +655,11 @@ def test_bad_arguments_and_unserved_calls_like_torch(name, call, device):
         assert ours == theirs
 
 
+def test_temperature_checked_before_torch_takes_the_call():
+    with pytest.raises(ValueError, match="temperature"):
+        fs.softmax(torch.empty(0, 3, dtype=torch.long), 1, temperature=-1.0)
+
+
 def test_logsumexp_integer_input_with_wider_out_is_exact(device):
     """torch sums an integer input's fp32 exps into an fp64 ``out``; ours computes in fp64."""
     x = torch.randint(-5, 5, (8, 50), generator=torch.Generator().manual_seed(0)).to(device)

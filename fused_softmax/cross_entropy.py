@@ -503,9 +503,10 @@ def smoothing_value(label_smoothing) -> float:
 
 
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
-                logit_scale, softcap, input_dtype=None):
-    """torch's checks, torch's error types and messages, in torch's order. ``input_dtype``:
-    the dtype torch computes ``input`` in (fp32 for fp16 / bf16 under autocast)."""
+                input_dtype=None):
+    """torch's checks, torch's error types and messages, in torch's order (the extras'
+    are ``check_extras``). ``input_dtype``: the dtype torch computes ``input`` in (fp32 for
+    fp16 / bf16 under autocast)."""
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("cross_entropy(): input and target must be Tensors")
     ignore_index = check_ignore_index(ignore_index)
@@ -514,7 +515,6 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     check_float("cross_entropy", input)
     if label_smoothing > 1.0:  # torch rejects > 1 and treats a negative value (or NaN) as 0
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    check_extras(logit_scale, softcap)
     if input.dim() == 0:
         if target.dim() == 0 and target.is_floating_point():  # torch: a probability target
             raise IndexError("Dimension specified as 1 but tensor has no dimensions")
@@ -586,10 +586,10 @@ def check_extras(logit_scale, softcap) -> None:
 def _torch_refuses_too(ours: Exception, input, target, weight, ignore_index, reduction,
                        label_smoothing):
     """The checks refused a call: raise torch's own error for it, word for word and in
-    torch's order of checks, by making torch's call; ours where torch takes it (a bad
-    extra, which torch does not have). The extras are checked before (torch would compute
-    a whole loss where only they are wrong), and int32 targets, which torch refuses and we
-    take, reach torch as int64, so that its error is about what is really wrong."""
+    torch's order of checks, by making torch's call; ours where torch takes it. The extras
+    are checked before (torch would compute a whole loss where only they are wrong), and
+    int32 targets, which torch refuses and we take, reach torch as int64, so that its
+    error is about what is really wrong."""
     if isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
         if target.dtype == torch.int32:
             target = target.long()
@@ -689,7 +689,7 @@ def cross_entropy(
     check_extras(logit_scale, softcap)
     try:
         C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
-                                     label_smoothing, logit_scale, softcap, input_dtype)
+                                     label_smoothing, input_dtype)
     except (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError) as ours:
         _torch_refuses_too(ours, input, target, weight, ignore_index, reduction, label_smoothing)
     ignore_index = as_index(ignore_index)

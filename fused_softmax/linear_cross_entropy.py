@@ -80,8 +80,9 @@ import torch
 from . import distributed as _vp
 from ._backend import acc_dtype, check_float, fp32_if_low, needs_torch_ops, use_triton
 from .cross_entropy import (_check_args, _kernel_operands, _prob_target_grads,
-                            _reduction_scalars, check_ignore_index, check_targets_on_cpu,
-                            cross_entropy, mean_of, reduction_name, smoothing_value)
+                            _reduction_scalars, check_extras, check_ignore_index,
+                            check_targets_on_cpu, cross_entropy, mean_of, reduction_name,
+                            smoothing_value)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -561,7 +562,7 @@ def _check_linear_args(input, linear_weight, target, linear_bias):
         # that does not match, ...): cross_entropy's checks on a stand-in of the logits.
         logits_like = torch.empty((), dtype=input.dtype, device=input.device).expand(
             (*lead, C, *out))
-        _check_args(logits_like, target, None, -100, "mean", 0.0, 1.0, None)
+        _check_args(logits_like, target, None, -100, "mean", 0.0)
     if not prob_target and tuple(target.shape) not in index_shapes:
         raise RuntimeError(
             f"Expected target size {list(index_shapes[0])} (class indices) or "
@@ -698,8 +699,8 @@ def linear_cross_entropy(
         logits_like_shape = (M, C, *out)
         target_like = target.new_empty(()).expand(logits_like_shape if prob_target else (M, *out))
     logits_like = torch.empty((), dtype=ce_dtype, device=input.device).expand(logits_like_shape)
-    _check_args(logits_like, target_like, weight, ignore_index, reduction, label_smoothing,
-                logit_scale, softcap)
+    check_extras(logit_scale, softcap)
+    _check_args(logits_like, target_like, weight, ignore_index, reduction, label_smoothing)
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value < 1):

@@ -89,7 +89,8 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
     cfg, n_split, split_cols, grid = config or launch_config(n_rows, vocab, logits.device, plain)
     if cfg["SPLIT"]:
         assert plain, "the split kernel draws without filters"
-        part_best = torch.empty((n_rows, n_split), dtype=torch.float32, device=logits.device)
+        # each part's best score as an unevaluated sum (hi, lo): kernels/sampling.py
+        part_best = torch.empty((n_rows, 2, n_split), dtype=torch.float32, device=logits.device)
         part_idx = torch.empty((n_rows, n_split), dtype=torch.int64, device=logits.device)
     else:
         part_best, part_idx = temperature, seed  # unused
@@ -155,8 +156,11 @@ def _torch_sample(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tenso
     # in (0, 1): torch.rand gives exactly 0 once in 2^24, a -inf Gumbel variate (kernels'
     # uniform() has the same floor)
     u = torch.rand(s.shape, generator=gen, device=s.device).clamp_min(torch.finfo(torch.float32).tiny)
-    score = torch.where(greedy[:, None], s, s - torch.log(-torch.log(u)))
-    return torch.where(keep, score, -torch.inf).argmax(1)
+    sk = torch.where(keep, s, -torch.inf)
+    # noise added to s less the largest kept value: full precision at large |s| (kernels')
+    m = sk.amax(1, keepdim=True)
+    rel = sk - torch.where(m.isinf(), 0.0, m)
+    return torch.where(greedy[:, None], sk, rel - torch.log(-torch.log(u))).argmax(1)
 
 
 # --------------------------------------------------------------------------- custom op

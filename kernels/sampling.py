@@ -50,6 +50,10 @@ bisection). Re-reads of a row of 128k bf16 logits
 (256 KB) hit L2 on an H100. Draws depend only on the seed, so equal seeds give equal draws.
 
 Numerics. Everything in fp32 (fp64 logits are rounded to fp32: sampling needs no more).
+The Gumbel noise is never added to ``s`` itself, whose fp32 spacing at ``|s|`` of 1e6
+(``T = 1e-5``) is 1/16: a token's noise goes to ``s`` less its block's largest kept value,
+and a block's score is kept as an exact two-float sum (``two_sum``), so tied tokens keep
+equal chances at any temperature above the greedy threshold.
 ``-0.0`` is folded into ``+0.0`` before keying. ``-inf`` logits have probability 0 and are
 never drawn unless the whole row is ``-inf`` (then token 0, as ``torch.argmax``).
 """
@@ -153,25 +157,49 @@ def top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z, needed,
 
 
 @triton.jit
-def block_choice(best, best_start, s, keep, start, rows, n_rows, V, greedy, seed, draw):
+def two_sum(a, b):
+    """``(hi, lo)`` with ``hi = fl(a + b)`` and ``hi + lo = a + b`` exactly (Knuth's
+    TwoSum; ``lo`` is 0 where ``hi`` is not finite)."""
+    hi = a + b
+    bb = hi - a
+    lo = (a - (hi - bb)) + (b - bb)
+    return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)
+
+
+@triton.jit
+def better_score(hi, lo, best_hi, best_lo):
+    """``(hi, lo) > (best_hi, best_lo)``, the scores as unevaluated sums (``two_sum``):
+    strict, so the earlier of two equal scores wins."""
+    return (hi > best_hi) | ((hi == best_hi) & (lo > best_lo))
+
+
+@triton.jit
+def block_choice(best, best_lo, best_start, s, keep, start, rows, n_rows, V, greedy, seed,
+                 draw):
     """Fold one ``[R, B]`` block (a draw block) into the running Gumbel-max over draw
     blocks: it scores ``log(sum of exp(s) over its kept tokens) + G`` (greedy rows: the
     largest kept ``s``), so the winner is drawn with probability proportional to the
     block's kept mass. One uniform per row and block, counter ``(draw * n_rows + row) *
     ceil(V / 4) + start // 4`` (the first of the block's token counters). A block with
-    nothing kept costs no noise; nothing kept anywhere leaves ``best = -inf``."""
+    nothing kept costs no noise; nothing kept anywhere leaves ``best = -inf``.
+
+    A score is ``m + r``, ``m`` the block's largest kept ``s`` and ``r`` = log of the kept
+    sum relative to it, plus the noise (a few tens at most), held as the exact sum
+    ``(best, best_lo)``: at ``|s|`` of 1e6 (``T = 1e-5``, logits of 10) an fp32 sum would
+    round the noise to 1/16, and blocks of nearly equal mass would tie, the first winning."""
     if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
         sk = tl.where(keep, s, -float("inf"))
         m = tl.max(sk, 1)
         shift = finite_or_zero(m)
-        lse = shift + tl.log(tl.sum(tl.exp(sk - shift[:, None]), 1))  # -inf: none kept
+        r = tl.log(tl.sum(tl.exp(sk - shift[:, None]), 1))  # -inf: none kept
         ctr = (draw * n_rows + rows) * tl.cdiv(V, 4) + start // 4
         u = uniform(tl.randint(seed, ctr))
-        score = tl.where(greedy, m, lse - tl.log(-tl.log(u)))
-        better = score > best  # strict: the first block wins ties
-        best = tl.where(better, score, best)
+        hi, lo = two_sum(shift, tl.where(greedy, m - shift, r - tl.log(-tl.log(u))))
+        better = better_score(hi, lo, best, best_lo)
+        best = tl.where(better, hi, best)
+        best_lo = tl.where(better, lo, best_lo)
         best_start = tl.where(better, start, best_start)
-    return best, best_start
+    return best, best_lo, best_start
 
 
 @triton.jit
@@ -189,9 +217,12 @@ def draw_in_block(X, rows, rmask, sxm, blk_start, V, inv_t, greedy, seed, draw, 
     x = tl.load(X + rows[:, None] * sxm + c, mask=mask, other=-float("inf"))
     s = x.to(tl.float32) * inv_t[:, None] + 0.0
     keep = kept(s, mask, shift, min_p, floor, HAS_MIN_P, HAS_FLOOR)
+    sk = tl.where(keep, s, -float("inf"))
     u = block_uniform(seed, draw, rows, n_rows, V, blk_start, BLOCK_R, DRAW_BLOCK)
-    score = tl.where(greedy[:, None], s, s - tl.log(-tl.log(u)))  # u > 0: finite noise
-    score = tl.where(keep, score, -float("inf"))
+    # the noise is added to s less the block's largest kept value (exact near it), so it
+    # keeps its precision at large |s|; u > 0: finite noise
+    rel = sk - finite_or_zero(tl.max(sk, 1))[:, None]
+    score = tl.where(greedy[:, None], sk, rel - tl.log(-tl.log(u)))
     # first index on ties (greedy rows: torch.argmax's rule); a row with nothing kept (all
     # -inf: no block was chosen, blk_start 0) gets token 0
     return tl.argmax(score, 1).to(tl.int64) + blk_start
@@ -211,8 +242,9 @@ def sample_kernel(
 
     ``SPLIT`` (plain temperature sampling only, no filter): each row is cut into
     ``n_split`` parts of ``split_cols`` columns (a multiple of ``BLOCK_N``), one program
-    each, so that a few rows still fill the GPU; a part's best draw-block score and the
-    block's first column go to ``PART_BEST`` / ``PART_IDX`` (``n_rows x n_split``), and
+    each, so that a few rows still fill the GPU; a part's best draw-block score (the pair
+    ``hi, lo`` of ``block_choice``) goes to ``PART_BEST`` (``n_rows x 2 x n_split``) and the
+    block's first column to ``PART_IDX`` (``n_rows x n_split``), and
     ``sample_finish_kernel`` takes the best part and draws the token in its block. Noise
     depends on row, column and draw only, so the draw is the same, split or not. Without
     ``SPLIT``, ``n_split`` is 1 and ``split_cols`` is ``V``.
@@ -252,11 +284,13 @@ def sample_kernel(
         # First draw, from softmax(s) restricted to min-p: a draw block (noise 0), then a
         # token in it (noise 1).
         best = tl.full([BLOCK_R], -float("inf"), tl.float32)
+        best_lo = tl.zeros([BLOCK_R], tl.float32)
         blk = tl.zeros([BLOCK_R], tl.int64)
         for start in range(col_lo, col_hi, BLOCK_N):
             s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
             keep = kept(s, mask, shift, min_p, blk, HAS_MIN_P, False)
-            best, blk = block_choice(best, blk, s, keep, start, rows, n_rows, V, greedy, seed, 0)
+            best, best_lo, blk = block_choice(best, best_lo, blk, s, keep, start, rows, n_rows,
+                                              V, greedy, seed, 0)
         cand = blk
         if not SPLIT:
             cand = draw_in_block(X, rows, rmask, sxm, blk, V, inv_t, greedy, seed, 1, n_rows,
@@ -287,6 +321,7 @@ def sample_kernel(
                 count = tl.zeros([BLOCK_R], tl.int64)
                 mass = tl.zeros([BLOCK_R], tl.float32)
                 nxt_best = tl.full([BLOCK_R], -float("inf"), tl.float32)
+                nxt_lo = tl.zeros([BLOCK_R], tl.float32)
                 nxt_blk = tl.zeros([BLOCK_R], tl.int64)
                 for start in range(0, V, BLOCK_N):
                     s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
@@ -300,8 +335,9 @@ def sample_kernel(
                             mass += tl.sum(tl.where(above, e, 0.0), 1)
                         if HAS_MIN_P:
                             keep = keep & (e >= min_p[:, None])
-                    nxt_best, nxt_blk = block_choice(nxt_best, nxt_blk, s, keep, start, rows,
-                                                     n_rows, V, greedy, seed, 2 * draw)
+                    nxt_best, nxt_lo, nxt_blk = block_choice(nxt_best, nxt_lo, nxt_blk, s, keep,
+                                                             start, rows, n_rows, V, greedy,
+                                                             seed, 2 * draw)
                 accepted = rmask
                 if HAS_TOP_K:
                     accepted = accepted & (count < k_target)
@@ -317,7 +353,8 @@ def sample_kernel(
                 active = rejected & (nxt_best > -float("inf"))
                 draw += 1
         if SPLIT:
-            tl.store(PART_BEST + rows * n_split + part, best, mask=rmask)
+            tl.store(PART_BEST + rows * (2 * n_split) + part, best, mask=rmask)
+            tl.store(PART_BEST + rows * (2 * n_split) + n_split + part, best_lo, mask=rmask)
             tl.store(PART_IDX + rows * n_split + part, blk, mask=rmask)
         else:
             tl.store(OUT + rows, cand, mask=rmask)
@@ -331,8 +368,13 @@ def sample_finish_kernel(PART_BEST, PART_IDX, OUT, X, SEED, TEMP, st_t, n_split,
     then the token in that block, with the same noise as without the split."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
-    best = tl.load(PART_BEST + row * n_split + s, mask=s < n_split, other=-float("inf"))
-    part = tl.argmax(best, 0)
+    smask = s < n_split
+    best = tl.load(PART_BEST + row * (2 * n_split) + s, mask=smask, other=-float("inf"))
+    best_lo = tl.load(PART_BEST + row * (2 * n_split) + n_split + s, mask=smask, other=0.0)
+    # the largest (best, best_lo) pair, the first on ties: block_choice's order
+    top = tl.max(best, 0)
+    top_lo = tl.max(tl.where(best == top, best_lo, -float("inf")), 0)
+    part = tl.min(tl.where((best == top) & (best_lo == top_lo), s, BLOCK_S), 0)
     rows = tl.zeros([1], tl.int64) + row
     blk = tl.zeros([1], tl.int64) + tl.load(PART_IDX + row * n_split + part)
     t = tl.load(TEMP + rows * st_t).to(tl.float32)

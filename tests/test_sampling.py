@@ -223,6 +223,24 @@ def test_distribution_across_draw_blocks(kwargs, device, monkeypatch):
     check_draws(ids, probs)
 
 
+@pytest.mark.parametrize("vocab, kwargs", [
+    (8, dict()), (8, dict(top_k=2)), (8, dict(top_p=0.9)), (8, dict(min_p=0.5)),
+    (2500, dict()), (2500, dict(top_p=0.9)),  # 2500: the tied tokens in two draw blocks
+])
+def test_tied_tokens_keep_equal_chances_at_tiny_temperature(vocab, kwargs, device):
+    """At T = 1e-5 and logits of 1000, x / T is 1e8, where fp32's spacing is 8: noise added
+    to x / T itself would round to it, the tied tokens' scores would tie, and the first
+    would win ~98 % of the draws (measured before the fix). Each must win half of them."""
+    n = 400
+    x = torch.full((n, vocab), -5.0, device=device)
+    x[:, 1] = x[:, vocab - 2] = 1000.0
+    ids = sample(x, temperature=1e-5, generator=torch.Generator(device).manual_seed(3),
+                 **kwargs)
+    assert bool(((ids == 1) | (ids == vocab - 2)).all())
+    first = int((ids == 1).sum())
+    assert abs(first - n / 2) < 4 * math.sqrt(n / 4), first  # 4 sigma of Binomial(n, 1/2)
+
+
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs Triton")
 @pytest.mark.parametrize("seed,V,live,kw", [
     (2360573, 2048, [712], {}),                   # the token's uniform is 0
@@ -305,13 +323,26 @@ def test_split_rows_draw_the_same_tokens(n_rows, vocab, device):
     sampling_mod = sys.modules["fused_softmax.sampling"]
     split = sampling_mod.launch_config(n_rows, vocab, x.device, split_ok=True)
     assert split[0]["SPLIT"] and split[1] > 1
+    whole_config = sampling_mod.launch_config(n_rows, vocab, x.device)
     for seed_value in (12345, 999):
         seed.fill_(seed_value)
-        whole = sampling_mod._launch(x, seed, temperature, None, None, None,
-                                     config=sampling_mod.launch_config(n_rows, vocab, x.device))
+        whole = sampling_mod._launch(x, seed, temperature, None, None, None, config=whole_config)
         parts = sampling_mod._launch(x, seed, temperature, None, None, None, config=split)
         assert torch.equal(whole, parts), (whole, parts)
     assert int(parts[0]) == 7  # temperature 0: argmax, first index
+    # A tie across parts at x / T = 1e8 (fp32 spacing 8): the parts' scores are compared
+    # exactly, so the split picks what the whole row picks, and not always the first.
+    tied = torch.full((n_rows, vocab), -5.0, device=device)
+    tied[:, 7] = tied[:, vocab - 1] = 1000.0
+    cold = torch.full((n_rows,), 1e-5, device=device)
+    drawn = set()
+    for seed_value in range(12):
+        seed.fill_(seed_value)
+        whole = sampling_mod._launch(tied, seed, cold, None, None, None, config=whole_config)
+        parts = sampling_mod._launch(tied, seed, cold, None, None, None, config=split)
+        assert torch.equal(whole, parts), (whole, parts)
+        drawn.update(whole.tolist())
+    assert drawn == {7, vocab - 1}
 
 
 def test_split_only_without_filters():

@@ -144,6 +144,11 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
         if eps > 0:
             dz = dz - gs_col * (eps / C) * w
     dz = dz * dzdx
+    if dscale is not None:  # a non-finite grad_output: torch's NaN, as _rescale's
+        nonfinite = ~torch.isfinite(dscale.to(acc)).expand(n_rows)[:, None]
+        if not prob_target and eps == 0:
+            nonfinite = nonfinite & (torch.arange(C, device=x.device) == t_safe[:, None])
+        dz = torch.where(nonfinite, math.nan, dz)
     if not prob_target:
         # After the scaling, as in the kernel: all rows ignored makes grad_scale 1/0.
         loss = torch.where(ignored, 0.0, loss)
@@ -260,8 +265,9 @@ def _prob_target_grads(x, target, weight, scalars, lse, dscale, args):
     C = x.shape[1]
     z, _ = _scaled_logits(x, logit_scale, softcap)
     row_scale = scalars[0] * (dscale[:, None] if dscale.dim() else dscale)
-    lse = torch.where(lse == math.inf, math.nan, lse)  # a +inf logit: log_softmax is NaN
-    dlogp = -(z - lse[:, None]) * row_scale  # d loss / d (w * q'), per element
+    # log_softmax itself, not z - lse: at logits of 1e4, lse's rounding (1e-3 in fp32) is
+    # all of a small log-probability's error
+    dlogp = -torch.log_softmax(z, 1) * row_scale  # d loss / d (w * q'), per element
     w = weight.to(z.dtype) if weight is not None else None
     grad_target = (1 - eps) * dlogp * (w if w is not None else 1.0)
     grad_weight = None
@@ -463,7 +469,9 @@ def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc, 
     else:
         valid = t != ignore_index
         if weight is not None:
-            denom = (weight.to(acc)[t.long().clamp(0, max(C - 1, 0))] * valid).sum()
+            # where, not times: an inf (or NaN) weight of the ignored class is left out
+            w_t = weight.to(acc)[t.long().clamp(0, max(C - 1, 0))]
+            denom = torch.where(valid, w_t, 0.0).sum()
         else:
             denom = valid.sum(dtype=acc)
     w_sum = weight.to(acc).sum() if weight is not None else torch.full((), float(C), dtype=acc, device=device)
@@ -507,8 +515,9 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     """torch's checks, torch's error types and messages, in torch's order (the extras'
     are ``check_extras``). ``input_dtype``: the dtype torch computes ``input`` in (fp32 for
     fp16 / bf16 under autocast)."""
-    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError("cross_entropy(): input and target must be Tensors")
+    if not all(isinstance(a, torch.Tensor) for a in (input, target)) or not (
+            weight is None or isinstance(weight, torch.Tensor)):
+        raise TypeError("cross_entropy(): input, target and weight must be Tensors")
     ignore_index = check_ignore_index(ignore_index)
     if reduction not in _REDUCTIONS:  # torch parses the reduction before the dtype
         raise ValueError(f"{reduction} is not a valid value for reduction")
@@ -551,7 +560,8 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             expected = [input.shape[0]] + list(input.shape[2:])
             if input.dim() > 2 and list(target.shape) != expected:
                 raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
-            if input.dim() > 2 and target.dtype == torch.uint8:
+            if input.dim() > 2 and target.dtype == torch.uint8 and (
+                    target.numel() or reduction == "none"):  # torch takes an empty one to reduce
                 raise RuntimeError("expected scalar type Long but found Byte")
     if weight is not None:
         # torch's nll_loss takes any weight of C elements for (N, C, d...) inputs
@@ -590,13 +600,12 @@ def _torch_refuses_too(ours: Exception, input, target, weight, ignore_index, red
     are checked before (torch would compute a whole loss where only they are wrong), and
     int32 targets, which torch refuses and we take, reach torch as int64, so that its
     error is about what is really wrong."""
-    if isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor):
-        if target.dtype == torch.int32:
-            target = target.long()
-        try:
-            torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
-        except Exception as theirs:  # noqa: BLE001 - whatever torch raises is the contract
-            raise theirs.with_traceback(None) from None
+    if isinstance(target, torch.Tensor) and target.dtype == torch.int32:
+        target = target.long()
+    try:
+        torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+    except Exception as theirs:  # noqa: BLE001 - whatever torch raises is the contract
+        raise theirs.with_traceback(None) from None
     raise ours
 
 

@@ -190,8 +190,8 @@ def to_global_max(sums, row_max, shift, w_sum_local):
     total class weight, or its size). In place; ``m`` and ``shift`` are ``finite_or_zero``."""
     m = _finite_or_zero(row_max)
     sums[..., 0] *= torch.where(row_max == -math.inf, 1.0, torch.exp(m - shift))
-    if sums.shape[-1] == 3:
-        sums[..., 2] += w_sum_local * (m - shift)
+    if sums.shape[-1] == 3:  # nothing to move at the global max (an inf w_sum: not inf * 0)
+        sums[..., 2] += torch.where(m == shift, 0.0, w_sum_local * (m - shift))
 
 
 def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction, eps, z_loss,

@@ -88,11 +88,15 @@ def linear_sum_update(lin_vec, w_vec, z, w, mask, m_run, m_new):
     The loss needs ``sum(w) * lse - sum(w * z)``; taken relative to the max, both terms stay
     small, so neither logits far from 0 (1e4 + noise) nor one logit far from the rest (a
     -1e4 class of weight 0) make them cancel. ``w = 0`` lanes add 0, except ``0 * -inf``
-    = NaN, as torch's ``w * log_softmax``."""
+    = NaN, as torch's ``w * log_softmax``. Lanes at the max add exactly 0, also with an
+    infinite ``w`` (an inf weight or target entry at the row's largest logit): torch's
+    ``w * log_softmax`` is ``inf * (z - lse)``, infinite, not ``inf * 0``; such a lane's
+    share comes back through ``sum(w) * (lse - m)``, as every lane's does."""
     ref_old = finite_or_zero(m_run)
     ref_new = finite_or_zero(m_new)
-    lin_vec = lin_vec + w_vec * (ref_old - ref_new) + tl.where(mask, w * (z - ref_new), 0.0)
-    return lin_vec, w_vec + w
+    moved = tl.where(ref_old == ref_new, 0.0, w_vec * (ref_old - ref_new))
+    d = z - ref_new
+    return lin_vec + moved + tl.where(mask & (d != 0.0), w * d, 0.0), w_vec + w
 
 
 @triton.jit(do_not_specialize=["smoothing_bits", "scale_bits", "softcap_bits", "z_loss_bits"])
@@ -184,7 +188,10 @@ def cross_entropy_fwd_kernel(
         if COMPUTE_GRAD:
             row_scale = grad_scale
             if HAS_DSCALE:
-                row_scale = grad_scale * tl.load(DSCALE + r * sd).to(ACC)
+                d_out = tl.load(DSCALE + r * sd).to(ACC)
+                row_scale = grad_scale * d_out
+                # a non-finite grad_output: torch's NaN (cross_entropy_bwd_kernel's rule)
+                nonfinite = (tl.abs(d_out) == float("inf")) | (d_out != d_out)
             g_coef = coef * row_scale
             for start in range(0, C, BLOCK_N):
                 c = start + cols
@@ -210,6 +217,11 @@ def cross_entropy_fwd_kernel(
                     if HAS_SMOOTHING:
                         dz -= row_scale * eps_c * w
                 dz = dz * dzdx
+                if HAS_DSCALE:
+                    if PROB_TARGET or HAS_SMOOTHING:
+                        dz = tl.where(nonfinite, float("nan"), dz)
+                    else:
+                        dz = tl.where(c == tl.where(nonfinite, t, -1), float("nan"), dz)
                 if not PROB_TARGET:  # after dzdx: softcap's sech^2 of a NaN logit is NaN
                     dz = tl.where(ignored, 0.0, tl.where(in_range, dz, float("nan")))
                 tl.store(GRAD + r * sg + c, out_cast(dz, GRAD), mask=mask,

@@ -550,11 +550,15 @@ def test_nonfinite_grad_output_nan_pattern_like_torch(dtype, mode, device):
     x = (torch.randn(4, 6, generator=gen) * 3).to(dtype)
     x[0, 1] = -math.inf          # p = 0 off the target: 0 * inf
     x[1, 2] = -200.0             # p underflows at the target
+    weight = None
     if mode == "prob":
         t = torch.softmax(torch.randn(4, 6, generator=gen), -1).to(dtype)
         t[0, 3] = 0.0
+        t[1, 4] = -0.25  # w * q' of both signs in a row: +-inf terms, torch's NaN anyway
     else:
         t = torch.tensor([0, 2, -100, 5])
+    if mode == "smoothing":
+        weight = torch.tensor([1.0, -1.0, 1.0, 0.5, 2.0, 1.0], dtype=dtype).to(device)
     smoothing = 0.2 if mode == "smoothing" else 0.0
     x, t = x.to(device), t.to(device)
     for reduction, g in itertools.product(("none", "mean"), (math.inf, -math.inf, math.nan)):
@@ -562,7 +566,7 @@ def test_nonfinite_grad_output_nan_pattern_like_torch(dtype, mode, device):
         for fn in (F.cross_entropy, ce):
             leaf = x.clone().requires_grad_()
             kw = dict(inplace_backward=True) if fn is ce and mode == "inplace" else {}
-            loss = fn(leaf.clone() if kw else leaf, t, reduction=reduction,
+            loss = fn(leaf.clone() if kw else leaf, t, weight, reduction=reduction,
                       label_smoothing=smoothing, **kw)
             loss.backward(torch.full_like(loss, g))
             grads.append(leaf.grad)

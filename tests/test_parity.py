@@ -9,6 +9,7 @@ transforms and forward-mode AD, torch.compile with dynamic shapes, sample's gree
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -181,6 +182,74 @@ def test_infinite_weight_of_an_untargeted_class(device):
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_nonfinite_weight_of_the_ignored_class(bad, smoothing, device):
+    """Inverse-frequency weights give the never-counted padding class an inf weight: the
+    ignored rows' weights never enter the mean's denominator (torch: finite loss; inf with
+    smoothing, whose sum takes every class's weight)."""
+    x = torch.randn(3, 4, device=device, generator=None)
+    w = torch.tensor([bad, 1.0, 2.0, 0.5], device=device)
+    for t, ignore_index in ((torch.tensor([-100, 1, 3]), -100), (torch.tensor([0, 1, 3]), 0)):
+        t = t.to(device)
+        for reduction in ("mean", "sum", "none"):
+            kw = dict(weight=w, ignore_index=ignore_index, reduction=reduction,
+                      label_smoothing=smoothing)
+            torch.testing.assert_close(fs.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw),
+                                       equal_nan=True)
+    if smoothing == 0.0:  # the case is what it claims: torch's mean is finite
+        assert math.isfinite(F.cross_entropy(x, t.to(device), w, ignore_index=0).item())
+
+
+def test_infinite_weight_or_target_at_the_largest_logit(device):
+    """torch's ``w * log_softmax`` is inf * (z - lse), infinite, at the largest logit; the
+    kernel's sums are relative to the row max, where inf * 0 would be NaN."""
+    x = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]], device=device)
+    w = torch.tensor([math.inf, 1.0, 1.0], device=device)
+    t = torch.tensor([1, 2], device=device)
+    q = torch.tensor([[math.inf, 0.5, 0.2], [0.1, -math.inf, 0.3]], device=device)
+    for smoothing, (target, weight) in itertools.product((0.0, 0.1), ((t, w), (q, None))):
+        kw = dict(reduction="none", label_smoothing=smoothing)
+        theirs = F.cross_entropy(x, target, weight, **kw)
+        torch.testing.assert_close(fs.cross_entropy(x, target, weight, **kw), theirs)
+        if smoothing or target is q:  # the case is what it claims (index targets without
+            assert theirs.isinf().all()  # smoothing never read the untargeted inf weight)
+
+
+def test_soft_target_gradient_at_large_logits(device):
+    """The gradient with respect to a probability target is -log_softmax: formed from the
+    logits less their max, not as z - lse (whose rounding at 1e4 is 1e-3)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 8, generator=gen) + 1e4).to(device)
+    q0 = torch.softmax(torch.randn(4, 8, generator=gen), -1).to(device)
+    q, q64 = q0.clone().requires_grad_(), q0.double().requires_grad_()
+    fs.cross_entropy(x, q, label_smoothing=0.1).backward()
+    F.cross_entropy(x.double(), q64, label_smoothing=0.1).backward()
+    torch.testing.assert_close(q.grad.double(), q64.grad, rtol=0, atol=1e-6)  # was 9e-5
+
+
+def test_empty_spatial_input_with_uint8_target(device):
+    """torch refuses uint8 targets for (N, C, d...) inputs, but reduces an empty one."""
+    for shape in ((2, 5, 0), (0, 7, 2)):
+        x = torch.randn(*shape, device=device)
+        t = torch.zeros(shape[0], *shape[2:], dtype=torch.uint8, device=device)
+        for reduction in ("mean", "sum"):
+            torch.testing.assert_close(fs.cross_entropy(x, t, reduction=reduction),
+                                       F.cross_entropy(x, t, reduction=reduction), equal_nan=True)
+        same_error(F.cross_entropy, fs.cross_entropy, x, t, reduction="none")
+
+
+@pytest.mark.parametrize("args", [
+    lambda x, t: (x, t, [1.0, 1.0, 1.0]), lambda x, t: (x, [0, 1]), lambda x, t: ([[1.0]], t),
+    lambda x, t: (x, None), lambda x, t: (x, t, 2.0)], ids=["weight", "target", "input",
+                                                            "None target", "float weight"])
+def test_non_tensor_arguments_get_torchs_error(args, device):
+    x, t = torch.randn(2, 3, device=device), torch.tensor([0, 1], device=device)
+    theirs, ours = raised(F.cross_entropy, *args(x, t)), raised(fs.cross_entropy, *args(x, t))
+    assert theirs is not None
+    assert (type(ours), str(ours)) == (type(theirs), str(theirs))
 
 
 # --------------------------------------------------------------------------- transforms

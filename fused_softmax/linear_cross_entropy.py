@@ -572,6 +572,36 @@ def _check_linear_args(input, linear_weight, target, linear_bias):
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
+#: What the checks that mirror torch's raise.
+_CHECK_ERRORS = (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError,
+                 AttributeError)
+
+
+class _TorchCheck(Exception):
+    """A check that mirrors torch's refused the call (``ours``: our error)."""
+
+    def __init__(self, ours: Exception):
+        super().__init__(str(ours))
+        self.ours = ours
+
+
+def _torch_refuses_too(ours: Exception, call: dict):
+    """A call the checks refuse: torch's own error, word for word, from torch's own
+    ``linear_cross_entropy`` (torch 2.13), made on the error path only. Ours where torch
+    lacks the function or takes the call; input of more than 2 dims is ours to take (torch
+    would refuse it for that alone), and int32 targets reach torch as int64."""
+    torch_fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
+    call = dict(call)
+    input, linear_weight, target = call.pop("input"), call.pop("linear_weight"), call.pop("target")
+    if torch_fn is not None and not (isinstance(input, torch.Tensor) and input.dim() > 2):
+        if isinstance(target, torch.Tensor) and target.dtype == torch.int32:
+            target = target.long()
+        try:
+            torch_fn(input, linear_weight, target, **call)
+        except Exception as theirs:  # noqa: BLE001 - whatever torch raises is the contract
+            raise theirs.with_traceback(None) from None
+    raise ours from None
+
 
 def _c10_name(dtype: torch.dtype) -> str:
     """A dtype as torch's C++ errors print it (``double``, ``c10::BFloat16``)."""
@@ -664,11 +694,18 @@ def linear_cross_entropy(
         >>> loss = fused_softmax.linear_cross_entropy(hidden, head, target, label_smoothing=0.1)
         >>> loss.backward()
     """
-    lead, C, out, prob_target = _check_linear_args(input, linear_weight, target, linear_bias)
-    reduction = reduction_name(reduction)
-    if prob_target and ignore_index is not None:
-        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
-    ignore_index = -100 if ignore_index is None else check_ignore_index(ignore_index)
+    call = dict(input=input, linear_weight=linear_weight, target=target,
+                linear_bias=linear_bias, weight=weight, reduction=reduction,
+                ignore_index=ignore_index, label_smoothing=label_smoothing)
+    check_extras(logit_scale, softcap)
+    try:
+        lead, C, out, prob_target = _check_linear_args(input, linear_weight, target, linear_bias)
+        reduction = reduction_name(reduction)
+        if prob_target and ignore_index is not None:
+            raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+        ignore_index = -100 if ignore_index is None else check_ignore_index(ignore_index)
+    except _CHECK_ERRORS as ours:
+        _torch_refuses_too(ours, call)
     label_smoothing_applied = smoothing_value(label_smoothing)
     if C == 0 or needs_torch_ops(input, linear_weight, target, linear_bias, weight):
         # No logits to fuse (torch's zeros, NaN or IndexError), or torch.func transforms /
@@ -676,6 +713,19 @@ def linear_cross_entropy(
         return _composed(input, linear_weight, target, linear_bias, weight, reduction,
                          ignore_index, label_smoothing_applied, logit_scale, softcap, z_loss,
                          lead, C, out, prob_target)
+    try:
+        return _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                      label_smoothing, label_smoothing_applied, logit_scale, softcap, z_loss,
+                      chunk_size, vocab_chunk_size, lead, C, out, prob_target)
+    except _TorchCheck as refused:
+        _torch_refuses_too(refused.ours, call)
+
+
+def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+           label_smoothing, label_smoothing_applied, logit_scale, softcap, z_loss, chunk_size,
+           vocab_chunk_size, lead, C, out, prob_target):
+    """``linear_cross_entropy`` from its checked arguments; a call cross_entropy's checks
+    refuse raises ``_TorchCheck`` (torch's error is raised in its place)."""
     device_type = input.device.type
     autocast = _autocast_on(device_type)
     if autocast:  # torch: linear runs in the autocast dtype, cross_entropy in fp32
@@ -685,8 +735,9 @@ def linear_cross_entropy(
             t.to(low) if t is not None and t.dtype in _AUTOCAST_CASTS else t
             for t in (input, linear_weight, linear_bias))
         if input.dtype != linear_weight.dtype:
-            raise RuntimeError("expected m1 and m2 to have the same dtype, but got: "
-                               f"{_c10_name(input.dtype)} != {_c10_name(linear_weight.dtype)}")
+            raise _TorchCheck(RuntimeError(
+                "expected m1 and m2 to have the same dtype, but got: "
+                f"{_c10_name(input.dtype)} != {_c10_name(linear_weight.dtype)}"))
         # and cross_entropy casts its fp16 / bf16 class weight and probabilities to fp32
         weight, target = fp32_if_low(weight), fp32_if_low(target)
     ce_dtype = torch.float32 if autocast and input.dtype != torch.float64 else input.dtype
@@ -699,8 +750,10 @@ def linear_cross_entropy(
         logits_like_shape = (M, C, *out)
         target_like = target.new_empty(()).expand(logits_like_shape if prob_target else (M, *out))
     logits_like = torch.empty((), dtype=ce_dtype, device=input.device).expand(logits_like_shape)
-    check_extras(logit_scale, softcap)
-    _check_args(logits_like, target_like, weight, ignore_index, reduction, label_smoothing)
+    try:
+        _check_args(logits_like, target_like, weight, ignore_index, reduction, label_smoothing)
+    except _CHECK_ERRORS as ours:
+        raise _TorchCheck(ours) from None
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value < 1):

@@ -12,6 +12,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _backend
 from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
@@ -686,6 +687,13 @@ def cross_entropy(
         >>> loss = fused_softmax.cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
+    if has_torch_function_variadic(input, target, weight):  # torch.fx, __torch_function__
+        return handle_torch_function(
+            cross_entropy, (input, target, weight), input, target, weight=weight,
+            size_average=size_average, ignore_index=ignore_index, reduce=reduce,
+            reduction=reduction, label_smoothing=label_smoothing, logit_scale=logit_scale,
+            softcap=softcap, z_loss=z_loss, return_lse=return_lse,
+            inplace_backward=inplace_backward)
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     reduction = reduction_name(reduction)

@@ -76,6 +76,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import distributed as _vp
 from ._backend import acc_dtype, check_float, fp32_if_low, needs_torch_ops, use_triton
@@ -694,6 +695,14 @@ def linear_cross_entropy(
         >>> loss = fused_softmax.linear_cross_entropy(hidden, head, target, label_smoothing=0.1)
         >>> loss.backward()
     """
+    tensors = (input, linear_weight, target, linear_bias, weight)
+    if has_torch_function_variadic(*tensors):  # torch.fx, __torch_function__ subclasses
+        return handle_torch_function(
+            linear_cross_entropy, tensors, input, linear_weight, target,
+            linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing,
+            logit_scale=logit_scale, softcap=softcap, z_loss=z_loss, chunk_size=chunk_size,
+            vocab_chunk_size=vocab_chunk_size, options=options)
     call = dict(input=input, linear_weight=linear_weight, target=target,
                 linear_bias=linear_bias, weight=weight, reduction=reduction,
                 ignore_index=ignore_index, label_smoothing=label_smoothing)

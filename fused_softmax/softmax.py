@@ -7,14 +7,16 @@ constexpr ``MODE``; one backward kernel serves their gradients.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 from . import _backend
-from ._backend import (FLOAT_DTYPES, acc_dtype, autocast_to_fp32, check_float, float_bits,
-                       is_finite, needs_torch_ops, use_triton, wrap_dim)
+from ._backend import (FLOAT_DTYPES, LOW_FLOATS, acc_dtype, autocast_to_fp32, check_float,
+                       float_bits, is_finite, needs_torch_ops, use_triton, wrap_dim)
 
 if _backend.HAS_TRITON:
     import triton
@@ -119,6 +121,7 @@ def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None,
         _k.softmax_fwd_kernel, grid,
         xv, y, M * K, N, K, *sx, *sy, float_bits(inv_t),
         MODE=mode, ACC=_tl_acc(x.dtype if mode == LOGSUMEXP else y.dtype), **cfg,
+        ROUND_SCALED=mode != LOGSUMEXP and inv_t != 1.0 and y.dtype in LOW_FLOATS,
     )
     return y
 
@@ -148,7 +151,7 @@ def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None
 # --------------------------------------------------------------------------- torch path
 def _torch_fwd(x, dim, mode, inv_t):
     acc = acc_dtype(x.dtype)
-    xs = x if inv_t == 1.0 else _scaled(x.to(acc), inv_t)
+    xs = x if inv_t == 1.0 else _scaled(x, inv_t).to(acc)  # x / T rounded to x's dtype
     if mode == SOFTMAX:
         return torch.softmax(xs, dim).to(x.dtype)
     if mode == LOG_SOFTMAX:
@@ -244,7 +247,7 @@ def _widening(src: torch.dtype, dst: torch.dtype) -> bool:
 
 # --------------------------------------------------------------------------- public API
 def _legacy_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
-    if not torch.compiler.is_compiling():  # a graph break under torch.compile
+    if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn: a graph break
         warnings.warn(
             f"Implicit dimension choice for {name} has been deprecated. "
             "Change the call to include dim=X as an argument.",
@@ -254,12 +257,16 @@ def _legacy_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
 
 
 def _scaled(x: torch.Tensor, inv_t: float) -> torch.Tensor:
-    """``x * inv_t`` keeping ``-inf`` where ``inv_t`` rounds to 0 in ``x``'s dtype (the
-    kernels' ``scale``)."""
+    """``x * inv_t`` in ``x``'s dtype (computed in fp32 and rounded for fp16 / bf16, as
+    torch's ``x / T``), keeping ``-inf`` where ``inv_t`` rounds to 0 (the kernels'
+    ``scale``)."""
     return torch.where(x == -math.inf, x, x * inv_t)
 
 
 def _inv_temperature(temperature) -> float:
+    if not isinstance(temperature, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError("temperature must be a number or a tensor, not "
+                        f"{type(temperature).__name__}")
     t = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
     if not (t > 0.0 and is_finite(t)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
@@ -277,6 +284,12 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         raise AttributeError(f"'{type(input).__name__}' object has no attribute '{name}'")
     if dim is None:  # torch warns first, whatever is wrong with the rest
         dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
+    if isinstance(temperature, torch.Tensor):
+        # torch's softmax(input / T) (after the dtype= cast): broadcasting, T's gradient,
+        # and no check of T's values (reading them would synchronise with a GPU)
+        if dtype is not None:
+            input = input.to(_PYTHON_DTYPES.get(dtype, dtype))
+        return _softmax_like(mode, input / temperature, dim, stacklevel, None, 1.0)
     inv_t = _inv_temperature(temperature)
     requested = dtype
     dtype = _PYTHON_DTYPES.get(dtype, dtype)  # torch takes dtype=float (fp64), int, ...
@@ -304,10 +317,7 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         input = input.to(dtype)
     if torch_ops:
         torch_fn = torch.softmax if mode == SOFTMAX else torch.log_softmax
-        if inv_t == 1.0:
-            return torch_fn(input, dim)
-        # as the kernels: x / T in fp32 (fp64), not rounded to fp16/bf16 first
-        return torch_fn(_scaled(input.to(acc_dtype(input.dtype)), inv_t), dim).to(input.dtype)
+        return torch_fn(input if inv_t == 1.0 else _scaled(input, inv_t), dim)
     if input.dim() == 0:
         return _apply(input.reshape(1), 0, mode, inv_t, out_dtype).reshape(())
     return _apply(input, dim, mode, inv_t, out_dtype)
@@ -330,8 +340,13 @@ def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3
         dtype (torch.dtype, optional): cast ``input`` to this dtype first, as torch does;
             a widening cast (fp16/bf16 to fp32, fp32 to fp64) is folded into the
             kernel's read (no copy), and the gradient comes back in ``input``'s dtype.
-        temperature (float, keyword-only): divide the logits by ``T > 0`` first (in fp32
-            registers, no extra pass); ``T < 1`` sharpens, ``T > 1`` flattens.
+        temperature (float or Tensor, keyword-only): divide the logits by ``T`` first:
+            ``softmax(input / T)``, as torch computes it (``input / T`` rounded to fp16 /
+            bf16 for such inputs, after the ``dtype=`` cast), but in registers, with no
+            extra pass. A number must be finite and ``> 0``; ``T < 1`` sharpens, ``T > 1``
+            flattens. A tensor (one value, or any shape that broadcasts against
+            ``input``, e.g. one per row) is applied as ``input / T`` with torch ops before
+            the kernel, differentiable with respect to ``T``, its values unchecked.
 
     Returns:
         Tensor of ``input``'s shape and (cast) dtype; each slice along ``dim`` sums to 1.
@@ -344,6 +359,9 @@ def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3
         >>> fused_softmax.softmax(x, dim=-1)   # exp(1000) overflows; the kernel does not
         tensor([[0.2447, 0.6652, 0.0900]])
     """
+    if has_torch_function_unary(input):  # torch.fx tracing, __torch_function__ subclasses
+        return handle_torch_function(softmax, (input,), input, dim, _stacklevel, dtype,
+                                     temperature=temperature)
     return _softmax_like(SOFTMAX, input, dim, _stacklevel, dtype, temperature)
 
 
@@ -360,6 +378,9 @@ def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int
         >>> fused_softmax.log_softmax(torch.tensor([0.0, -200.0]), dim=0)
         tensor([   0., -200.])
     """
+    if has_torch_function_unary(input):
+        return handle_torch_function(log_softmax, (input,), input, dim, _stacklevel, dtype,
+                                     temperature=temperature)
     return _softmax_like(LOG_SOFTMAX, input, dim, _stacklevel, dtype, temperature)
 
 
@@ -377,7 +398,9 @@ def _logsumexp_out(input, dim, keepdim, out):
     if torch.finfo(out.dtype).bits > torch.finfo(input.dtype).bits:
         input = input.to(out.dtype)
     result = logsumexp(input, dim, keepdim)
-    if out.numel() and out.shape != result.shape:
+    if out.shape == result.shape:  # no resize_ (torch.compile(fullgraph=True) has none)
+        return out.copy_(result)
+    if out.numel():
         warnings.warn(
             f"An output with one or more elements was resized since it had shape "
             f"{list(out.shape)}, which does not match the required output shape "
@@ -428,6 +451,8 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
         >>> fused_softmax.logsumexp(torch.tensor([1000.0, 1000.0]), dim=0)
         tensor(1000.6931)
     """
+    if has_torch_function_unary(input):
+        return handle_torch_function(logsumexp, (input,), input, dim, keepdim, out=out)
     if not isinstance(input, torch.Tensor) or not isinstance(keepdim, bool):
         return torch.logsumexp(input, dim, keepdim)  # torch's TypeError
     if out is not None:

@@ -557,16 +557,97 @@ def test_fp64_scalars_reach_the_kernels_exactly(device):
     torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_temperature_under_torch_func_is_computed_in_fp32(device):
-    """vmap / jvp go through torch ops: x / T is still taken in fp32, not rounded to bf16
-    first (which moved a probability by 38%)."""
-    x = torch.tensor([[100.0, 99.0]], dtype=torch.bfloat16, device=device)
-    ref = torch.softmax(x.double() / 0.7, 1)
-    got = torch.func.vmap(lambda v: fs.softmax(v, 0, temperature=0.7))(x)
-    assert (got.double() - ref).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps
-    h = torch.tensor([[100.0, 99.0, 0.0]], dtype=torch.float16, device=device)
-    got = torch.func.vmap(lambda v: fs.softmax(v, 0, temperature=1e-3))(h)
-    torch.testing.assert_close(got, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float16, device=device))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["kernel", "torch.func"])
+def test_temperature_rounds_x_over_t_as_torch(dtype, path, device):
+    """softmax(x, temperature=T) is torch's softmax(x / T): x / T rounded to fp16 / bf16
+    (which moves [10, 10.01, 9.99] / 0.01 by a tenth), an overflow to inf included (NaN)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.tensor([[10.0, 10.01, 9.99, 0.0]]), torch.randn(6, 4, generator=gen) * 3])
+    x = x.to(dtype).to(device)
+    big = torch.tensor([[60000.0, 0.0, 1.0, 2.0]], dtype=dtype, device=device)
+    if dtype == torch.bfloat16:
+        big[0, 0] = 3e38  # / 0.5 overflows bf16 too
+    x = torch.cat([x, big])
+    for name, T in itertools.product(("softmax", "log_softmax"), (0.01, 0.5, 0.7, 3.0)):
+        # torch's x / T, the rest in fp64: torch's own fp16 log_softmax is 1e-3 off near 0
+        z = x / T
+        ref = getattr(F, name)(z.double(), -1).to(dtype)
+        assert_same_nonfinite(getattr(F, name)(z, -1), ref)
+        if path == "kernel":
+            got = getattr(fs, name)(x, -1, temperature=T)
+        else:  # torch's own ops on x / T: torch's result
+            got = torch.func.vmap(lambda v, n=name, t=T: getattr(fs, n)(v, 0, temperature=t))(x)
+            ref = getattr(F, name)(z, -1)
+        torch.testing.assert_close(got, ref, equal_nan=True, msg=f"{name} T={T}")
+        if T == 0.5:
+            assert got[-1].isnan().all()  # x / T overflowed: torch's NaN row
+
+
+def assert_same_nonfinite(a, b):
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_tensor_temperature_is_input_over_t(name, device):
+    """A tensor temperature is torch's input / T: broadcast (one per row here), its
+    gradient computed, and compiled without a graph break."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, generator=gen, dtype=torch.float64).to(device)
+    T0 = torch.tensor([[0.5], [1.0], [2.5]], dtype=torch.float64, device=device)
+    fn, ref_fn = getattr(fs, name), getattr(F, name)
+    T, Tr = T0.clone().requires_grad_(), T0.clone().requires_grad_()
+    got, ref = fn(x, -1, temperature=T), ref_fn(x / Tr, -1)
+    torch.testing.assert_close(got, ref)
+    w = torch.randn(3, 6, generator=gen, dtype=torch.float64).to(device)
+    (got * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(T.grad, Tr.grad)
+    compiled = torch.compile(lambda a, t: fn(a, -1, temperature=t), fullgraph=True,
+                             backend="eager")
+    torch.testing.assert_close(compiled(x, T0), ref.detach())
+    half = x.to(torch.float16)  # dtype= casts first, then the division
+    torch.testing.assert_close(fn(half, -1, dtype=torch.float32, temperature=T0.float()),
+                               ref_fn(half.float() / T0.float(), -1))
+
+
+@pytest.mark.parametrize("bad", ["2", None, [2.0]])
+def test_temperature_of_another_type_is_a_type_error(bad, device):
+    with pytest.raises(TypeError, match="temperature must be a number or a tensor"):
+        fs.softmax(torch.randn(2, 3, device=device), -1, temperature=bad)
+
+
+def test_fx_symbolic_trace_records_the_fused_functions(device):
+    """torch.fx traces through __torch_function__, as for torch's own functions: the graph
+    calls ours, and runs as the module does."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sm = fs.nn.Softmax(1)
+            self.loss = fs.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+        def forward(self, x, t, h, w):
+            return (self.sm(x).sum() + fs.log_softmax(x, 0, temperature=2.0).sum()
+                    + fs.logsumexp(x, 1).sum() + self.loss(x, t) + fs.cross_entropy(x, t)
+                    + fs.linear_cross_entropy(h, w, t))
+
+    graph_module = torch.fx.symbolic_trace(Model())
+    called = {n.target for n in graph_module.graph.nodes if n.op == "call_function"}
+    assert {fs.softmax, fs.log_softmax, fs.logsumexp, fs.cross_entropy,
+            fs.linear_cross_entropy} <= called
+    gen = torch.Generator().manual_seed(6)
+    x, h = torch.randn(4, 7, generator=gen).to(device), torch.randn(4, 5, generator=gen).to(device)
+    w, t = torch.randn(7, 5, generator=gen).to(device), torch.tensor([0, 3, 6, 1], device=device)
+    torch.testing.assert_close(graph_module(x, t, h, w), Model()(x, t, h, w))
+
+
+def test_logsumexp_out_compiles_fullgraph(device):
+    x, out = torch.randn(3, 4, device=device), torch.empty(3, device=device)
+    compiled = torch.compile(lambda a, o: fs.logsumexp(a, 1, out=o), fullgraph=True,
+                             backend="eager")
+    got = compiled(x, out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, torch.logsumexp(x, 1))
 
 
 @pytest.mark.parametrize("cls,ref", [(fs.nn.Softmax, torch.softmax), (fs.nn.LogSoftmax, torch.log_softmax)])

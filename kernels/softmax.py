@@ -89,15 +89,15 @@ def div_(a, b, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def scale(x, inv_temperature, ROUND_TO=None):
+def scale(x, inv_temperature, PTR=None, ROUND: tl.constexpr = False):
     """``x / T`` as ``x * (1 / T)``, keeping ``-inf`` (padding lanes, -inf logits) at
     ``-inf`` when ``1 / T`` rounds to 0 (``T`` near fp32's range): ``-inf * 0`` is NaN.
-    ``ROUND_TO`` (a pointer to fp16 / bf16, or None): the scaled value is rounded to its
-    dtype, as torch's ``softmax(x / T)`` rounds ``x / T`` (an overflow included) before
-    the softmax, so that fp16 / bf16 results equal torch's."""
+    ``ROUND``: the scaled value is rounded to ``PTR``'s dtype (fp16 / bf16), as torch's
+    ``softmax(x / T)`` rounds ``x / T`` (an overflow included) before the softmax, so that
+    fp16 / bf16 results equal torch's."""
     y = tl.where(x == -float("inf"), x, x * inv_temperature)
-    if ROUND_TO is not None:
-        y = out_cast(y, ROUND_TO).to(x.dtype)
+    if ROUND:
+        y = out_cast(y, PTR).to(x.dtype)
     return y
 
 
@@ -154,7 +154,7 @@ def softmax_fwd_kernel(
     inv_t_bits,
     MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, WIDE: tl.constexpr,
-    ROUND_SCALED: tl.constexpr = False,
+    ROUND_SCALED: tl.constexpr,
 ):
     """``MODE`` SOFTMAX / LOG_SOFTMAX write ``Y`` shaped like ``X``; LOGSUMEXP writes one
     value per position into ``Y`` (``n_pos`` contiguous, in ``Y``'s dtype).
@@ -162,7 +162,6 @@ def softmax_fwd_kernel(
     other than 1), as torch's ``softmax(x / T)``."""
     inv_temperature = float_arg(inv_t_bits, ACC)
     PRECISE: tl.constexpr = Y.dtype.element_ty == tl.float32
-    ROUND_TO: tl.constexpr = Y if ROUND_SCALED else None
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     if WIDE:  # (N - 1) * stride along the reduced dim reaches 2^31: 64-bit column offsets
@@ -174,7 +173,7 @@ def softmax_fwd_kernel(
         if SINGLE_PASS:
             mask = pmask[:, None] & (cols < N)[None, :]
             x = tl.load(xrow + cols[None, :] * sxn, mask=mask, other=-float("inf"))
-            x = scale(x.to(ACC), inv_temperature, ROUND_TO)
+            x = scale(x.to(ACC), inv_temperature, Y, ROUND_SCALED)
             m = tl.max(x, 1)
             shift = finite_or_zero(m)
             e = exp_(x - shift[:, None], PRECISE)
@@ -187,7 +186,7 @@ def softmax_fwd_kernel(
                 mask = pmask[:, None] & (c < N)[None, :]
                 x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
                             eviction_policy="evict_last")
-                m, s_vec = online_update(m, s_vec, scale(x.to(ACC), inv_temperature, ROUND_TO), PRECISE)
+                m, s_vec = online_update(m, s_vec, scale(x.to(ACC), inv_temperature, Y, ROUND_SCALED), PRECISE)
             shift = finite_or_zero(m)
             s = tl.sum(s_vec, 1)
 
@@ -210,7 +209,7 @@ def softmax_fwd_kernel(
                     mask = pmask[:, None] & (c < N)[None, :]
                     x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
                                 eviction_policy="evict_first")
-                    x = scale(x.to(ACC), inv_temperature, ROUND_TO)
+                    x = scale(x.to(ACC), inv_temperature, Y, ROUND_SCALED)
                     if MODE == SOFTMAX:
                         y = div_(exp_(x - shift[:, None], PRECISE), s[:, None], PRECISE)
                     else:

@@ -41,6 +41,10 @@ SCRIPT = textwrap.dedent("""
 
     def compile_for_h100(kernel, constexprs, data="bf16", override=None):
         # Pointers in the data dtype (fp32 side buffers), ints (and float bits) i64.
+        # The softmax forward's ROUND_SCALED is off unless given (the backward has none).
+        constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+        if "ROUND_SCALED" in kernel.arg_names:
+            constexprs.setdefault("ROUND_SCALED", False)
         acc = "fp64" if constexprs.get("ACC") == tl.float64 else "fp32"
         sig = {}
         for name in kernel.arg_names:
@@ -90,6 +94,11 @@ SCRIPT = textwrap.dedent("""
         ksm.softmax_fwd_kernel, widen, "bf16", dict(Y="*fp32")))
     attempt("softmax widening bwd", lambda: compile_for_h100(
         ksm.softmax_bwd_kernel, widen, "fp32", dict(DX="*bf16")))
+    for data in ("bf16", "fp16"):  # a temperature: x / T rounded to the dtype, as torch's
+        attempt(f"softmax rounded temperature {data} fwd", lambda: compile_for_h100(
+            ksm.softmax_fwd_kernel,
+            dict(MODE=0, ACC=tl.float32, BLOCK_R=2, BLOCK_N=1024, SINGLE_PASS=False, WIDE=False,
+                 ROUND_SCALED=True), data))
     attempt("softmax wide-offsets fwd", lambda: compile_for_h100(
         ksm.softmax_fwd_kernel,
         dict(MODE=1, ACC=tl.float32, BLOCK_R=64, BLOCK_N=64, SINGLE_PASS=False, WIDE=True)))
@@ -99,6 +108,11 @@ SCRIPT = textwrap.dedent("""
                      ACC=tl.float32, BLOCK_N=4096)
         for data in ("bf16", "fp32"):
             attempt(f"{name} {data}", lambda: compile_for_h100(kce.cross_entropy_fwd_kernel, const, data))
+    # fp16's deferred backward of index targets without smoothing (grad_output folded in)
+    attempt("ce index deferred fp16", lambda: compile_for_h100(kce.cross_entropy_fwd_kernel, dict(
+        PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False,
+        HAS_Z_LOSS=False, COMPUTE_GRAD=True, HAS_DSCALE=True, ACC=tl.float32, BLOCK_N=4096),
+        "fp16"))
     for row, tgt in ce_bwd_cases:
         attempt(f"ce bwd row={row} target={tgt}", lambda: compile_for_h100(
             kce.cross_entropy_bwd_kernel,
@@ -122,7 +136,9 @@ def compiled():
 @pytest.mark.parametrize("name", [f"{n} {t} {d}" for n in SOFTMAX_CASES for t in ("bf16", "fp32")
                                   for d in ("fwd", "bwd")]
                          + ["fp32 softmax is precise", "softmax fp64 fwd", "softmax wide-offsets fwd",
-                            "softmax widening fwd", "softmax widening bwd"]
+                            "softmax widening fwd", "softmax widening bwd",
+                            "softmax rounded temperature bf16 fwd",
+                            "softmax rounded temperature fp16 fwd", "ce index deferred fp16"]
                          + [f"{n} {t}" for n in CE_CASES for t in ("bf16", "fp32")]
                          + [f"ce bwd row={r} target={t}" for r, t in CE_BWD_CASES])
 def test_kernel_compiles_for_sm90(compiled, name):

@@ -194,3 +194,12 @@ def float_bits(v: float) -> int:
     # The positive subnormals 1.06e-314 .. 2.12e-314 have bits in [2^31, 2^32), which the
     # interpreter passes as uint32 (the bitcast to fp64 then fails): 0 for them, everywhere.
     return 0 if 2**31 <= bits < 2**32 else bits
+
+
+def torch_function_dispatch(*tensors) -> bool:
+    """Whether to hand the call to ``__torch_function__`` (torch.fx proxies, tensor
+    subclasses), as torch's own functions do. Not inside torch.compile, whose Dynamo sees
+    the subclass's own ``__torch_function__`` already (and fails, fullgraph, on a second
+    dispatch from within it)."""
+    return (not torch.compiler.is_compiling()
+            and torch.overrides.has_torch_function_variadic(*tensors))

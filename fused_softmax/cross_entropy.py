@@ -12,11 +12,12 @@ import math
 from typing import Optional
 
 import torch
-from torch.overrides import handle_torch_function, has_torch_function_variadic
+from torch.overrides import handle_torch_function
 
 from . import _backend
 from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
-                       float_bits, fp32_if_low, is_finite, needs_torch_ops, use_triton)
+                       float_bits, fp32_if_low, is_finite, needs_torch_ops,
+                       torch_function_dispatch, use_triton)
 
 if _backend.HAS_TRITON:
     import triton
@@ -687,7 +688,7 @@ def cross_entropy(
         >>> loss = fused_softmax.cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
-    if has_torch_function_variadic(input, target, weight):  # torch.fx, __torch_function__
+    if torch_function_dispatch(input, target, weight):  # torch.fx, __torch_function__
         return handle_torch_function(
             cross_entropy, (input, target, weight), input, target, weight=weight,
             size_average=size_average, ignore_index=ignore_index, reduce=reduce,

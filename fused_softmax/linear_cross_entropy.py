@@ -76,10 +76,11 @@ import math
 from typing import Optional
 
 import torch
-from torch.overrides import handle_torch_function, has_torch_function_variadic
+from torch.overrides import handle_torch_function
 
 from . import distributed as _vp
-from ._backend import acc_dtype, check_float, fp32_if_low, needs_torch_ops, use_triton
+from ._backend import (acc_dtype, check_float, fp32_if_low, needs_torch_ops,
+                       torch_function_dispatch, use_triton)
 from .cross_entropy import (_check_args, _kernel_operands, _prob_target_grads,
                             _reduction_scalars, check_extras, check_ignore_index,
                             check_targets_on_cpu, cross_entropy, mean_of, reduction_name,
@@ -586,15 +587,31 @@ class _TorchCheck(Exception):
         self.ours = ours
 
 
+#: torch's linear_cross_entropy may form all the logits before it refuses a call (a bad
+#: reduction, say): the error path asks it only up to 16M logits (64 MB in fp32).
+_ERROR_PATH_LOGITS = 2**24
+
+
+def _logits_numel(input, linear_weight) -> int:
+    """The number of logits ``linear(input, linear_weight)`` would make (0 if unknown)."""
+    if not (isinstance(input, torch.Tensor) and isinstance(linear_weight, torch.Tensor)
+            and input.dim() >= 1 and linear_weight.dim() >= 1):
+        return 0
+    rows = input.numel() // max(input.shape[-1], 1)
+    return rows * (linear_weight.numel() // max(linear_weight.shape[-1], 1))
+
+
 def _torch_refuses_too(ours: Exception, call: dict):
     """A call the checks refuse: torch's own error, word for word, from torch's own
-    ``linear_cross_entropy`` (torch 2.13), made on the error path only. Ours where torch
-    lacks the function or takes the call; input of more than 2 dims is ours to take (torch
-    would refuse it for that alone), and int32 targets reach torch as int64."""
+    ``linear_cross_entropy`` (torch 2.13), made on the error path only, for calls of at
+    most ``_ERROR_PATH_LOGITS`` logits. Ours where torch lacks the function, takes the
+    call, or is not asked; input of more than 2 dims is ours to take (torch would refuse it
+    for that alone), and int32 targets reach torch as int64."""
     torch_fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
     call = dict(call)
     input, linear_weight, target = call.pop("input"), call.pop("linear_weight"), call.pop("target")
-    if torch_fn is not None and not (isinstance(input, torch.Tensor) and input.dim() > 2):
+    if torch_fn is not None and not (isinstance(input, torch.Tensor) and input.dim() > 2) \
+            and _logits_numel(input, linear_weight) <= _ERROR_PATH_LOGITS:
         if isinstance(target, torch.Tensor) and target.dtype == torch.int32:
             target = target.long()
         try:
@@ -696,7 +713,7 @@ def linear_cross_entropy(
         >>> loss.backward()
     """
     tensors = (input, linear_weight, target, linear_bias, weight)
-    if has_torch_function_variadic(*tensors):  # torch.fx, __torch_function__ subclasses
+    if torch_function_dispatch(*tensors):  # torch.fx, __torch_function__ subclasses
         return handle_torch_function(
             linear_cross_entropy, tensors, input, linear_weight, target,
             linear_bias=linear_bias, weight=weight, reduction=reduction,

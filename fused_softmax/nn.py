@@ -37,7 +37,8 @@ class _TemperatureMixin:
         return fn(input, self.dim, _stacklevel=6, temperature=self.temperature)
 
     def extra_repr(self) -> str:
-        extra = f", temperature={self.temperature}" if self.temperature != 1.0 else ""
+        t = self.temperature
+        extra = "" if isinstance(t, (int, float)) and t == 1.0 else f", temperature={t}"
         return f"dim={self.dim}{extra}"
 
 

@@ -7,16 +7,17 @@ constexpr ``MODE``; one backward kernel serves their gradients.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
-from torch.overrides import handle_torch_function, has_torch_function_unary
+from torch.overrides import handle_torch_function
 
 from . import _backend
 from ._backend import (FLOAT_DTYPES, LOW_FLOATS, acc_dtype, autocast_to_fp32, check_float,
-                       float_bits, is_finite, needs_torch_ops, use_triton, wrap_dim)
+                       float_bits, is_finite, needs_torch_ops, torch_function_dispatch,
+                       use_triton, wrap_dim)
 
 if _backend.HAS_TRITON:
     import triton
@@ -263,14 +264,22 @@ def _scaled(x: torch.Tensor, inv_t: float) -> torch.Tensor:
     return torch.where(x == -math.inf, x, x * inv_t)
 
 
-def _inv_temperature(temperature) -> float:
-    if not isinstance(temperature, (numbers.Real, torch.SymFloat, torch.SymInt)):
+def _inv_temperature(temperature, dtype: torch.dtype) -> float:
+    """``1 / T`` as torch's CUDA kernels multiply by it for ``x / T`` of a ``dtype`` tensor:
+    in fp32 (``1 / fl32(T)`` rounded to fp32) below fp64, in fp64 for fp64."""
+    bad_type = isinstance(temperature, (str, bytes, bool)) or temperature is None
+    try:
+        t = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
+    except (TypeError, ValueError):
+        bad_type = True
+    if bad_type:
         raise TypeError("temperature must be a number or a tensor, not "
                         f"{type(temperature).__name__}")
-    t = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
     if not (t > 0.0 and is_finite(t)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    return 1.0 / t
+    if dtype == torch.float64 or isinstance(t, torch.SymFloat):
+        return 1.0 / t
+    return float(np.float32(1.0) / np.float32(t))
 
 
 _PYTHON_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool,
@@ -282,17 +291,20 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     name = _NAMES[mode]
     if not isinstance(input, torch.Tensor):  # torch calls input.softmax(...): AttributeError
         raise AttributeError(f"'{type(input).__name__}' object has no attribute '{name}'")
+    if isinstance(temperature, torch.Tensor):
+        # input / T with torch ops, then the softmax: broadcasting and type promotion (the
+        # result in dtype= where given; dtype= casts first, as for a number), T's gradient,
+        # the legacy dim of the quotient, and no check of T's values (reading them would
+        # synchronise with a GPU)
+        cast = _PYTHON_DTYPES.get(dtype, dtype)
+        x = input.to(cast) if isinstance(cast, torch.dtype) else input
+        return _softmax_like(mode, x / temperature, dim, stacklevel + 1, dtype, 1.0)
     if dim is None:  # torch warns first, whatever is wrong with the rest
         dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
-    if isinstance(temperature, torch.Tensor):
-        # torch's softmax(input / T) (after the dtype= cast): broadcasting, T's gradient,
-        # and no check of T's values (reading them would synchronise with a GPU)
-        if dtype is not None:
-            input = input.to(_PYTHON_DTYPES.get(dtype, dtype))
-        return _softmax_like(mode, input / temperature, dim, stacklevel, None, 1.0)
-    inv_t = _inv_temperature(temperature)
     requested = dtype
     dtype = _PYTHON_DTYPES.get(dtype, dtype)  # torch takes dtype=float (fp64), int, ...
+    inv_t = _inv_temperature(
+        temperature, dtype if isinstance(dtype, torch.dtype) else input.dtype)
     if dtype is None and autocast_to_fp32(name, input):  # torch: dtype=float32 under autocast
         dtype = torch.float32
     try:
@@ -346,7 +358,8 @@ def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3
             extra pass. A number must be finite and ``> 0``; ``T < 1`` sharpens, ``T > 1``
             flattens. A tensor (one value, or any shape that broadcasts against
             ``input``, e.g. one per row) is applied as ``input / T`` with torch ops before
-            the kernel, differentiable with respect to ``T``, its values unchecked.
+            the kernel (type promotion decides the result's dtype unless ``dtype=`` is
+            given), differentiable with respect to ``T``, its values unchecked.
 
     Returns:
         Tensor of ``input``'s shape and (cast) dtype; each slice along ``dim`` sums to 1.
@@ -359,7 +372,7 @@ def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3
         >>> fused_softmax.softmax(x, dim=-1)   # exp(1000) overflows; the kernel does not
         tensor([[0.2447, 0.6652, 0.0900]])
     """
-    if has_torch_function_unary(input):  # torch.fx tracing, __torch_function__ subclasses
+    if torch_function_dispatch(input):  # torch.fx tracing, __torch_function__ subclasses
         return handle_torch_function(softmax, (input,), input, dim, _stacklevel, dtype,
                                      temperature=temperature)
     return _softmax_like(SOFTMAX, input, dim, _stacklevel, dtype, temperature)
@@ -378,7 +391,7 @@ def log_softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int
         >>> fused_softmax.log_softmax(torch.tensor([0.0, -200.0]), dim=0)
         tensor([   0., -200.])
     """
-    if has_torch_function_unary(input):
+    if torch_function_dispatch(input):
         return handle_torch_function(log_softmax, (input,), input, dim, _stacklevel, dtype,
                                      temperature=temperature)
     return _softmax_like(LOG_SOFTMAX, input, dim, _stacklevel, dtype, temperature)
@@ -451,7 +464,7 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
         >>> fused_softmax.logsumexp(torch.tensor([1000.0, 1000.0]), dim=0)
         tensor(1000.6931)
     """
-    if has_torch_function_unary(input):
+    if torch_function_dispatch(input):
         return handle_torch_function(logsumexp, (input,), input, dim, keepdim, out=out)
     if not isinstance(input, torch.Tensor) or not isinstance(keepdim, bool):
         return torch.logsumexp(input, dim, keepdim)  # torch's TypeError

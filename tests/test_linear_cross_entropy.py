@@ -715,6 +715,18 @@ def test_errors_word_for_word_like_torch(name, device):
     assert outcome[1] == outcome[0]
 
 
+def test_error_path_asks_torch_only_for_small_calls(device, monkeypatch):
+    """torch's linear_cross_entropy forms all the logits before it refuses a bad reduction:
+    above the bound the error is ours (the same type), and no logits are formed."""
+    x, W, t, _, _ = make(device)
+    monkeypatch.setattr(lce_mod, "_ERROR_PATH_LOGITS", x.shape[0] * W.shape[0] - 1)
+    with pytest.raises(ValueError, match="avg is not a valid value for reduction"):
+        lce(x, W, t, reduction="avg")
+    bias = torch.zeros(W.shape[0], dtype=torch.float64, device=device)
+    with pytest.raises(RuntimeError, match="expected input and linear_bias to have the same"):
+        lce(x, W, t, linear_bias=bias)  # ours, where torch's words are its matmul's
+
+
 def test_class_weight_requiring_grad_with_index_target_errors_like_torch(device):
     x, W, t, _, w = make(device, weighted=True)
     w.requires_grad_(True)

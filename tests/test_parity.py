@@ -609,9 +609,18 @@ def test_tensor_temperature_is_input_over_t(name, device):
     half = x.to(torch.float16)  # dtype= casts first, then the division
     torch.testing.assert_close(fn(half, -1, dtype=torch.float32, temperature=T0.float()),
                                ref_fn(half.float() / T0.float(), -1))
+    # the result in dtype= where given, though T's dtype promotes the quotient
+    narrow = fn(x.float(), -1, dtype=torch.float16, temperature=T0.float())
+    assert narrow.dtype == torch.float16
+    torch.testing.assert_close(narrow, ref_fn(x.float() / T0.float(), -1, dtype=torch.float16))
+    # the legacy dim=None rule applies to the quotient's rank (torch's softmax(v / T))
+    v, T2 = x[0], T0[:2]
+    with pytest.warns(UserWarning, match="Implicit dimension choice"):
+        torch.testing.assert_close(fn(v, temperature=T2), ref_fn(v / T2, 1))
+    assert "temperature=" in repr(fs.nn.Softmax(1, temperature=T0))
 
 
-@pytest.mark.parametrize("bad", ["2", None, [2.0]])
+@pytest.mark.parametrize("bad", ["2", None, [2.0], True])
 def test_temperature_of_another_type_is_a_type_error(bad, device):
     with pytest.raises(TypeError, match="temperature must be a number or a tensor"):
         fs.softmax(torch.randn(2, 3, device=device), -1, temperature=bad)
@@ -639,6 +648,26 @@ def test_fx_symbolic_trace_records_the_fused_functions(device):
     x, h = torch.randn(4, 7, generator=gen).to(device), torch.randn(4, 5, generator=gen).to(device)
     w, t = torch.randn(7, 5, generator=gen).to(device), torch.tensor([0, 3, 6, 1], device=device)
     torch.testing.assert_close(graph_module(x, t, h, w), Model()(x, t, h, w))
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("call", [
+    lambda a: fs.softmax(a, -1), lambda a: fs.log_softmax(a, 0, temperature=2.0),
+    lambda a: fs.logsumexp(a, 1), lambda a: fs.cross_entropy(a, torch.arange(3, device=a.device))],
+    ids=["softmax", "log_softmax", "logsumexp", "cross_entropy"])
+def test_tensor_subclass_compiles_fullgraph(call, device):
+    """A __torch_function__ subclass: eager dispatches through it, as torch's functions do;
+    torch.compile(fullgraph=True) sees the subclass itself (no second dispatch)."""
+    x = torch.randn(3, 4, device=device)
+    sub = x.as_subclass(_Subclass)
+    eager = call(sub)
+    compiled = torch.compile(call, fullgraph=True, backend="eager")(sub)
+    assert type(eager) is _Subclass and type(compiled) is _Subclass
+    torch.testing.assert_close(compiled.as_subclass(torch.Tensor), call(x))
+    torch.testing.assert_close(eager.as_subclass(torch.Tensor), call(x))
 
 
 def test_logsumexp_out_compiles_fullgraph(device):

@@ -93,7 +93,9 @@ def _torch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, sof
     sums[:, 1] = torch.where(owned, z_t, 0.0)
     if sums.shape[1] == 3:  # relative to the shard's max, as the kernel's
         zr = z - _finite_or_zero(m)[:, None]
-        sums[:, 2] = (zr * weight.to(z.dtype) if weight is not None else zr).sum(-1)
+        if weight is not None:  # 0 at the max, also for an inf weight (the kernel's rule)
+            zr = torch.where(zr == 0, 0.0, zr * weight.to(z.dtype))
+        sums[:, 2] = zr.sum(-1)
     row_max.copy_(m)
 
 
@@ -226,7 +228,8 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
         coef = coef + 2.0 * z_loss * lse
     loss = torch.where(valid, torch.where(in_range, loss, math.nan), 0.0)
     # The same on every rank (target and weight are), so a mean agrees everywhere.
-    denom = (w_t * valid).sum() if weight is not None else valid.sum(dtype=acc)
+    # where, not times: an inf (or NaN) weight of an ignored row's class is left out
+    denom = torch.where(valid, w_t, 0.0).sum() if weight is not None else valid.sum(dtype=acc)
     if reduction == "sum":
         out = loss.sum()
     elif reduction == "mean":
@@ -242,7 +245,8 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
     # softmax: NaN coefficients, so that even a zero grad_output gives NaN, as torch's.
     row_scale = torch.where(valid, torch.where(in_range & lse.isfinite(), grad_scale, math.nan), 0.0)
     cols = [coef, (1.0 - eps) * w_t] + ([eps_v.expand(n_rows)] if eps > 0 else [])
-    return out, lse, torch.stack(cols, 1) * row_scale[:, None]
+    # (where, not times, for ignored rows: an inf weight of their class times 0 is NaN)
+    return out, lse, torch.where(valid[:, None], torch.stack(cols, 1) * row_scale[:, None], 0.0)
 
 
 def scale_coefficients(coef, dloss, logit_scale):

@@ -85,6 +85,7 @@ class Case:
     vocab: int = 30
     weight_extra: int = 0  # a weight longer than the vocabulary (an error)
     bad_target: bool = False  # a target == V (an error)
+    inf_weight: Optional[object] = None  # a class (or "argmax": row 0's largest) of weight inf
     error: Optional[tuple] = None  # (exception type name, message regex) every rank raises
 
     @property
@@ -107,6 +108,11 @@ CASES = [
     Case("label smoothing", label_smoothing=0.1),
     Case("label smoothing with weight", label_smoothing=0.2, weight=True, layout="reversed"),
     Case("weight", weight=True),
+    # inverse-frequency weights: the never-counted padding class's weight is inf
+    Case("inf weight of the ignored class", weight=True, ignore_index=13, ignored_rows=(1, 3),
+         inf_weight=13),
+    Case("inf weight at the largest logit, smoothing", weight=True, label_smoothing=0.1,
+         reduction="none", inf_weight="argmax"),
     Case("z_loss", z_loss=0.05),
     Case("logit_scale", logit_scale=0.5, reduction="sum"),
     Case("everything, none", reduction="none", **EVERYTHING),
@@ -147,6 +153,8 @@ def make_inputs(case: Case):
     weight = None
     if case.weight:
         weight = (torch.rand(V + case.weight_extra, generator=g, dtype=torch.float64) + 0.5).to(case.dtype)
+        if case.inf_weight is not None:
+            weight[int(rows[0].argmax()) if case.inf_weight == "argmax" else case.inf_weight] = math.inf
     grad_out = torch.rand(N_ROWS, generator=g, dtype=torch.float64) + 0.5
     if case.shape == "1d":
         full, target, grad_out = rows[0], target[0], grad_out[0]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import platform
@@ -431,7 +432,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small logits: a few seconds")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--json", type=Path, default=Path("check_out/check.json"), metavar="PATH",
-                        help="where to write the JSON report (default check_out/check.json)")
+                        help="where to write the JSON report (default check_out/check.json; "
+                             "'-': to stdout, the text report then going to stderr)")
     parser.add_argument("--plot", type=Path, nargs="?", const=Path("check_out/check.png"),
                         default=None, metavar="PATH",
                         help="also write a PNG of the errors (needs matplotlib; default path "
@@ -487,19 +489,37 @@ def run(args: argparse.Namespace) -> int:
     """Run the ``check`` sub-command; returns the process exit status."""
     rows = args.rows if args.rows is not None else (QUICK_ROWS if args.quick else DEFAULT_ROWS)
     cols = args.cols if args.cols is not None else (QUICK_COLS if args.quick else DEFAULT_COLS)
+    # Refuse what cannot be written before the run, not after it ("-": JSON to stdout).
+    to_stdout = str(args.json) == "-"
+    for flag, path in (("--json", None if to_stdout else args.json), ("--plot", args.plot)):
+        if path is not None and path.is_dir():
+            print(f"fused_softmax check: {flag} {path} is a directory; give a file path",
+                  file=sys.stderr)
+            return 2
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        print("fused_softmax check: --plot needs matplotlib (pip install matplotlib)",
+              file=sys.stderr)
+        return 2
     try:
         report = build_report(rows, cols, args.seed)
     except ValueError as e:
         print(f"fused_softmax check: {e}", file=sys.stderr)
         return 2
+    text = json.dumps(_json_safe(report), indent=1) + "\n"
+    if to_stdout:  # the JSON alone on stdout, the report on stderr
+        print(format_report(report), file=sys.stderr)
+        sys.stdout.write(text)
+        return 0
     print(format_report(report))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+    try:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+        if args.plot is not None:
+            plot(report, args.plot)
+    except OSError as e:
+        print(f"fused_softmax check: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
     print(f"\n{report['kernel_launches']} kernel launches, {report['seconds']:.1f}s; wrote {args.json}")
     if args.plot is not None:
-        try:
-            plot(report, args.plot)
-            print(f"wrote {args.plot}")
-        except ImportError:
-            print("--plot needs matplotlib (pip install matplotlib); no plot written", file=sys.stderr)
+        print(f"wrote {args.plot}")
     return 0

@@ -747,8 +747,10 @@ def cross_entropy(
     if x.stride(-1) != 1:
         x = x.contiguous()
     t = t.contiguous()
-    if inplace_backward and torch._debug_has_internal_overlap(x) != 0:
-        inplace_backward = False  # rows sharing memory (an expanded row): no place to write
+    if inplace_backward and x.shape[0] > 1 and x.stride(0) < C:
+        # rows sharing memory (an expanded row): no place to write (from the strides, which
+        # torch.compile can trace; unit stride along the classes is ensured above)
+        inplace_backward = False
 
     denom, scalars = _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc,
                                         label_smoothing)

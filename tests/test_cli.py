@@ -122,6 +122,20 @@ def test_check_rejects_bad_sizes(capsys, tmp_path):
     assert not (tmp_path / "check.json").exists()
 
 
+def test_check_refuses_an_unwritable_path_before_the_run(capsys, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(check, "build_report", lambda *a: ran.append(a))
+    assert main(["check", "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err and not ran
+
+
+def test_check_json_to_stdout(capsys):
+    assert main(["check", "--rows", "2", "--cols", "16", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)  # stdout holds the JSON alone; the text report is on stderr
+    assert report["summary"] and "summary (ours)" in err
+
+
 # --------------------------------------------------------------------------- bench
 def test_bench_without_gpu_says_so_and_fails(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -670,6 +670,19 @@ def test_tensor_subclass_compiles_fullgraph(call, device):
     torch.testing.assert_close(eager.as_subclass(torch.Tensor), call(x))
 
 
+def test_inplace_backward_compiles_fullgraph(device):
+    t = torch.tensor([1, 0, 3], device=device)
+    w = torch.randn(3, 5, device=device, requires_grad=True)
+    compiled = torch.compile(lambda z: fs.cross_entropy(z * 1, t, inplace_backward=True),
+                             fullgraph=True, backend="aot_eager")
+    loss = compiled(w)
+    loss.backward()
+    w2 = w.detach().clone().requires_grad_()
+    F.cross_entropy(w2, t).backward()
+    torch.testing.assert_close(loss, F.cross_entropy(w.detach(), t))
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
 def test_logsumexp_out_compiles_fullgraph(device):
     x, out = torch.randn(3, 4, device=device), torch.empty(3, device=device)
     compiled = torch.compile(lambda a, o: fs.logsumexp(a, 1, out=o), fullgraph=True,

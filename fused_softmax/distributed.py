@@ -13,7 +13,9 @@ The loss needs only a few numbers per row from each shard, so that is all that m
    to the global max; ``all_reduce(SUM)`` of ``[sum of exp, z_t, sum(w * z)]`` per row plus
    one float holding ``V_r`` (``2N + 1`` floats, ``3N + 1`` with smoothing), which gives the
    global log-sum-exp, the target logit and the global ``V = sum(V_r)`` — on the device, so
-   ``eps / V`` needs no host synchronisation and unequal shards need no extra collective;
+   ``eps / V`` needs no host synchronisation and unequal shards need no extra collective —
+   and every rank's ``(vocab_start, V_r)`` (``2 * world`` floats), so that a layout that
+   does not tile ``[0, V)`` is refused (CPU) or gives NaN (CUDA), never a wrong loss;
 3. loss and the per-row gradient coefficients, O(N) elementwise on every rank (every rank
    gets the same loss).
 
@@ -171,6 +173,28 @@ def _(x, target, weight, lse, coef, vocab_start, logit_scale):
 
 
 # --------------------------------------------------------------------------- autograd
+def _reduce_sums_and_layout(packed: torch.Tensor, vocab_start: int, C: int, comm):
+    """``all_reduce(SUM)`` of ``packed`` in place, with every rank's ``(vocab_start, C)`` in
+    the same collective (``2 * world`` more floats); returns whether the shards tile
+    ``[0, V)``, as a device bool: the non-empty shards, in order of their starts, must each
+    start where the previous ends, from 0 (their sizes add up to ``V`` by definition).
+    Unchecked (true) past fp32's exact integers (``V >= 2^24``)."""
+    group, world = comm
+    ok = torch.ones((), dtype=torch.bool, device=packed.device)
+    if world == 1:
+        return ok
+    rank = dist.get_rank(group)
+    layout = packed.new_zeros(2 * world)
+    layout[rank], layout[world + rank] = vocab_start, C
+    buf = _all_reduce(torch.cat([packed, layout]), "sum", comm)
+    packed.copy_(buf[:packed.numel()])
+    starts, sizes = buf[packed.numel():].split(world)
+    order = torch.where(sizes > 0, starts, math.inf).argsort()
+    s, c = starts[order], sizes[order]
+    tiles = torch.where(c > 0, s == c.cumsum(0) - c, True).all()
+    return tiles | (packed[-1] >= 2**24)
+
+
 def _all_reduce(t: torch.Tensor, op: str, comm) -> torch.Tensor:
     """In-place all-reduce (``op`` "max" or "sum") over the group; nothing in a world of 1."""
     group, world = comm
@@ -284,11 +308,17 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         shift = _finite_or_zero(global_max)
         to_global_max(sums, row_max, shift,
                       w_local.to(sums.dtype).sum() if w_local is not None else float(C))
-        _all_reduce(packed, "sum", comm)
+        layout_ok = _reduce_sums_and_layout(packed, vocab_start, C, comm)
         vocab = packed[-1]  # sum of the shard sizes, on the device
         valid, in_range = _valid_rows(target, ignore_index, vocab)
         if x.device.type == "cpu":
             # torch's CPU errors; after the collectives, so every rank raises together.
+            if not bool(layout_ok):
+                raise ValueError(
+                    "vocab_parallel_cross_entropy: the ranks' shards do not tile the "
+                    "vocabulary [0, V) (overlapping, out of order with the default starts, or "
+                    "past V): give every rank its vocab_start_index (default: rank * V_local, "
+                    "for equal shards)")
             _check_after_reduce(target.long(), valid, in_range, vocab, weight)
         if weight is not None and vocab_start + C > weight.numel():
             raise RuntimeError(  # torch's type for a class weight of the wrong size
@@ -296,6 +326,10 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 f"{vocab_start + C}) ends past the {weight.numel()} classes of weight")
         out, lse, coef = sharded_loss(shift, sums, vocab, target, weight, valid, in_range,
                                       reduction, eps, z_loss, ctx.needs_input_grad[0])
+        # a bad layout on CUDA: NaN loss and gradient, loud with no host synchronisation
+        out = torch.where(layout_ok, out, math.nan)
+        if coef is not None:
+            coef = torch.where(layout_ok, coef, math.nan)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x, target, w_local, lse, coef)
             ctx.vocab_start, ctx.logit_scale = vocab_start, logit_scale
@@ -432,7 +466,9 @@ def vocab_parallel_cross_entropy(
             of 1 and needs no process group.
         vocab_start_index (int, optional): first global class of this rank's shard; default
             ``rank * V_local`` (equal shards). Give it for unequal shards; the shards must
-            tile ``[0, V)`` exactly, and ``V`` is the sum of the shard sizes.
+            tile ``[0, V)`` exactly, and ``V`` is the sum of the shard sizes (checked in the
+            forward's sum all-reduce: a ``ValueError`` on every CPU rank, a NaN loss and
+            gradient on CUDA).
         weight (Tensor, optional): the full ``(V,)`` class weight, the same on every rank,
             ``local_logits``' dtype (under autocast, as torch: fp32, or fp16 / bf16 cast).
         ignore_index, reduction, label_smoothing: as torch; ``'mean'`` divides by the sum of

@@ -147,10 +147,9 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
             dz = dz - gs_col * (eps / C) * w
     dz = dz * dzdx
     if dscale is not None:  # a non-finite grad_output: torch's NaN, as _rescale's
-        nonfinite = ~torch.isfinite(dscale.to(acc)).expand(n_rows)[:, None]
-        if not prob_target and eps == 0:
-            nonfinite = nonfinite & (torch.arange(C, device=x.device) == t_safe[:, None])
-        dz = torch.where(nonfinite, math.nan, dz)
+        whole_row = prob_target or eps > 0
+        dz = _nan_for_nonfinite(dz, dscale[:, None] if dscale.dim() else dscale,
+                                None if whole_row else t_safe)
     if not prob_target:
         # After the scaling, as in the kernel: all rows ignored makes grad_scale 1/0.
         loss = torch.where(ignored, 0.0, loss)
@@ -235,12 +234,20 @@ def cross_entropy_bwd_(grad: torch.Tensor, dloss: torch.Tensor, target: Optional
     scale = (dloss[:, None] if dloss.dim() else dloss).to(acc_dtype(grad.dtype))
     scaled = grad.to(scale.dtype) * scale
     if nonfinite_row or target is not None:
-        nan_at = ~torch.isfinite(scale).expand(grad.shape)
-        if not nonfinite_row:
-            cols = torch.arange(grad.shape[1], device=grad.device)
-            nan_at = nan_at & (cols == target.reshape(-1, 1))
-        scaled = scaled.masked_fill(nan_at, math.nan)
+        scaled = _nan_for_nonfinite(scaled, scale, None if nonfinite_row else target)
     grad.copy_(scaled)
+
+
+def _nan_for_nonfinite(grad: torch.Tensor, scale: torch.Tensor, target=None) -> torch.Tensor:
+    """``grad`` (rows, C) scaled by a non-finite ``scale`` (a ``grad_output``, ``(rows, 1)``
+    or one value) holds torch's NaN where its backward through ``log_softmax`` forms
+    ``inf - inf``: at ``target[row]`` for class indices, across the row without a target
+    (label smoothing, probability targets)."""
+    nan_at = ~torch.isfinite(scale).expand(grad.shape)
+    if target is not None:
+        cols = torch.arange(grad.shape[1], device=grad.device)
+        nan_at = nan_at & (cols == target.reshape(-1, 1))
+    return grad.masked_fill(nan_at, math.nan)
 
 
 @cross_entropy_bwd_.register_fake
@@ -595,17 +602,21 @@ def check_extras(logit_scale, softcap) -> None:
         raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap}")
 
 
-def _torch_refuses_too(ours: Exception, input, target, weight, ignore_index, reduction,
-                       label_smoothing):
+#: What the checks that mirror torch's raise.
+CHECK_ERRORS = (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError)
+
+
+def raise_torchs_error(ours: Exception, torch_fn, **call):
     """The checks refused a call: raise torch's own error for it, word for word and in
-    torch's order of checks, by making torch's call; ours where torch takes it. The extras
-    are checked before (torch would compute a whole loss where only they are wrong), and
-    int32 targets, which torch refuses and we take, reach torch as int64, so that its
-    error is about what is really wrong."""
+    torch's order of checks, by making torch's call (``torch_fn(**call)``); ours where
+    torch takes it. The extras are checked before (torch would compute a whole loss where
+    only they are wrong), and int32 targets, which torch refuses and we take, reach torch
+    as int64, so that its error is about what is really wrong."""
+    target = call.get("target")
     if isinstance(target, torch.Tensor) and target.dtype == torch.int32:
-        target = target.long()
+        call["target"] = target.long()
     try:
-        torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        torch_fn(**call)
     except Exception as theirs:  # noqa: BLE001 - whatever torch raises is the contract
         raise theirs.with_traceback(None) from None
     raise ours
@@ -708,8 +719,10 @@ def cross_entropy(
     try:
         C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
                                      label_smoothing, input_dtype)
-    except (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError) as ours:
-        _torch_refuses_too(ours, input, target, weight, ignore_index, reduction, label_smoothing)
+    except CHECK_ERRORS as ours:
+        raise_torchs_error(ours, torch_cross_entropy, input=input, target=target, weight=weight,
+                           ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
     ignore_index = as_index(ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
     if C == 0:  # nothing to fuse: torch's own answers (zeros, NaN, or its IndexError)

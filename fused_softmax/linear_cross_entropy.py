@@ -81,10 +81,10 @@ from torch.overrides import handle_torch_function
 from . import distributed as _vp
 from ._backend import (acc_dtype, check_float, fp32_if_low, needs_torch_ops,
                        torch_function_dispatch, use_triton)
-from .cross_entropy import (_check_args, _kernel_operands, _prob_target_grads,
+from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _prob_target_grads,
                             _reduction_scalars, check_extras, check_ignore_index,
-                            check_targets_on_cpu, cross_entropy, mean_of, reduction_name,
-                            smoothing_value)
+                            check_targets_on_cpu, cross_entropy, mean_of, raise_torchs_error,
+                            reduction_name, smoothing_value)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -574,18 +574,8 @@ def _check_linear_args(input, linear_weight, target, linear_bias):
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 
-#: What the checks that mirror torch's raise.
-_CHECK_ERRORS = (TypeError, ValueError, RuntimeError, IndexError, NotImplementedError,
-                 AttributeError)
-
-
-class _TorchCheck(Exception):
-    """A check that mirrors torch's refused the call (``ours``: our error)."""
-
-    def __init__(self, ours: Exception):
-        super().__init__(str(ours))
-        self.ours = ours
-
+#: What the checks that mirror torch's raise (AttributeError: a non-tensor, as torch).
+_CHECK_ERRORS = (*CHECK_ERRORS, AttributeError)
 
 #: torch's linear_cross_entropy may form all the logits before it refuses a call (a bad
 #: reduction, say): the error path asks it only up to 16M logits (64 MB in fp32).
@@ -603,21 +593,15 @@ def _logits_numel(input, linear_weight) -> int:
 
 def _torch_refuses_too(ours: Exception, call: dict):
     """A call the checks refuse: torch's own error, word for word, from torch's own
-    ``linear_cross_entropy`` (torch 2.13), made on the error path only, for calls of at
-    most ``_ERROR_PATH_LOGITS`` logits. Ours where torch lacks the function, takes the
-    call, or is not asked; input of more than 2 dims is ours to take (torch would refuse it
-    for that alone), and int32 targets reach torch as int64."""
+    ``linear_cross_entropy`` (torch 2.13; ``raise_torchs_error``), for calls of at most
+    ``_ERROR_PATH_LOGITS`` logits. Ours where torch lacks the function, takes the call, or
+    is not asked; input of more than 2 dims is ours to take (torch would refuse it for
+    that alone)."""
     torch_fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
-    call = dict(call)
-    input, linear_weight, target = call.pop("input"), call.pop("linear_weight"), call.pop("target")
+    input = call["input"]
     if torch_fn is not None and not (isinstance(input, torch.Tensor) and input.dim() > 2) \
-            and _logits_numel(input, linear_weight) <= _ERROR_PATH_LOGITS:
-        if isinstance(target, torch.Tensor) and target.dtype == torch.int32:
-            target = target.long()
-        try:
-            torch_fn(input, linear_weight, target, **call)
-        except Exception as theirs:  # noqa: BLE001 - whatever torch raises is the contract
-            raise theirs.with_traceback(None) from None
+            and _logits_numel(input, call["linear_weight"]) <= _ERROR_PATH_LOGITS:
+        raise_torchs_error(ours, torch_fn, **call)
     raise ours from None
 
 
@@ -739,19 +723,6 @@ def linear_cross_entropy(
         return _composed(input, linear_weight, target, linear_bias, weight, reduction,
                          ignore_index, label_smoothing_applied, logit_scale, softcap, z_loss,
                          lead, C, out, prob_target)
-    try:
-        return _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                      label_smoothing, label_smoothing_applied, logit_scale, softcap, z_loss,
-                      chunk_size, vocab_chunk_size, lead, C, out, prob_target)
-    except _TorchCheck as refused:
-        _torch_refuses_too(refused.ours, call)
-
-
-def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-           label_smoothing, label_smoothing_applied, logit_scale, softcap, z_loss, chunk_size,
-           vocab_chunk_size, lead, C, out, prob_target):
-    """``linear_cross_entropy`` from its checked arguments; a call cross_entropy's checks
-    refuse raises ``_TorchCheck`` (torch's error is raised in its place)."""
     device_type = input.device.type
     autocast = _autocast_on(device_type)
     if autocast:  # torch: linear runs in the autocast dtype, cross_entropy in fp32
@@ -761,9 +732,9 @@ def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_
             t.to(low) if t is not None and t.dtype in _AUTOCAST_CASTS else t
             for t in (input, linear_weight, linear_bias))
         if input.dtype != linear_weight.dtype:
-            raise _TorchCheck(RuntimeError(
+            _torch_refuses_too(RuntimeError(
                 "expected m1 and m2 to have the same dtype, but got: "
-                f"{_c10_name(input.dtype)} != {_c10_name(linear_weight.dtype)}"))
+                f"{_c10_name(input.dtype)} != {_c10_name(linear_weight.dtype)}"), call)
         # and cross_entropy casts its fp16 / bf16 class weight and probabilities to fp32
         weight, target = fp32_if_low(weight), fp32_if_low(target)
     ce_dtype = torch.float32 if autocast and input.dtype != torch.float64 else input.dtype
@@ -779,7 +750,7 @@ def _fused(input, linear_weight, target, linear_bias, weight, reduction, ignore_
     try:
         _check_args(logits_like, target_like, weight, ignore_index, reduction, label_smoothing)
     except _CHECK_ERRORS as ours:
-        raise _TorchCheck(ours) from None
+        _torch_refuses_too(ours, call)
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                   or value < 1):

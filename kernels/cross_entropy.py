@@ -99,6 +99,23 @@ def linear_sum_update(lin_vec, w_vec, z, w, mask, m_run, m_new):
     return lin_vec + moved + tl.where(mask & (d != 0.0), w * d, 0.0), w_vec + w
 
 
+@triton.jit
+def is_nonfinite(g):
+    return (tl.abs(g) == float("inf")) | (g != g)
+
+
+@triton.jit
+def nan_for_nonfinite(v, nonfinite, c, t_nan, WHOLE_ROW: tl.constexpr):
+    """torch's NaN for a gradient scaled by a non-finite ``grad_output`` (``nonfinite``),
+    where its backward through ``log_softmax`` forms ``inf - inf``: across the row
+    (``WHOLE_ROW``: label smoothing, probability targets), else at column ``t_nan`` (the
+    target where ``nonfinite``, -1 otherwise)."""
+    if WHOLE_ROW:
+        return tl.where(nonfinite, float("nan"), v)
+    else:
+        return tl.where(c == t_nan, float("nan"), v)
+
+
 @triton.jit(do_not_specialize=["smoothing_bits", "scale_bits", "softcap_bits", "z_loss_bits"])
 def cross_entropy_fwd_kernel(
     X, TARGET, WEIGHT, SCALARS, LOSS, LSE, GRAD,
@@ -191,7 +208,10 @@ def cross_entropy_fwd_kernel(
                 d_out = tl.load(DSCALE + r * sd).to(ACC)
                 row_scale = grad_scale * d_out
                 # a non-finite grad_output: torch's NaN (cross_entropy_bwd_kernel's rule)
-                nonfinite = (tl.abs(d_out) == float("inf")) | (d_out != d_out)
+                nonfinite = is_nonfinite(d_out)
+                t_nan = -1
+                if not PROB_TARGET:
+                    t_nan = tl.where(nonfinite, t, -1)
             g_coef = coef * row_scale
             for start in range(0, C, BLOCK_N):
                 c = start + cols
@@ -218,10 +238,7 @@ def cross_entropy_fwd_kernel(
                         dz -= row_scale * eps_c * w
                 dz = dz * dzdx
                 if HAS_DSCALE:
-                    if PROB_TARGET or HAS_SMOOTHING:
-                        dz = tl.where(nonfinite, float("nan"), dz)
-                    else:
-                        dz = tl.where(c == tl.where(nonfinite, t, -1), float("nan"), dz)
+                    dz = nan_for_nonfinite(dz, nonfinite, c, t_nan, PROB_TARGET or HAS_SMOOTHING)
                 if not PROB_TARGET:  # after dzdx: softcap's sech^2 of a NaN logit is NaN
                     dz = tl.where(ignored, 0.0, tl.where(in_range, dz, float("nan")))
                 tl.store(GRAD + r * sg + c, out_cast(dz, GRAD), mask=mask,
@@ -246,7 +263,7 @@ def cross_entropy_bwd_kernel(GRAD, DLOSS, TARGET, n_rows, C, sg, sd, NONFINITE_R
         r = tl.cast(row, tl.int64)
         g = tl.load(DLOSS + r * sd).to(ACC)
         if g != 1.0:
-            nonfinite = (tl.abs(g) == float("inf")) | (g != g)
+            nonfinite = is_nonfinite(g)
             t_nan = -1  # the column made NaN (none: -1)
             if HAS_TARGET:
                 t_nan = tl.where(nonfinite, tl.load(TARGET + r).to(tl.int64), -1)
@@ -254,8 +271,6 @@ def cross_entropy_bwd_kernel(GRAD, DLOSS, TARGET, n_rows, C, sg, sd, NONFINITE_R
                 c = start + cols
                 mask = c < C
                 v = tl.load(GRAD + r * sg + c, mask=mask, other=0.0).to(ACC) * g
-                if NONFINITE_ROW:
-                    v = tl.where(nonfinite, float("nan"), v)
-                elif HAS_TARGET:
-                    v = tl.where(c == t_nan, float("nan"), v)
+                if NONFINITE_ROW or HAS_TARGET:
+                    v = nan_for_nonfinite(v, nonfinite, c, t_nan, NONFINITE_ROW)
                 tl.store(GRAD + r * sg + c, out_cast(v, GRAD), mask=mask)

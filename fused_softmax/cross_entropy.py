@@ -9,6 +9,7 @@ exactly 1 on the device.
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 import torch
@@ -569,8 +570,9 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             expected = [input.shape[0]] + list(input.shape[2:])
             if input.dim() > 2 and list(target.shape) != expected:
                 raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
-            if input.dim() > 2 and target.dtype == torch.uint8 and (
-                    target.numel() or reduction == "none"):  # torch takes an empty one to reduce
+            if input.dim() > 2 and target.dtype == torch.uint8 and (target.numel() or (
+                    reduction == "none" and input.device.type == "cpu")):
+                # torch takes an empty one to reduce, and on CUDA any empty one
                 raise RuntimeError("expected scalar type Long but found Byte")
     if weight is not None:
         # torch's nll_loss takes any weight of C elements for (N, C, d...) inputs
@@ -618,8 +620,33 @@ def raise_torchs_error(ours: Exception, torch_fn, **call):
     try:
         torch_fn(**call)
     except Exception as theirs:  # noqa: BLE001 - whatever torch raises is the contract
+        if type(theirs) is type(ours) and _TARGET_DISPATCH_ERROR.fullmatch(str(theirs)):
+            raise ours  # torch's words name its CUDA kernel, not the target: ours, same type
         raise theirs.with_traceback(None) from None
     raise ours
+
+
+#: The CUDA nll_loss kernels' dtype dispatch refusing a target: '"nll_loss_..._index" not
+#: implemented for 'Float''. (Other dispatch errors, such as log_softmax's for an integer
+#: input, name the input's dtype and are torch's words.)
+_TARGET_DISPATCH_ERROR = re.compile(r"\"nll_loss\w*_index\" not implemented for '\w+'")
+
+
+def _no_classes_loss(input, target, weight, ignore_index, reduction, label_smoothing,
+                     prob_target):
+    """The loss over zero classes: torch's on the CPU (zeros, NaN where all rows are
+    ignored, or its IndexError: every class index is out of range). Elsewhere each
+    non-ignored row is out of range, which is NaN there, as in the kernels: torch's CUDA
+    loss would hit a device-side assert, which ends the process's CUDA context."""
+    if prob_target or input.device.type in ("cpu", "meta"):
+        return torch_cross_entropy(input, target, weight, ignore_index, reduction,
+                                   label_smoothing)
+    ignored = torch.full(target.shape, ignore_index, dtype=torch.long, device=target.device)
+    loss = torch_cross_entropy(input, ignored, weight, ignore_index, reduction, label_smoothing)
+    if reduction == "mean":  # 0 / 0 already: NaN
+        return loss
+    nan = torch.where(target.long() != ignore_index, math.nan, 0.0).to(loss.dtype)
+    return loss + (nan if reduction == "none" else nan.sum())
 
 
 def _type_name(dtype: torch.dtype) -> str:
@@ -726,8 +753,8 @@ def cross_entropy(
     ignore_index = as_index(ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
     if C == 0:  # nothing to fuse: torch's own answers (zeros, NaN, or its IndexError)
-        loss = torch_cross_entropy(input, target, weight, ignore_index, reduction,
-                                   label_smoothing)
+        loss = _no_classes_loss(input, target, weight, ignore_index, reduction,
+                                label_smoothing, prob_target)
         if return_lse:
             lead = (input.shape[:1] + input.shape[2:]) if prob_target else target.shape
             return loss, torch.full(lead, -math.inf, dtype=acc_dtype(input.dtype),

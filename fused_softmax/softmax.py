@@ -467,7 +467,8 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     if torch_function_dispatch(input):
         return handle_torch_function(logsumexp, (input,), input, dim, keepdim, out=out)
     if not isinstance(input, torch.Tensor) or not isinstance(keepdim, bool):
-        return torch.logsumexp(input, dim, keepdim)  # torch's TypeError
+        # torch's TypeError, which lists the arguments given (keepdim: only when set)
+        return torch.logsumexp(input, dim, keepdim) if keepdim is not False else torch.logsumexp(input, dim)
     if out is not None:
         return _logsumexp_out(input, dim, keepdim, out)
     ndim = input.dim()
@@ -475,7 +476,7 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     if dims is None or input.is_complex() or needs_torch_ops(input):
         # torch's own call: its error for a bad dim, its result where it takes one that we
         # do not (a one-element tensor); complex input and torch.func transforms
-        return torch.logsumexp(input, dim, keepdim)
+        return torch.logsumexp(input, dim, keepdim) if keepdim else torch.logsumexp(input, dim)
     if not input.is_floating_point():
         input = input.to(torch.get_default_dtype())
     check_float("logsumexp", input)

@@ -19,3 +19,18 @@ def pytest_report_header(config):
 @pytest.fixture
 def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+if torch.cuda.is_available():
+    @pytest.fixture(autouse=True)
+    def _cuda_context_survives(request):
+        """A device-side assert ends this process's CUDA context, and every later CUDA test
+        in it would fail for that one: name the test that caused it and end the process
+        (pytest-xdist restarts the worker and reports the test as crashed)."""
+        yield
+        if torch.cuda.is_initialized():
+            try:
+                torch.cuda.synchronize()
+            except RuntimeError as e:
+                os.write(2, f"\nCUDA context lost in {request.node.nodeid}: {e}\n".encode())
+                os._exit(3)

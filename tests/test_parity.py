@@ -134,7 +134,13 @@ def test_no_classes(target, reduction, device):
     torch.testing.assert_close(fs.cross_entropy(x, target.to(device), reduction=reduction),
                                F.cross_entropy(x, target.to(device), reduction=reduction),
                                equal_nan=True)
-    same_error(F.cross_entropy, fs.cross_entropy, x, torch.zeros(3, dtype=torch.long, device=device))
+    bad = torch.tensor([0, -100, 0], device=device)
+    if device == "cpu":  # every class index is out of range: torch's IndexError
+        same_error(F.cross_entropy, fs.cross_entropy, x, bad)
+    else:  # torch's CUDA loss would hit a device-side assert; out-of-range rows are NaN
+        got = fs.cross_entropy(x, bad, reduction=reduction)
+        expected = {"none": torch.tensor([math.nan, 0.0, math.nan])}.get(reduction, torch.tensor(math.nan))
+        torch.testing.assert_close(got.cpu(), expected, equal_nan=True)
 
 
 CE_ERRORS = {
@@ -231,14 +237,18 @@ def test_soft_target_gradient_at_large_logits(device):
 
 
 def test_empty_spatial_input_with_uint8_target(device):
-    """torch refuses uint8 targets for (N, C, d...) inputs, but reduces an empty one."""
+    """torch refuses uint8 targets for (N, C, d...) inputs, but reduces an empty one (and on
+    CUDA takes any empty one)."""
     for shape in ((2, 5, 0), (0, 7, 2)):
         x = torch.randn(*shape, device=device)
         t = torch.zeros(shape[0], *shape[2:], dtype=torch.uint8, device=device)
-        for reduction in ("mean", "sum"):
-            torch.testing.assert_close(fs.cross_entropy(x, t, reduction=reduction),
-                                       F.cross_entropy(x, t, reduction=reduction), equal_nan=True)
-        same_error(F.cross_entropy, fs.cross_entropy, x, t, reduction="none")
+        for reduction in ("mean", "sum") if device == "cpu" else ("mean", "sum", "none"):
+            got = fs.cross_entropy(x, t, reduction=reduction)
+            exp = F.cross_entropy(x, t, reduction=reduction)
+            assert got.shape == exp.shape and got.dtype == exp.dtype
+            torch.testing.assert_close(got, exp, equal_nan=True)
+        if device == "cpu":
+            same_error(F.cross_entropy, fs.cross_entropy, x, t, reduction="none")
 
 
 @pytest.mark.parametrize("args", [
@@ -739,6 +749,23 @@ def test_more_error_types_like_torch(shape, target, weight, device):
 
 
 # --------------------------------------------------------------------------- autocast
+def torch_ce_autocast(device):
+    """torch's cross_entropy as autocast runs it on the CPU, where ``cross_entropy_loss``
+    has an fp32 autocast kernel: fp32 log-probabilities, like the fused kernel's. CUDA has
+    none: its log_softmax keeps the logits' fp16 / bf16 (cross_entropy passes the dtype),
+    rounding each log-probability, which the fused kernel never forms (README,
+    Limitations); there the reference is torch's fp32 composition."""
+    if torch.device(device).type == "cpu":
+        return F.cross_entropy
+
+    def fp32(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+
+    def ce(x, target, weight=None, **kw):
+        return F.cross_entropy(fp32(x), fp32(target), weight=fp32(weight), **kw)
+    return ce
+
+
 def _autocast_grad(fn, x, *args, device_type, **kw):
     """``fn`` under bf16 autocast: its result and d(result.sum())/dx."""
     xl = x.clone().requires_grad_(True)
@@ -768,11 +795,14 @@ def test_cross_entropy_under_autocast_like_torch(kw, device):
             torch.float32 if kw["weight"] == "fp32" else torch.bfloat16).to(device)
     dev = torch.device(device).type
     ours, g_ours = _autocast_grad(fs.cross_entropy, x, target, device_type=dev, **kw)
-    theirs, g_theirs = _autocast_grad(F.cross_entropy, x, target, device_type=dev, **kw)
+    theirs, g_theirs = _autocast_grad(torch_ce_autocast(device), x, target, device_type=dev, **kw)
     assert ours.dtype == theirs.dtype == torch.float32
     assert g_ours.dtype == g_theirs.dtype == torch.bfloat16
     torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(g_ours, g_theirs, rtol=2**-7, atol=2**-8)
+    if dev != "cpu":  # torch's own, from bf16 log-probabilities: within their rounding
+        cuda_torch, _ = _autocast_grad(F.cross_entropy, x, target, device_type=dev, **kw)
+        torch.testing.assert_close(ours, cuda_torch, rtol=2**-8, atol=2**-8)
 
 
 def test_cross_entropy_autocast_fp64_weight_error_like_torch(device):
@@ -852,7 +882,7 @@ def test_linear_cross_entropy_autocast_casts_class_weight(device):
     cw = (torch.rand(10, generator=gen) + 0.5).bfloat16().to(device)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         got = fs.linear_cross_entropy(x, w, t, weight=cw)
-        exp = F.cross_entropy(F.linear(x, w), t, weight=cw)
+        exp = torch_ce_autocast(device)(F.linear(x, w), t, weight=cw)
     assert got.dtype == exp.dtype == torch.float32
     torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
 
@@ -915,7 +945,7 @@ def test_vocab_parallel_follows_autocast_and_elementwise_mean(device):
     t = torch.randint(0, 12, (5,), generator=gen).to(device)
     w = (torch.rand(12, generator=gen) + 0.5).to(device)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        got, exp = vpce(z, t, weight=w), F.cross_entropy(z, t, weight=w)
+        got, exp = vpce(z, t, weight=w), torch_ce_autocast(device)(z, t, weight=w)
     assert got.dtype == exp.dtype == torch.float32
     torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
     with pytest.warns(UserWarning, match="elementwise_mean"):
@@ -934,3 +964,29 @@ def test_logsumexp_complex_with_out_like_torch(device):
         fs.logsumexp(z, 1, out=ours)
         torch.logsumexp(z, 1, out=theirs)
     torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+def test_torchs_kernel_dispatch_error_keeps_our_words():
+    """On CUDA torch refuses a float index target with its kernel's dtype dispatch
+    ('"nll_loss_..._index" not implemented for 'Float''): the same type, our words."""
+    from fused_softmax.cross_entropy import raise_torchs_error
+
+    def dispatch_error(**_):
+        raise NotImplementedError('"nll_loss_forward_reduce_cuda_kernel_2d_index" not implemented for \'Float\'')
+
+    def other_error(**_):
+        raise RuntimeError("torch's words")
+
+    ours = NotImplementedError("expected target dtype to be Long or Byte, but got Float")
+    with pytest.raises(NotImplementedError, match="Long or Byte"):
+        raise_torchs_error(ours, dispatch_error)
+    with pytest.raises(RuntimeError, match="torch's words"):
+        raise_torchs_error(ours, other_error)
+    with pytest.raises(NotImplementedError, match="Long or Byte"):  # torch takes the call
+        raise_torchs_error(ours, lambda **_: None)
+
+    def input_dispatch_error(**_):  # names the input's dtype: torch's words
+        raise NotImplementedError('"log_softmax_lastdim_kernel_impl" not implemented for \'Long\'')
+
+    with pytest.raises(NotImplementedError, match="log_softmax_lastdim_kernel_impl"):
+        raise_torchs_error(NotImplementedError("ours"), input_dispatch_error)

@@ -88,16 +88,27 @@ def div_(a, b, PRECISE: tl.constexpr):
         return a * (1.0 / b)
 
 
+#: ``SCALE`` of the softmax forward: no temperature (``T = 1``: nothing to do), ``x * (1/T)``,
+#: or ``x * (1/T)`` rounded to the output's fp16 / bf16 (torch's ``softmax(x / T)``).
+SCALE_NONE = tl.constexpr(0)
+SCALE_MUL = tl.constexpr(1)
+SCALE_ROUND = tl.constexpr(2)
+
+
 @triton.jit
-def scale(x, inv_temperature, PTR=None, ROUND: tl.constexpr = False):
+def scale(x, inv_temperature, PTR, SCALE: tl.constexpr):
     """``x / T`` as ``x * (1 / T)``, keeping ``-inf`` (padding lanes, -inf logits) at
     ``-inf`` when ``1 / T`` rounds to 0 (``T`` near fp32's range): ``-inf * 0`` is NaN.
-    ``ROUND``: the scaled value is rounded to ``PTR``'s dtype (fp16 / bf16), as torch's
-    ``softmax(x / T)`` rounds ``x / T`` (an overflow included) before the softmax, so that
-    fp16 / bf16 results equal torch's."""
-    y = tl.where(x == -float("inf"), x, x * inv_temperature)
-    if ROUND:
-        y = out_cast(y, PTR).to(x.dtype)
+    ``SCALE_ROUND``: the scaled value is rounded to ``PTR``'s dtype (fp16 / bf16), as
+    torch's ``softmax(x / T)`` rounds ``x / T`` (an overflow included) before the softmax,
+    so that fp16 / bf16 results equal torch's. ``SCALE_NONE`` (``T = 1``) compiles to
+    nothing: the per-element compare and select would cost the short-row kernels ~15 %."""
+    if SCALE == SCALE_NONE:
+        y = x
+    else:
+        y = tl.where(x == -float("inf"), x, x * inv_temperature)
+        if SCALE == SCALE_ROUND:
+            y = out_cast(y, PTR).to(x.dtype)
     return y
 
 
@@ -154,12 +165,12 @@ def softmax_fwd_kernel(
     inv_t_bits,
     MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, WIDE: tl.constexpr,
-    ROUND_SCALED: tl.constexpr,
+    SCALE: tl.constexpr,
 ):
     """``MODE`` SOFTMAX / LOG_SOFTMAX write ``Y`` shaped like ``X``; LOGSUMEXP writes one
     value per position into ``Y`` (``n_pos`` contiguous, in ``Y``'s dtype).
-    ``ROUND_SCALED``: ``x / T`` is rounded to ``Y``'s dtype (fp16 / bf16, a temperature
-    other than 1), as torch's ``softmax(x / T)``."""
+    ``SCALE``: how ``x / T`` is formed (``scale``): not at all for ``T = 1``, rounded to
+    ``Y``'s dtype for fp16 / bf16 output, as torch's ``softmax(x / T)``."""
     inv_temperature = float_arg(inv_t_bits, ACC)
     PRECISE: tl.constexpr = Y.dtype.element_ty == tl.float32
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
@@ -173,7 +184,7 @@ def softmax_fwd_kernel(
         if SINGLE_PASS:
             mask = pmask[:, None] & (cols < N)[None, :]
             x = tl.load(xrow + cols[None, :] * sxn, mask=mask, other=-float("inf"))
-            x = scale(x.to(ACC), inv_temperature, Y, ROUND_SCALED)
+            x = scale(x.to(ACC), inv_temperature, Y, SCALE)
             m = tl.max(x, 1)
             shift = finite_or_zero(m)
             e = exp_(x - shift[:, None], PRECISE)
@@ -186,7 +197,7 @@ def softmax_fwd_kernel(
                 mask = pmask[:, None] & (c < N)[None, :]
                 x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
                             eviction_policy="evict_last")
-                m, s_vec = online_update(m, s_vec, scale(x.to(ACC), inv_temperature, Y, ROUND_SCALED), PRECISE)
+                m, s_vec = online_update(m, s_vec, scale(x.to(ACC), inv_temperature, Y, SCALE), PRECISE)
             shift = finite_or_zero(m)
             s = tl.sum(s_vec, 1)
 
@@ -209,7 +220,7 @@ def softmax_fwd_kernel(
                     mask = pmask[:, None] & (c < N)[None, :]
                     x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
                                 eviction_policy="evict_first")
-                    x = scale(x.to(ACC), inv_temperature, Y, ROUND_SCALED)
+                    x = scale(x.to(ACC), inv_temperature, Y, SCALE)
                     if MODE == SOFTMAX:
                         y = div_(exp_(x - shift[:, None], PRECISE), s[:, None], PRECISE)
                     else:

@@ -41,10 +41,10 @@ SCRIPT = textwrap.dedent("""
 
     def compile_for_h100(kernel, constexprs, data="bf16", override=None):
         # Pointers in the data dtype (fp32 side buffers), ints (and float bits) i64.
-        # The softmax forward's ROUND_SCALED is off unless given (the backward has none).
+        # The softmax forward's SCALE is 0 (T = 1) unless given (the backward has none).
         constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
-        if "ROUND_SCALED" in kernel.arg_names:
-            constexprs.setdefault("ROUND_SCALED", False)
+        if "SCALE" in kernel.arg_names:
+            constexprs.setdefault("SCALE", 0)
         acc = "fp64" if constexprs.get("ACC") == tl.float64 else "fp32"
         sig = {}
         for name in kernel.arg_names:
@@ -94,11 +94,15 @@ SCRIPT = textwrap.dedent("""
         ksm.softmax_fwd_kernel, widen, "bf16", dict(Y="*fp32")))
     attempt("softmax widening bwd", lambda: compile_for_h100(
         ksm.softmax_bwd_kernel, widen, "fp32", dict(DX="*bf16")))
+    attempt("softmax temperature fp32 fwd", lambda: compile_for_h100(  # x * (1/T), unrounded
+        ksm.softmax_fwd_kernel,
+        dict(MODE=0, ACC=tl.float32, BLOCK_R=2, BLOCK_N=1024, SINGLE_PASS=True, WIDE=False,
+             SCALE=1), "fp32"))
     for data in ("bf16", "fp16"):  # a temperature: x / T rounded to the dtype, as torch's
         attempt(f"softmax rounded temperature {data} fwd", lambda: compile_for_h100(
             ksm.softmax_fwd_kernel,
             dict(MODE=0, ACC=tl.float32, BLOCK_R=2, BLOCK_N=1024, SINGLE_PASS=False, WIDE=False,
-                 ROUND_SCALED=True), data))
+                 SCALE=2), data))
     attempt("softmax wide-offsets fwd", lambda: compile_for_h100(
         ksm.softmax_fwd_kernel,
         dict(MODE=1, ACC=tl.float32, BLOCK_R=64, BLOCK_N=64, SINGLE_PASS=False, WIDE=True)))
@@ -137,7 +141,7 @@ def compiled():
                                   for d in ("fwd", "bwd")]
                          + ["fp32 softmax is precise", "softmax fp64 fwd", "softmax wide-offsets fwd",
                             "softmax widening fwd", "softmax widening bwd",
-                            "softmax rounded temperature bf16 fwd",
+                            "softmax temperature fp32 fwd", "softmax rounded temperature bf16 fwd",
                             "softmax rounded temperature fp16 fwd", "ce index deferred fp16"]
                          + [f"{n} {t}" for n in CE_CASES for t in ("bf16", "fp32")]
                          + [f"ce bwd row={r} target={t}" for r, t in CE_BWD_CASES])

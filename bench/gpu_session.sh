@@ -18,24 +18,27 @@ fi
 [ -e fused_softmax/kernels ] || ln -s ../kernels fused_softmax/kernels
 python3 -c "import fused_softmax.kernels.softmax" || exit 1
 DEV=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
-TAG=$DEV-$(date +%F)
+TAG=$DEV-$(date +%F-%H%M)  # the time too: a second session on one day must not overwrite
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-STEPS=${STEPS:-"tests check headline linear-ce sampling train-step"}  # which steps, in this order
+STEPS=${STEPS:-"tests check headline linear-ce sampling train-step profile"}  # which steps, in this order
 step() {  # step SECONDS NAME COMMAND...: run, bounded, and log its wall time
   local s=$1 name=$2; shift 2; local t=$SECONDS
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
   echo "=== $name (limit ${s}s)"
   timeout -s INT -k 15 "$s" "$@"; echo "=== $name rc=$? in $((SECONDS - t))s"
 }
-step ${T_TESTS:-130} tests python3 -m pytest ${TESTS:-tests} -q --maxfail=10 -n 8 -p no:cacheprovider -o console_output_style=classic > "$OUT/cuda-tests-$TAG.log" 2>&1
-[ -f "$OUT/cuda-tests-$TAG.log" ] && tail -25 "$OUT/cuda-tests-$TAG.log"
+# every failure, with its traceback (a device-side assert ends only its worker: conftest.py)
+step ${T_TESTS:-170} tests python3 -m pytest ${TESTS:-tests} -q -n 8 -p no:cacheprovider --tb=short -rfE -o console_output_style=classic > "$OUT/cuda-tests-$TAG.log" 2>&1
+[ -f "$OUT/cuda-tests-$TAG.log" ] && grep -E "^(FAILED|ERROR)|CUDA context lost|passed|failed" "$OUT/cuda-tests-$TAG.log" | head -40
 step ${T_CHECK:-60} check python3 -m fused_softmax check --json "$OUT/check-$TAG.json" > "$OUT/check-$TAG.txt" 2>&1
 [ -f "$OUT/check-$TAG.txt" ] && grep -iA12 "summary" "$OUT/check-$TAG.txt" | head -30
 step ${T_HEADLINE:-90} headline python3 bench/headline.py "$OUT/headline-$TAG.json"
 step ${T_LINEAR:-180} linear-ce python3 bench/linear_ce.py "$OUT/linear-ce-$TAG.json"
 step ${T_SAMPLING:-90} sampling python3 bench/sampling.py "$OUT/sampling-$TAG.json"
 step ${T_TRAIN:-60} train-step python3 bench/train_step.py --chunk-sizes 4096 --json "$OUT/train-step-$TAG.json"
+step ${T_PROFILE:-60} profile sh -c "python3 bench/profile_softmax.py > '$OUT/profile-softmax-$TAG.txt' 2>&1"
+[ -f "$OUT/profile-softmax-$TAG.txt" ] && grep -v -i warn "$OUT/profile-softmax-$TAG.txt"
 step ${T_TUNE:-160} tune env DEADLINE=${DEADLINE:-140} python3 bench/tune.py "$OUT/tune-$TAG.json"
 ls -la "$OUT"

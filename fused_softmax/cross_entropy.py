@@ -710,7 +710,10 @@ def cross_entropy(
 
     Returns:
         The loss in ``input``'s dtype: a scalar, or ``target``'s shape for
-        ``reduction='none'``; ``(loss, lse)`` when ``return_lse``.
+        ``reduction='none'``; ``(loss, lse)`` when ``return_lse``. Under autocast (CPU or
+        CUDA) fp16 / bf16 logits give an fp32 loss computed from fp32 log-probabilities,
+        torch's CPU-autocast result; torch's CUDA autocast rounds its log-probabilities to
+        the logits' dtype first (README, Limitations).
 
     Gradients come from the fused kernel; with ``create_graph=True`` (double backward) they
     are recomputed with torch ops from the saved logits, so second derivatives are exact.

@@ -621,7 +621,7 @@ def raise_torchs_error(ours: Exception, torch_fn, **call):
         torch_fn(**call)
     except Exception as theirs:  # noqa: BLE001 - whatever torch raises is the contract
         if type(theirs) is type(ours) and _TARGET_DISPATCH_ERROR.fullmatch(str(theirs)):
-            raise ours  # torch's words name its CUDA kernel, not the target: ours, same type
+            raise ours from None  # torch's words name its CUDA kernel, not the target
         raise theirs.with_traceback(None) from None
     raise ours
 
@@ -632,13 +632,20 @@ def raise_torchs_error(ours: Exception, torch_fn, **call):
 _TARGET_DISPATCH_ERROR = re.compile(r"\"nll_loss\w*_index\" not implemented for '\w+'")
 
 
+#: Devices whose kernels mark a row with an out-of-range class index NaN, with no host
+#: synchronisation (elsewhere torch's own rule: the CPU's IndexError).
+NAN_ROW_DEVICES = ("cuda",)
+
+
 def _no_classes_loss(input, target, weight, ignore_index, reduction, label_smoothing,
                      prob_target):
-    """The loss over zero classes: torch's on the CPU (zeros, NaN where all rows are
-    ignored, or its IndexError: every class index is out of range). Elsewhere each
-    non-ignored row is out of range, which is NaN there, as in the kernels: torch's CUDA
-    loss would hit a device-side assert, which ends the process's CUDA context."""
-    if prob_target or input.device.type in ("cpu", "meta"):
+    """The loss over zero classes, where every class index is out of range: torch's on
+    the CPU (zeros, NaN where all rows are ignored, or its IndexError) and on devices the
+    kernels do not serve. On CUDA each non-ignored row is NaN, as in the kernels (torch's
+    CUDA loss would hit a device-side assert, which ends the process's CUDA context)."""
+    if prob_target or input.device.type not in NAN_ROW_DEVICES:
+        if target.dtype == torch.int32:  # ours takes int32 targets; torch, int64
+            target = target.long()
         return torch_cross_entropy(input, target, weight, ignore_index, reduction,
                                    label_smoothing)
     ignored = torch.full(target.shape, ignore_index, dtype=torch.long, device=target.device)

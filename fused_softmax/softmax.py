@@ -86,13 +86,14 @@ def launch_config(t: torch.Tensor, shape, strides, strides_n=None):
     n_tiles = triton.cdiv(n_pos, block_r)
     if single and (strides[1] == 1 or K == 1) and tile <= 8192 and t.device.type == "cuda":
         # Short rows: one program per tile; 32 elements per thread where a tile holds
-        # several rows, 16 where it holds one. H200 sweeps (bench/results/tune-h200-
-        # 2026-11-26*.json, bf16, 2^28 elements): N = 1024 (4 rows, 4 warps) 0.262 ms
-        # against 0.319 ms for 8 warps in a persistent grid; N = 4096 (one row) 0.263 ms
-        # with 8 warps against 0.309 with 4 and 0.289 persistent.
+        # several rows, 16 where it holds one (at most 8 warps: 16 is untimed). H200
+        # sweeps (bench/results/tune-h200-2026-11-26*.json, bf16, 2^28 elements):
+        # N = 1024 (4 rows, 4 warps) 0.262 ms against 0.319 ms for 8 warps in a persistent
+        # grid; N = 4096 (one row) 0.263 ms with 8 warps against 0.309 with 4 (0.264 and
+        # 0.262 in the first run) and 0.289 persistent.
         warps = block_n // 512 if block_r == 1 else tile // 1024
         return dict(BLOCK_R=block_r, BLOCK_N=block_n, SINGLE_PASS=single, WIDE=wide,
-                    num_warps=max(4, min(16, warps))), n_tiles
+                    num_warps=max(4, min(8, warps))), n_tiles
     num_warps = min(32, max(4, tile // 512))
     waves = 8 if single else 2
     grid = min(n_tiles, _backend.num_programs_per_wave(t.device) * waves)
@@ -125,9 +126,19 @@ def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None,
         _k.softmax_fwd_kernel, grid,
         xv, y, M * K, N, K, *sx, *sy, float_bits(inv_t),
         MODE=mode, ACC=_tl_acc(x.dtype if mode == LOGSUMEXP else y.dtype), **cfg,
-        SCALE=0 if inv_t == 1.0 else 2 if mode != LOGSUMEXP and y.dtype in LOW_FLOATS else 1,
+        SCALE=_scale_kind(inv_t, mode, y.dtype),
     )
     return y
+
+
+def _scale_kind(inv_t: float, mode: int, y_dtype: torch.dtype) -> int:
+    """The forward's ``SCALE``: nothing at ``T = 1``; else ``x * (1/T)``, rounded to an
+    fp16 / bf16 output as torch's ``softmax(x / T)``."""
+    if inv_t == 1.0:
+        return _k.SCALE_NONE.value
+    if mode != LOGSUMEXP and y_dtype in LOW_FLOATS:
+        return _k.SCALE_ROUND.value
+    return _k.SCALE_MUL.value
 
 
 def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None,

@@ -26,11 +26,15 @@ if torch.cuda.is_available():
     def _cuda_context_survives(request):
         """A device-side assert ends this process's CUDA context, and every later CUDA test
         in it would fail for that one: name the test that caused it and end the process
-        (pytest-xdist restarts the worker and reports the test as crashed)."""
+        (pytest-xdist restarts the worker and reports the test as crashed) or, without
+        xdist, the session."""
         yield
         if torch.cuda.is_initialized():
             try:
                 torch.cuda.synchronize()
             except RuntimeError as e:
-                os.write(2, f"\nCUDA context lost in {request.node.nodeid}: {e}\n".encode())
-                os._exit(3)
+                message = f"CUDA context lost in {request.node.nodeid}: {e}"
+                if os.environ.get("PYTEST_XDIST_WORKER"):
+                    os.write(2, f"\n{message}\n".encode())
+                    os._exit(3)
+                pytest.exit(message, returncode=1)

@@ -137,10 +137,42 @@ def test_no_classes(target, reduction, device):
     bad = torch.tensor([0, -100, 0], device=device)
     if device == "cpu":  # every class index is out of range: torch's IndexError
         same_error(F.cross_entropy, fs.cross_entropy, x, bad)
+        with pytest.raises(IndexError, match="Target 0 is out of bounds"):
+            fs.cross_entropy(x, bad.int())  # int32 taken, then torch's int64 error
+        ignored = torch.full((3,), -100, dtype=torch.int32)  # int32 taken, as for C > 0
+        torch.testing.assert_close(fs.cross_entropy(x, ignored, reduction=reduction),
+                                   F.cross_entropy(x, ignored.long(), reduction=reduction),
+                                   equal_nan=True)
     else:  # torch's CUDA loss would hit a device-side assert; out-of-range rows are NaN
         got = fs.cross_entropy(x, bad, reduction=reduction)
         expected = {"none": torch.tensor([math.nan, 0.0, math.nan])}.get(reduction, torch.tensor(math.nan))
         torch.testing.assert_close(got.cpu(), expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("kw", [{}, dict(weight=True), dict(label_smoothing=0.1)],
+                         ids=["plain", "weight", "smoothing"])
+def test_no_classes_on_a_nan_row_device(kw, reduction, monkeypatch):
+    """CUDA's rule for zero classes (every non-ignored row out of range: NaN), run here by
+    declaring the CPU such a device: int64, int32 and uint8 targets, all rows ignored."""
+    import importlib
+    ce_mod = importlib.import_module("fused_softmax.cross_entropy")
+    monkeypatch.setattr(ce_mod, "NAN_ROW_DEVICES", ("cpu",))
+    x = torch.randn(3, 0, requires_grad=True)
+    kw = dict(kw, weight=torch.ones(0)) if "weight" in kw else kw
+    nan = math.nan
+    cases = [(torch.tensor([0, -100, 5]), [nan, 0.0, nan]),
+             (torch.tensor([0, -100, 5], dtype=torch.int32), [nan, 0.0, nan]),
+             (torch.tensor([0, 156, 5], dtype=torch.uint8), [nan, nan, nan]),  # -100 is no byte
+             (torch.full((3,), -100), [0.0, 0.0, 0.0])]
+    for target, rows in cases:
+        got = fs.cross_entropy(x, target, reduction=reduction, **kw)
+        # label smoothing over no classes divides by C = 0: NaN on every row, as torch's
+        rows = torch.full((3,), nan) if "label_smoothing" in kw else torch.tensor(rows)
+        expected = {"none": rows, "sum": rows.sum(), "mean": torch.tensor(nan)}[reduction]
+        torch.testing.assert_close(got.detach(), expected, equal_nan=True, msg=str(target))
+        got.sum().backward()  # an empty gradient, and no error
+        assert x.grad.shape == (3, 0)
 
 
 CE_ERRORS = {

@@ -42,10 +42,11 @@ def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool 
     Whole short rows, several to a tile (a tile of 8192 fp32 values, 16 per thread at 16
     warps); long rows one to a program, in blocks of ``DRAW_BLOCK`` (a block is the unit of
     the two-level draw); a persistent grid of a few programs per SM.
-    Plain temperature sampling (``split_ok``) of fewer rows than fill the GPU four times
-    over cuts each row into parts of 2048-wide blocks, one program each (then
-    ``sample_finish_kernel`` picks each row's best part): one program walking a 128k row
-    alone took 0.075 ms on an H200, most of it generating the noise.
+    Sampling without rejection rounds (``split_ok``: plain temperature, or min-p alone) of
+    fewer rows than fill the GPU four times over cuts each row into parts of 2048-wide
+    blocks, one program each (then ``sample_finish_kernel`` picks each row's best part):
+    one program walking a 128k row alone took 0.075 ms on an H200 (plain, before the
+    two-level draw) and 0.062 ms (min-p, after it); split plain sampling 0.009 ms.
     """
     per_wave = _backend.num_programs_per_wave(device)
     # A block is also a draw block (kernels/sampling.py): at most DRAW_BLOCK, and >= 4 (one
@@ -85,30 +86,38 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
     out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
     if n_rows == 0:
         return out
-    plain = top_k is None and top_p is None and min_p is None
-    cfg, n_split, split_cols, grid = config or launch_config(n_rows, vocab, logits.device, plain)
+    no_rounds = top_k is None and top_p is None  # one draw, no rejection rounds
+    cfg, n_split, split_cols, grid = config or launch_config(n_rows, vocab, logits.device,
+                                                             no_rounds)
+    block_s = triton.next_power_of_2(n_split)
+    part_best, part_idx, part_max = temperature, seed, temperature  # unused unless split
     if cfg["SPLIT"]:
-        assert plain, "the split kernel draws without filters"
+        assert no_rounds, "split rows draw once: no top-k / top-p rounds"
         # each part's best score as an unevaluated sum (hi, lo): kernels/sampling.py
         part_best = torch.empty((n_rows, 2, n_split), dtype=torch.float32, device=logits.device)
         part_idx = torch.empty((n_rows, n_split), dtype=torch.int64, device=logits.device)
-    else:
-        part_best, part_idx = temperature, seed  # unused
+        if min_p is not None:  # min-p's reference point, the row max, from the parts
+            part_max = torch.empty((n_rows, n_split), dtype=torch.float32, device=logits.device)
+            _backend.launch(
+                _k.split_max_kernel, grid,
+                logits, temperature, temperature.stride(0), part_max, n_rows, vocab,
+                logits.stride(0), n_split, split_cols, BLOCK_N=cfg["BLOCK_N"], num_warps=4)
     _backend.launch(
         _k.sample_kernel, grid,
         logits, out, seed, temperature, temperature.stride(0),
         *_param_args(top_k, seed), *_param_args(top_p, temperature),
-        *_param_args(min_p, temperature), part_best, part_idx,
+        *_param_args(min_p, temperature), part_best, part_idx, part_max,
         n_rows, vocab, logits.stride(0), n_split, split_cols,
         HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
-        **cfg,
+        BLOCK_S=block_s, **cfg,
     )
     if cfg["SPLIT"]:
         _backend.launch(
             _k.sample_finish_kernel, n_rows,
-            part_best, part_idx, out, logits, seed, temperature, temperature.stride(0), n_split,
-            n_rows, vocab, logits.stride(0), BLOCK_S=triton.next_power_of_2(n_split),
-            DRAW_BLOCK=cfg["BLOCK_N"], num_warps=4)
+            part_best, part_idx, part_max, *_param_args(min_p, temperature), out, logits, seed,
+            temperature, temperature.stride(0), n_split, n_rows, vocab, logits.stride(0),
+            HAS_MIN_P=min_p is not None, BLOCK_S=block_s, DRAW_BLOCK=cfg["BLOCK_N"],
+            num_warps=4)
     return out
 
 

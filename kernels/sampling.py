@@ -44,7 +44,9 @@ variate per block and one per token of one block, instead of one per token.
 
 HBM passes. Plain temperature sampling: one read of the row, plus the chosen block (the
 noise is counter based, Philox of ``(seed, f(draw, row, token // 4))``, and costs no memory
-traffic). min-p alone: two (the row max first). top-k / top-p: the max-and-sum pass (top-p,
+traffic). min-p alone: two (the row max first). Both split rows across programs when there
+are few rows (``SPLIT``; min-p's row max then comes from ``split_max_kernel``): one program
+walking a row is bound by its own latency, not by HBM. top-k / top-p: the max-and-sum pass (top-p,
 min-p), the first draw, then one pass per round; top-k with top-p 33 more (the
 bisection). Re-reads of a row of 128k bf16 logits
 (256 KB) hit L2 on an H100. Draws depend only on the seed, so equal seeds give equal draws.
@@ -229,25 +231,65 @@ def draw_in_block(X, rows, rmask, sxm, blk_start, V, inv_t, greedy, seed, draw, 
 
 
 @triton.jit
+def inverse_temperature(TEMP, rows, rmask, st_t):
+    """``(1 / T, greedy)`` per row: greedy rows (``T`` below ``GREEDY_BELOW``) keep the
+    logits as they are (``1 / T`` read as 1)."""
+    t = tl.load(TEMP + rows * st_t, mask=rmask, other=1.0).to(tl.float32)
+    greedy = t < GREEDY_BELOW  # 0, or so small that x / T would overflow fp32
+    return tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t)), greedy
+
+
+@triton.jit
+def max_of_parts(PART_MAX, rows, rmask, n_split, BLOCK_S: tl.constexpr):
+    """Each row's max of ``s`` from its parts' maxima (``split_max_kernel``)."""
+    parts = tl.arange(0, BLOCK_S)
+    pm = tl.load(PART_MAX + rows[:, None] * n_split + parts[None, :],
+                 mask=rmask[:, None] & (parts < n_split)[None, :], other=-float("inf"))
+    return tl.max(pm, 1)
+
+
+@triton.jit
+def split_max_kernel(X, TEMP, st_t, PART_MAX, n_rows, V, sxm, n_split, split_cols,
+                     BLOCK_N: tl.constexpr):
+    """The max of ``s = x / T`` over each part of each row (``n_rows x n_split`` into
+    ``PART_MAX``): min-p's reference point when rows are split (``sample_kernel``). The
+    same maxima as the whole row's running max, so the same kept set."""
+    cols = tl.arange(0, BLOCK_N)
+    for work in range(tl.program_id(0), n_rows * n_split, tl.num_programs(0)):
+        part = work % n_split
+        rows = tl.zeros([1], tl.int64) + work // n_split
+        rmask = rows < n_rows
+        inv_t, greedy = inverse_temperature(TEMP, rows, rmask, st_t)
+        col_lo = part * split_cols
+        m = tl.full([1], -float("inf"), tl.float32)
+        for start in range(col_lo, tl.minimum(col_lo + split_cols, V), BLOCK_N):
+            s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+            m = tl.maximum(m, tl.max(s, 1))
+        tl.store(PART_MAX + rows * n_split + part, m, mask=rmask)
+
+
+@triton.jit
 def sample_kernel(
     X, OUT, SEED, TEMP, st_t, TOPK, st_k, TOPP, st_p, MINP, st_m, PART_BEST, PART_IDX,
-    n_rows, V, sxm, n_split, split_cols,
+    PART_MAX, n_rows, V, sxm, n_split, split_cols,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One int64 token id per row of ``X`` (``n_rows x V``, unit stride along ``V``) into ``OUT``.
 
     ``TEMP``/``TOPK``/``TOPP``/``MINP`` are per-row parameters read with row strides
     ``st_*`` (0 broadcasts one value); ``SEED`` points to one int64 seed for the noise.
 
-    ``SPLIT`` (plain temperature sampling only, no filter): each row is cut into
-    ``n_split`` parts of ``split_cols`` columns (a multiple of ``BLOCK_N``), one program
-    each, so that a few rows still fill the GPU; a part's best draw-block score (the pair
-    ``hi, lo`` of ``block_choice``) goes to ``PART_BEST`` (``n_rows x 2 x n_split``) and the
-    block's first column to ``PART_IDX`` (``n_rows x n_split``), and
-    ``sample_finish_kernel`` takes the best part and draws the token in its block. Noise
-    depends on row, column and draw only, so the draw is the same, split or not. Without
-    ``SPLIT``, ``n_split`` is 1 and ``split_cols`` is ``V``.
+    ``SPLIT`` (plain temperature sampling, or min-p alone: no rejection rounds): each row
+    is cut into ``n_split`` parts of ``split_cols`` columns (a multiple of ``BLOCK_N``),
+    one program each, so that a few rows still fill the GPU; a part's best draw-block score
+    (the pair ``hi, lo`` of ``block_choice``) goes to ``PART_BEST`` (``n_rows x 2 x
+    n_split``) and the block's first column to ``PART_IDX`` (``n_rows x n_split``), and
+    ``sample_finish_kernel`` takes the best part and draws the token in its block. min-p's
+    row max comes from the parts' maxima in ``PART_MAX`` (``n_rows x n_split``, written by
+    ``split_max_kernel``; ``BLOCK_S >= n_split``). Noise depends on row, column and draw
+    only, so the draw is the same, split or not. Without ``SPLIT``, ``n_split`` is 1 and
+    ``split_cols`` is ``V``.
     """
     seed = tl.load(SEED)
     cols = tl.arange(0, BLOCK_N)
@@ -260,12 +302,12 @@ def sample_kernel(
         # (zeros + tile) promotes to int64 before the multiply, compiled or interpreted.
         rows = (tl.zeros([BLOCK_R], tl.int64) + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n_rows
-        t = tl.load(TEMP + rows * st_t, mask=rmask, other=1.0).to(tl.float32)
-        greedy = t < GREEDY_BELOW  # 0, or so small that x / T would overflow fp32
-        inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
+        inv_t, greedy = inverse_temperature(TEMP, rows, rmask, st_t)
 
         # Row max and softmax sum: the reference point of top-p's mass and of min-p.
-        if HAS_TOP_P or HAS_MIN_P:
+        if SPLIT and HAS_MIN_P:  # min-p alone: the max of the parts' maxima, no sum
+            shift = finite_or_zero(max_of_parts(PART_MAX, rows, rmask, n_split, BLOCK_S))
+        elif HAS_TOP_P or HAS_MIN_P:
             m = tl.full([BLOCK_R], -float("inf"), tl.float32)
             s_vec = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
             for start in range(0, V, BLOCK_N):
@@ -361,11 +403,13 @@ def sample_kernel(
 
 
 @triton.jit
-def sample_finish_kernel(PART_BEST, PART_IDX, OUT, X, SEED, TEMP, st_t, n_split, n_rows, V,
-                         sxm, BLOCK_S: tl.constexpr, DRAW_BLOCK: tl.constexpr):
-    """Row ``program_id``'s token (split plain sampling): the best of its ``n_split`` parts'
-    draw blocks (the first part on ties, so the first column wins, as without the split),
-    then the token in that block, with the same noise as without the split."""
+def sample_finish_kernel(PART_BEST, PART_IDX, PART_MAX, MINP, st_m, OUT, X, SEED, TEMP, st_t,
+                         n_split, n_rows, V, sxm, HAS_MIN_P: tl.constexpr,
+                         BLOCK_S: tl.constexpr, DRAW_BLOCK: tl.constexpr):
+    """Row ``program_id``'s token (split rows): the best of its ``n_split`` parts' draw
+    blocks (the first part on ties, so the first column wins, as without the split), then
+    the token in that block (min-p applied, against the row max of ``PART_MAX``), with the
+    same noise as without the split."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     smask = s < n_split
@@ -377,9 +421,12 @@ def sample_finish_kernel(PART_BEST, PART_IDX, OUT, X, SEED, TEMP, st_t, n_split,
     part = tl.min(tl.where((best == top) & (best_lo == top_lo), s, BLOCK_S), 0)
     rows = tl.zeros([1], tl.int64) + row
     blk = tl.zeros([1], tl.int64) + tl.load(PART_IDX + row * n_split + part)
-    t = tl.load(TEMP + rows * st_t).to(tl.float32)
-    greedy = t < GREEDY_BELOW
-    inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
-    cand = draw_in_block(X, rows, rows >= 0, sxm, blk, V, inv_t, greedy, tl.load(SEED), 1,
-                         n_rows, inv_t, inv_t, blk, False, False, 1, DRAW_BLOCK)
+    rmask = rows >= 0
+    inv_t, greedy = inverse_temperature(TEMP, rows, rmask, st_t)
+    shift, min_p = inv_t, inv_t  # unused without min-p
+    if HAS_MIN_P:
+        shift = finite_or_zero(max_of_parts(PART_MAX, rows, rmask, n_split, BLOCK_S))
+        min_p = tl.load(MINP + rows * st_m).to(tl.float32)
+    cand = draw_in_block(X, rows, rmask, sxm, blk, V, inv_t, greedy, tl.load(SEED), 1,
+                         n_rows, shift, min_p, blk, HAS_MIN_P, False, 1, DRAW_BLOCK)
     tl.store(OUT + rows, cand)

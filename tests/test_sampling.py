@@ -309,11 +309,13 @@ def test_triton_kernel_ran(device):
 
 
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("with_min_p", [False, True], ids=["plain", "min-p"])
 @pytest.mark.parametrize("n_rows, vocab", [(1, 5000), (3, 2049), (2, 8192)])
-def test_split_rows_draw_the_same_tokens(n_rows, vocab, device):
-    """Plain temperature sampling of few rows cuts each row across programs: the noise of a
-    token depends only on its row and column, so split and whole rows draw the same ids,
-    greedy rows and first-index ties included."""
+def test_split_rows_draw_the_same_tokens(n_rows, vocab, with_min_p, device):
+    """Plain temperature or min-p sampling of few rows cuts each row across programs: the
+    noise of a token depends only on its row and column, and min-p's row max is the max of
+    the parts' maxima, so split and whole rows draw the same ids, greedy rows and
+    first-index ties included."""
     x = torch.randn(n_rows, vocab, generator=torch.Generator().manual_seed(vocab)).to(device)
     x[0, 7] = x[0, vocab - 1] = x[0].max() + 1  # a greedy tie across parts: the first wins
     if not _backend.use_triton(x):
@@ -324,11 +326,18 @@ def test_split_rows_draw_the_same_tokens(n_rows, vocab, device):
     split = sampling_mod.launch_config(n_rows, vocab, x.device, split_ok=True)
     assert split[0]["SPLIT"] and split[1] > 1
     whole_config = sampling_mod.launch_config(n_rows, vocab, x.device)
-    for seed_value in (12345, 999):
+    # min-p 0.3 keeps a few dozen tokens of a row of N(0, 1) logits at T = 1.5
+    min_p = torch.linspace(0.3, 0.05, n_rows, device=device) if with_min_p else None
+    for seed_value in (12345, 999, 7):
         seed.fill_(seed_value)
-        whole = sampling_mod._launch(x, seed, temperature, None, None, None, config=whole_config)
-        parts = sampling_mod._launch(x, seed, temperature, None, None, None, config=split)
+        whole = sampling_mod._launch(x, seed, temperature, None, None, min_p, config=whole_config)
+        parts = sampling_mod._launch(x, seed, temperature, None, None, min_p, config=split)
         assert torch.equal(whole, parts), (whole, parts)
+        if with_min_p:  # every draw is kept by min-p
+            s = x[torch.arange(n_rows), parts] / temperature.clamp_min(1e-30)
+            smax = x.amax(1) / temperature.clamp_min(1e-30)
+            keep = torch.exp(s - smax) >= min_p
+            assert bool(keep[temperature > 0].all())
     assert int(parts[0]) == 7  # temperature 0: argmax, first index
     # A tie across parts at x / T = 1e8 (fp32 spacing 8): the parts' scores are compared
     # exactly, so the split picks what the whole row picks, and not always the first.
@@ -338,8 +347,8 @@ def test_split_rows_draw_the_same_tokens(n_rows, vocab, device):
     drawn = set()
     for seed_value in range(12):
         seed.fill_(seed_value)
-        whole = sampling_mod._launch(tied, seed, cold, None, None, None, config=whole_config)
-        parts = sampling_mod._launch(tied, seed, cold, None, None, None, config=split)
+        whole = sampling_mod._launch(tied, seed, cold, None, None, min_p, config=whole_config)
+        parts = sampling_mod._launch(tied, seed, cold, None, None, min_p, config=split)
         assert torch.equal(whole, parts), (whole, parts)
         drawn.update(whole.tolist())
     assert drawn == {7, vocab - 1}
@@ -471,16 +480,17 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fused_softmax.kernels.sampling import sample_finish_kernel, sample_kernel
+    from fused_softmax.kernels.sampling import sample_finish_kernel, sample_kernel, split_max_kernel
 
     PTRS = {"X": "*bf16", "OUT": "*i64", "SEED": "*i64", "TEMP": "*fp32", "TOPK": "*i64",
-            "TOPP": "*fp32", "MINP": "*fp32", "PART_BEST": "*fp32", "PART_IDX": "*i64"}
+            "TOPP": "*fp32", "MINP": "*fp32", "PART_BEST": "*fp32", "PART_IDX": "*i64",
+            "PART_MAX": "*fp32"}
     H100 = GPUTarget("cuda", 90, 32)
     out = {}
     for flags in json.loads(sys.argv[1]):
         # whole rows several to a tile (split rows: one row per program)
         const = dict(zip(("HAS_TOP_K", "HAS_TOP_P", "HAS_MIN_P", "SPLIT"), flags),
-                     BLOCK_R=1 if flags[3] else 4, BLOCK_N=2048)
+                     BLOCK_R=1 if flags[3] else 4, BLOCK_N=2048, BLOCK_S=64)
         sig = {n: "constexpr" if n in const else PTRS.get(n, "i64")
                for n in sample_kernel.arg_names}
         try:
@@ -489,21 +499,28 @@ COMPILE_SCRIPT = textwrap.dedent("""
             out[repr(tuple(flags))] = "ok" if cc.asm["cubin"] else "no cubin"
         except Exception as e:
             out[repr(tuple(flags))] = f"{type(e).__name__}: {e}"[:2000]
-    sig = {n: "constexpr" if n in ("BLOCK_S", "DRAW_BLOCK") else PTRS.get(n, "i64")
-           for n in sample_finish_kernel.arg_names}
-    cc = triton.compile(ASTSource(fn=sample_finish_kernel, signature=sig,
-                                  constexprs=dict(BLOCK_S=64, DRAW_BLOCK=2048)), target=H100,
-                        options=dict(num_warps=4))
-    out["finish"] = "ok" if cc.asm["cubin"] else "no cubin"
+    def compile_small(name, kernel, const):
+        sig = {n: "constexpr" if n in const else PTRS.get(n, "i64") for n in kernel.arg_names}
+        try:
+            cc = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
+                                target=H100, options=dict(num_warps=4))
+            out[name] = "ok" if cc.asm["cubin"] else "no cubin"
+        except Exception as e:
+            out[name] = f"{type(e).__name__}: {e}"[:2000]
+    for min_p in (False, True):
+        compile_small(f"finish min_p={min_p}", sample_finish_kernel,
+                      dict(HAS_MIN_P=min_p, BLOCK_S=64, DRAW_BLOCK=2048))
+    compile_small("split max", split_max_kernel, dict(BLOCK_N=2048))
     print(json.dumps(out))
 """)
 
 
 #: (HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, SPLIT): none (whole rows and split rows), each filter
-#: alone (each defines a different subset of the kernel's variables), and all three.
+#: alone (each defines a different subset of the kernel's variables; min-p split too), and
+#: all three.
 COMPILE_FLAGS = [(False, False, False, False), (False, False, False, True),
                  (True, False, False, False), (False, True, False, False),
-                 (False, False, True, False), (True, True, True, False)]
+                 (False, False, True, False), (False, False, True, True), (True, True, True, False)]
 
 
 def test_kernel_compiles_for_sm90():
@@ -514,5 +531,6 @@ def test_kernel_compiles_for_sm90():
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(results) == {repr(f) for f in COMPILE_FLAGS} | {"finish"}
+    assert set(results) == {repr(f) for f in COMPILE_FLAGS} | {
+        "finish min_p=False", "finish min_p=True", "split max"}
     assert all(v == "ok" for v in results.values()), results

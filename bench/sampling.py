@@ -4,7 +4,10 @@ Batch 1 ... 256 rows x V = 128256, bf16 logits. Per batch: our fused ``sample`` 
 temperature, top-k = 50, top-p = 0.9 and min-p = 0.05; torch's usual path for the same
 (``softmax(x / T)`` then ``multinomial``; for top-k ``topk`` first; for top-p a full
 descending sort, cumulative sum, mask and ``multinomial``); and one read of the logits
-(``amax`` over the row: the floor a one-pass sampler can reach). Decoding loops replay
+(``amax`` over the row: the floor a one-pass sampler can reach). top-k with top-p
+together (Hugging Face's usual pair) against ``topk`` then the top-p mask on its 50. Below
+256 rows, A/B rows of the launch choices for few rows: ``*_unroll1`` walks a row one draw
+block a step (``UNROLL_FEW_ROWS = 1``), ``ours_min_p_whole`` does not split rows. Decoding loops replay
 such steps from CUDA graphs, so every callable is timed by graph replay
 (``triton.testing.do_bench_cudagraph``); the plain ``do_bench`` time (host launch cost
 included) is recorded too.
@@ -23,6 +26,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from fused_softmax import sample
 
+smod = sys.modules["fused_softmax.sampling"]
 t0 = time.time()
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.environ.get("OUT", "."), "sampling.json")
 V, T, K, P, MINP = 128256, 0.8, 50, 0.9, 0.05
@@ -51,6 +55,29 @@ def torch_top_p(x):
     return i.gather(-1, torch.multinomial(p, 1)).squeeze(-1)
 
 
+def torch_top_k_top_p(x):
+    v, i = torch.topk(x.float() / T, K, dim=-1)
+    p = torch.softmax(v, -1)  # sorted already
+    p = p.masked_fill(p.cumsum(-1) - p > P, 0.0)
+    return i.gather(-1, torch.multinomial(p, 1)).squeeze(-1)
+
+
+def launch_choice(fn, unroll=None, split=True):
+    """``fn`` with the sampling launcher's few-rows choices changed while it runs (and
+    while a CUDA graph captures it)."""
+    def go():
+        saved = smod.UNROLL_FEW_ROWS, smod.launch_config
+        if unroll is not None:
+            smod.UNROLL_FEW_ROWS = unroll
+        if not split:
+            smod.launch_config = lambda n, v, d, split_ok=False: saved[1](n, v, d, False)
+        try:
+            return fn()
+        finally:
+            smod.UNROLL_FEW_ROWS, smod.launch_config = saved
+    return go
+
+
 def torch_min_p(x):
     probs = torch.softmax(x.float() / T, -1)
     probs = probs.masked_fill(probs < MINP * probs.amax(-1, keepdim=True), 0.0)
@@ -70,7 +97,17 @@ for B in (1, 16, 64, 256):
         "torch_top_p": lambda: torch_top_p(x),
         "ours_min_p": lambda: sample(x, temperature=T, min_p=MINP),
         "torch_min_p": lambda: torch_min_p(x),
+        "ours_top_k_top_p": lambda: sample(x, temperature=T, top_k=K, top_p=P),
+        "torch_top_k_top_p": lambda: torch_top_k_top_p(x),
     }
+    if B < 256:
+        fns.update({
+            "ours_top_k_unroll1": launch_choice(lambda: sample(x, temperature=T, top_k=K), unroll=1),
+            "ours_top_p_unroll1": launch_choice(lambda: sample(x, temperature=T, top_p=P), unroll=1),
+            "ours_top_k_top_p_unroll1": launch_choice(
+                lambda: sample(x, temperature=T, top_k=K, top_p=P), unroll=1),
+            "ours_min_p_whole": launch_choice(lambda: sample(x, temperature=T, min_p=MINP), split=False),
+        })
     case = R["cases"][f"B{B}"] = dict(bytes=x.numel() * 2)
     for name, fn in fns.items():
         row = {}
@@ -83,7 +120,7 @@ for B in (1, 16, 64, 256):
         case[name] = row
         log(B, name, row)
         json.dump(R, open(OUT, "w"), indent=1)
-    for kind in ("temperature", "top_k", "top_p", "min_p"):
+    for kind in ("temperature", "top_k", "top_p", "min_p", "top_k_top_p"):
         ours, ref = case[f"ours_{kind}"], case[f"torch_{kind}"]
         if "ms_graph" in ours and "ms_graph" in ref:
             case[f"speedup_{kind}"] = ref["ms_graph"] / ours["ms_graph"]

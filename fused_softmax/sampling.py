@@ -31,6 +31,10 @@ _GREEDY_BELOW = 1e-30
 #: it (one per token of that block only): see kernels/sampling.py.
 DRAW_BLOCK = 2048
 
+#: Draw blocks per step of a pass when a program walks a long row and rows are fewer than
+#: SMs (kernels/sampling.py, ``UNROLL``).
+UNROLL_FEW_ROWS = 8
+
 #: Largest int64 a seed may take (``torch.randint``'s bound is exclusive).
 _SEED_HIGH = 2**63 - 1
 
@@ -64,14 +68,19 @@ def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool 
         split_cols = triton.cdiv(n_blocks, n_split) * DRAW_BLOCK
         n_split = triton.cdiv(vocab, split_cols)
         grid = min(n_rows * n_split, per_wave * 8)
-        return (dict(BLOCK_R=1, BLOCK_N=DRAW_BLOCK, SPLIT=True, num_warps=4),
+        return (dict(BLOCK_R=1, BLOCK_N=DRAW_BLOCK, SPLIT=True, UNROLL=1, num_warps=4),
                 n_split, split_cols, grid)
-    # 8 warps for one long row per program (untuned: 2048-wide blocks since the two-level
-    # draw; 8192-wide ones had 16 warps)
+    # One long row per program: 8 warps (untuned: 2048-wide blocks since the two-level
+    # draw; 8192-wide ones had 16 warps). Fewer rows than SMs (no other program to hide a
+    # program's memory latency): UNROLL draw blocks per step (untimed; compiled for sm_90
+    # at 8 warps it takes up to 255 registers and spills nothing, at 16 warps it spills).
+    unroll = 1
+    if one_row and n_rows < per_wave:
+        unroll = min(UNROLL_FEW_ROWS, triton.next_power_of_2(triton.cdiv(vocab, DRAW_BLOCK)))
     num_warps = 8 if one_row else min(16, max(4, block_r * block_n // 512))
     grid = min(n_tiles, per_wave * 4)
-    return (dict(BLOCK_R=block_r, BLOCK_N=block_n, SPLIT=False, num_warps=num_warps),
-            1, vocab, grid)
+    return (dict(BLOCK_R=block_r, BLOCK_N=block_n, SPLIT=False, UNROLL=unroll,
+                 num_warps=num_warps), 1, vocab, grid)
 
 
 def _param_args(t: Optional[torch.Tensor], like: torch.Tensor):

@@ -354,6 +354,65 @@ def test_split_rows_draw_the_same_tokens(n_rows, vocab, with_min_p, device):
     assert drawn == {7, vocab - 1}
 
 
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("filters", [{}, dict(top_k=20), dict(top_p=0.6), dict(min_p=0.2),
+                                     dict(top_k=30, top_p=0.7), dict(top_k=25, top_p=0.8, min_p=0.1)],
+                         ids=["plain", "top-k", "top-p", "min-p", "top-k+top-p", "all"])
+def test_unrolled_passes_draw_the_same_tokens(filters, device):
+    """A program walking a long row alone reads UNROLL draw blocks a step: every pass (the
+    max and sum, the first draw, top-k's bisection, the rejection rounds) gives the draws
+    of one block a step, ties across the blocks of a step and across steps included."""
+    vocab, n_rows = 5000, 3  # 3 draw blocks: a step of 2 and a partial one
+    x = torch.randn(n_rows, vocab, generator=torch.Generator().manual_seed(3)).to(device)
+    x[0, 100] = x[0, 2048 + 7] = x[0, 4096 + 3] = x[0].max() + 1  # greedy ties: the first
+    if not _backend.use_triton(x):
+        pytest.skip("the Triton kernels do not serve this device here")
+    sampling_mod = sys.modules["fused_softmax.sampling"]
+    temperature = torch.tensor([0.0, 0.7, 1.3], device=device)
+    params = {name: torch.full((n_rows,), float(v), device=device) if name != "top_k"
+              else torch.full((n_rows,), v, device=device) for name, v in filters.items()}
+    args = [params.get(name) for name in ("top_k", "top_p", "min_p")]
+
+    def config(unroll):
+        return (dict(BLOCK_R=1, BLOCK_N=sampling_mod.DRAW_BLOCK, SPLIT=False, UNROLL=unroll,
+                     num_warps=8), 1, vocab, 2)
+    seed = torch.tensor([0], device=device)
+    for seed_value in (1, 2, 3):
+        seed.fill_(seed_value)
+        one = sampling_mod._launch(x, seed, temperature, *args, config=config(1))
+        two = sampling_mod._launch(x, seed, temperature, *args, config=config(2))
+        assert torch.equal(one, two), (seed_value, one, two)
+        assert int(one[0]) == 100
+    if "top_k" in filters and "top_p" in filters:
+        return  # the ties below do not depend on the filters: top-k's bisection is slow here
+    # tied tokens at x / T = 1e8 in blocks 0, 1 (one step of 2) and 2 (the next step)
+    tied = torch.full((n_rows, vocab), -5.0, device=device)
+    tied[:, 5] = tied[:, 2048 + 9] = tied[:, 4096 + 1] = 1000.0
+    cold = torch.full((n_rows,), 1e-5, device=device)
+    drawn = set()
+    for seed_value in range(8):
+        seed.fill_(seed_value)
+        one = sampling_mod._launch(tied, seed, cold, *args, config=config(1))
+        two = sampling_mod._launch(tied, seed, cold, *args, config=config(2))
+        assert torch.equal(one, two), (seed_value, one, two)
+        drawn.update(one.tolist())
+    assert drawn == {5, 2048 + 9, 4096 + 1}
+
+
+def test_unroll_only_for_few_long_rows(monkeypatch):
+    """On CUDA (132 SMs, faked here): UNROLL for long rows fewer than the SMs with filters
+    (plain and min-p sampling split such rows instead), never for short rows or many rows."""
+    monkeypatch.setattr(_backend, "num_programs_per_wave", lambda device: 132)
+    cfg = sys.modules["fused_softmax.sampling"].launch_config
+    cuda = torch.device("cuda")
+    assert cfg(4, 128256, cuda)[0]["UNROLL"] == 8
+    assert cfg(4, 5000, cuda)[0]["UNROLL"] == 4  # 3 draw blocks: a step of 4
+    assert cfg(4, 128256, cuda, split_ok=True)[0] == dict(
+        BLOCK_R=1, BLOCK_N=2048, SPLIT=True, UNROLL=1, num_warps=4)
+    assert cfg(256, 128256, cuda)[0]["UNROLL"] == 1
+    assert cfg(4, 1000, cuda)[0]["UNROLL"] == 1
+
+
 def test_split_only_without_filters():
     cfg = sys.modules["fused_softmax.sampling"].launch_config
     assert cfg(2, 128256, torch.device("cpu"), split_ok=True)[0]["SPLIT"]
@@ -490,7 +549,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     for flags in json.loads(sys.argv[1]):
         # whole rows several to a tile (split rows: one row per program)
         const = dict(zip(("HAS_TOP_K", "HAS_TOP_P", "HAS_MIN_P", "SPLIT"), flags),
-                     BLOCK_R=1 if flags[3] else 4, BLOCK_N=2048, BLOCK_S=64)
+                     BLOCK_R=1 if flags[3] else 4, BLOCK_N=2048, BLOCK_S=64, UNROLL=1)
         sig = {n: "constexpr" if n in const else PTRS.get(n, "i64")
                for n in sample_kernel.arg_names}
         try:
@@ -507,6 +566,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
             out[name] = "ok" if cc.asm["cubin"] else "no cubin"
         except Exception as e:
             out[name] = f"{type(e).__name__}: {e}"[:2000]
+    compile_small("unroll", sample_kernel,  # one row walked 8 draw blocks a step
+                  dict(HAS_TOP_K=True, HAS_TOP_P=True, HAS_MIN_P=True, SPLIT=False, BLOCK_R=1,
+                       BLOCK_N=2048, BLOCK_S=64, UNROLL=8))
     for min_p in (False, True):
         compile_small(f"finish min_p={min_p}", sample_finish_kernel,
                       dict(HAS_MIN_P=min_p, BLOCK_S=64, DRAW_BLOCK=2048))
@@ -532,5 +594,5 @@ def test_kernel_compiles_for_sm90():
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(results) == {repr(f) for f in COMPILE_FLAGS} | {
-        "finish min_p=False", "finish min_p=True", "split max"}
+        "unroll", "finish min_p=False", "finish min_p=True", "split max"}
     assert all(v == "ok" for v in results.values()), results

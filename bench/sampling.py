@@ -7,7 +7,8 @@ descending sort, cumulative sum, mask and ``multinomial``); and one read of the 
 (``amax`` over the row: the floor a one-pass sampler can reach). top-k with top-p
 together (Hugging Face's usual pair) against ``topk`` then the top-p mask on its 50. Below
 256 rows, A/B rows of the launch choices for few rows: ``*_unroll1`` walks a row one draw
-block a step (``UNROLL_FEW_ROWS = 1``), ``ours_min_p_whole`` does not split rows. Decoding loops replay
+block a step (``UNROLL_FEW_ROWS = 1``), ``ours_min_p_whole`` neither splits rows nor
+unrolls (the choice before both). Decoding loops replay
 such steps from CUDA graphs, so every callable is timed by graph replay
 (``triton.testing.do_bench_cudagraph``); the plain ``do_bench`` time (host launch cost
 included) is recorded too.
@@ -106,7 +107,8 @@ for B in (1, 16, 64, 256):
             "ours_top_p_unroll1": launch_choice(lambda: sample(x, temperature=T, top_p=P), unroll=1),
             "ours_top_k_top_p_unroll1": launch_choice(
                 lambda: sample(x, temperature=T, top_k=K, top_p=P), unroll=1),
-            "ours_min_p_whole": launch_choice(lambda: sample(x, temperature=T, min_p=MINP), split=False),
+            "ours_min_p_whole": launch_choice(lambda: sample(x, temperature=T, min_p=MINP),
+                                              unroll=1, split=False),  # the earlier choice
         })
     case = R["cases"][f"B{B}"] = dict(bytes=x.numel() * 2)
     for name, fn in fns.items():

@@ -118,7 +118,7 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
         *_param_args(min_p, temperature), part_best, part_idx, part_max,
         n_rows, vocab, logits.stride(0), n_split, split_cols,
         HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
-        BLOCK_S=block_s, **cfg,
+        BLOCK_S=block_s if cfg["SPLIT"] and min_p is not None else 1, **cfg,  # one variant
     )
     if cfg["SPLIT"]:
         _backend.launch(

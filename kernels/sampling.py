@@ -331,8 +331,12 @@ def sample_kernel(
 
     ``UNROLL`` (one row per program, ``BLOCK_R = 1``, not split): each step of a pass over
     the row reads ``UNROLL`` draw blocks (``block_choice_wide``), so that more loads are in
-    flight; the draws are those of ``UNROLL = 1`` (sums may round differently).
+    flight; the draws are those of ``UNROLL = 1`` (sums may round differently; rows holding
+    NaN, whose token is unspecified, may differ under the interpreter, whose ``tl.maximum``
+    keeps NaN where ``tl.max`` drops it).
     """
+    tl.static_assert(UNROLL == 1 or (BLOCK_R == 1 and not SPLIT),
+                     "UNROLL > 1 walks one whole row per program")
     seed = tl.load(SEED)
     STEP: tl.constexpr = BLOCK_N * UNROLL  # columns per step of a pass
     cols = tl.arange(0, STEP)

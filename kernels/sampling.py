@@ -176,27 +176,46 @@ def better_score(hi, lo, best_hi, best_lo):
 
 
 @triton.jit
+def block_scores(sk, ctr_start, rows, n_rows, V, greedy, seed, draw):
+    """The score of each draw block, one per row of ``sk`` (the block's kept ``s``, ``-inf``
+    elsewhere), as the exact sum ``(hi, lo)`` of ``two_sum``: ``m + r``, ``m`` the block's
+    largest kept ``s`` and ``r`` the log of its kept sum relative to ``m``, plus the
+    block's Gumbel noise (greedy rows: ``m`` alone). One uniform per block, counter
+    ``(draw * n_rows + row) * ceil(V / 4) + ctr_start // 4`` (the first of the block's
+    token counters). A block with nothing kept scores ``-inf``."""
+    m = tl.max(sk, 1)
+    shift = finite_or_zero(m)
+    r = tl.log(tl.sum(tl.exp(sk - shift[:, None]), 1))  # -inf: none kept
+    ctr = (draw * n_rows + rows) * tl.cdiv(V, 4) + ctr_start // 4
+    u = uniform(tl.randint(seed, ctr))
+    return two_sum(shift, tl.where(greedy, m - shift, r - tl.log(-tl.log(u))))
+
+
+@triton.jit
+def first_best(hi, lo, BLOCK: tl.constexpr):
+    """The largest pair ``(hi, lo)`` of ``BLOCK`` scores (``better_score``'s order) and its
+    first index: the winner of folding them one by one in order."""
+    idx = tl.arange(0, BLOCK)
+    top = tl.max(hi, 0)
+    top_lo = tl.max(tl.where(hi == top, lo, -float("inf")), 0)
+    return top, top_lo, tl.min(tl.where((hi == top) & (lo == top_lo), idx, BLOCK), 0)
+
+
+@triton.jit
 def block_choice(best, best_lo, best_start, s, keep, start, rows, n_rows, V, greedy, seed,
                  draw):
     """Fold one ``[R, B]`` block (a draw block) into the running Gumbel-max over draw
     blocks: it scores ``log(sum of exp(s) over its kept tokens) + G`` (greedy rows: the
-    largest kept ``s``), so the winner is drawn with probability proportional to the
-    block's kept mass. One uniform per row and block, counter ``(draw * n_rows + row) *
-    ceil(V / 4) + start // 4`` (the first of the block's token counters). A block with
-    nothing kept costs no noise; nothing kept anywhere leaves ``best = -inf``.
+    largest kept ``s``; ``block_scores``), so the winner is drawn with probability
+    proportional to the block's kept mass. A block with nothing kept costs no noise;
+    nothing kept anywhere leaves ``best = -inf``.
 
-    A score is ``m + r``, ``m`` the block's largest kept ``s`` and ``r`` = log of the kept
-    sum relative to it, plus the noise (a few tens at most), held as the exact sum
+    The score, ``m + r`` plus the noise (a few tens at most), is held as the exact sum
     ``(best, best_lo)``: at ``|s|`` of 1e6 (``T = 1e-5``, logits of 10) an fp32 sum would
     round the noise to 1/16, and blocks of nearly equal mass would tie, the first winning."""
     if tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
-        sk = tl.where(keep, s, -float("inf"))
-        m = tl.max(sk, 1)
-        shift = finite_or_zero(m)
-        r = tl.log(tl.sum(tl.exp(sk - shift[:, None]), 1))  # -inf: none kept
-        ctr = (draw * n_rows + rows) * tl.cdiv(V, 4) + start // 4
-        u = uniform(tl.randint(seed, ctr))
-        hi, lo = two_sum(shift, tl.where(greedy, m - shift, r - tl.log(-tl.log(u))))
+        hi, lo = block_scores(tl.where(keep, s, -float("inf")), start, rows, n_rows, V, greedy,
+                              seed, draw)
         better = better_score(hi, lo, best, best_lo)
         best = tl.where(better, hi, best)
         best_lo = tl.where(better, lo, best_lo)
@@ -218,20 +237,12 @@ def block_choice_wide(best, best_lo, best_start, s, keep, start, rows, n_rows, V
                                                  rows, n_rows, V, greedy, seed, draw)
     elif tl.max(tl.max(keep.to(tl.int32), 1), 0) > 0:
         sk = tl.reshape(tl.where(keep, s, -float("inf")), (UNROLL, BLOCK_N))
-        m = tl.max(sk, 1)
-        shift = finite_or_zero(m)
-        r = tl.log(tl.sum(tl.exp(sk - shift[:, None]), 1))  # -inf: none kept
-        blocks = tl.arange(0, UNROLL)
-        starts = start + blocks * BLOCK_N
-        ctr = (draw * n_rows + rows) * tl.cdiv(V, 4) + starts // 4  # [1] with [UNROLL]
-        u = uniform(tl.randint(seed, ctr))
-        hi, lo = two_sum(shift, tl.where(greedy, m - shift, r - tl.log(-tl.log(u))))
+        starts = start + tl.arange(0, UNROLL) * BLOCK_N
+        hi, lo = block_scores(sk, starts, rows, n_rows, V, greedy, seed, draw)  # [UNROLL]
         # a NaN score never wins (block_choice's strict comparison): as -inf here
         hi = tl.where(hi == hi, hi, -float("inf"))
         lo = tl.where(hi > -float("inf"), lo, 0.0)
-        top = tl.max(hi, 0)
-        top_lo = tl.max(tl.where(hi == top, lo, -float("inf")), 0)
-        first = tl.min(tl.where((hi == top) & (lo == top_lo), blocks, UNROLL), 0)
+        top, top_lo, first = first_best(hi, lo, UNROLL)
         top_v = tl.zeros_like(best) + top
         top_lo_v = tl.zeros_like(best_lo) + top_lo
         better = better_score(top_v, top_lo_v, best, best_lo)
@@ -462,10 +473,7 @@ def sample_finish_kernel(PART_BEST, PART_IDX, PART_MAX, MINP, st_m, OUT, X, SEED
     smask = s < n_split
     best = tl.load(PART_BEST + row * (2 * n_split) + s, mask=smask, other=-float("inf"))
     best_lo = tl.load(PART_BEST + row * (2 * n_split) + n_split + s, mask=smask, other=0.0)
-    # the largest (best, best_lo) pair, the first on ties: block_choice's order
-    top = tl.max(best, 0)
-    top_lo = tl.max(tl.where(best == top, best_lo, -float("inf")), 0)
-    part = tl.min(tl.where((best == top) & (best_lo == top_lo), s, BLOCK_S), 0)
+    _, _, part = first_best(best, best_lo, BLOCK_S)  # the first part on ties
     rows = tl.zeros([1], tl.int64) + row
     blk = tl.zeros([1], tl.int64) + tl.load(PART_IDX + row * n_split + part)
     rmask = rows >= 0

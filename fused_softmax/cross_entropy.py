@@ -289,7 +289,10 @@ def _prob_target_grads(x, target, weight, scalars, lse, dscale, args):
 def torch_cross_entropy(input, target, weight, ignore_index: int, reduction: str,
                         label_smoothing: float) -> torch.Tensor:
     """torch's own cross-entropy (the ATen op behind ``F.cross_entropy``), called directly so
-    that ``fused_softmax.patch()`` can never route it back here."""
+    that ``fused_softmax.patch()`` can never route it back here. int32 class indices,
+    which ours take and torch's op does not, reach it as int64."""
+    if target.dtype == torch.int32:
+        target = target.long()
     return torch._C._nn.cross_entropy_loss(input, target, weight,
                                            torch.nn._reduction.get_enum(reduction),
                                            ignore_index, label_smoothing)
@@ -644,8 +647,6 @@ def _no_classes_loss(input, target, weight, ignore_index, reduction, label_smoot
     kernels do not serve. On CUDA each non-ignored row is NaN, as in the kernels (torch's
     CUDA loss would hit a device-side assert, which ends the process's CUDA context)."""
     if prob_target or input.device.type not in NAN_ROW_DEVICES:
-        if target.dtype == torch.int32:  # ours takes int32 targets; torch, int64
-            target = target.long()
         return torch_cross_entropy(input, target, weight, ignore_index, reduction,
                                    label_smoothing)
     ignored = torch.full(target.shape, ignore_index, dtype=torch.long, device=target.device)

@@ -998,6 +998,23 @@ def test_logsumexp_complex_with_out_like_torch(device):
     torch.testing.assert_close(ours, theirs, equal_nan=True)
 
 
+def test_int32_target_under_torch_func_and_double_backward(device):
+    """int32 class indices (ours; torch takes int64) also where the loss is torch's own op
+    on our behalf: torch.func transforms and create_graph=True."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 7, generator=gen, dtype=torch.float64).to(device)
+    t = torch.tensor([0, 3, -100, 6], device=device)
+    for kw in ({}, dict(label_smoothing=0.2)):
+        grad = torch.func.grad(lambda a, tt: fs.cross_entropy(a, tt, **kw))
+        torch.testing.assert_close(grad(x, t.int()), grad(x, t))
+        x32, x64 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g32, = torch.autograd.grad(fs.cross_entropy(x32, t.int(), **kw), x32, create_graph=True)
+        g64, = torch.autograd.grad(fs.cross_entropy(x64, t, **kw), x64, create_graph=True)
+        torch.testing.assert_close(g32, g64)
+        torch.testing.assert_close(torch.autograd.grad(g32.pow(2).sum(), x32)[0],
+                                   torch.autograd.grad(g64.pow(2).sum(), x64)[0])
+
+
 def test_torchs_kernel_dispatch_error_keeps_our_words():
     """On CUDA torch refuses a float index target with its kernel's dtype dispatch
     ('"nll_loss_..._index" not implemented for 'Float''): the same type, our words."""

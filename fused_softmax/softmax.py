@@ -454,6 +454,14 @@ def _reduced_dims(dim, ndim: int, keepdim: bool):
     return dims or list(range(max(ndim, 1)))
 
 
+def _torch_logsumexp(input, dim, keepdim):
+    """torch's own call, ``keepdim`` passed only when set: torch's errors list the
+    arguments given."""
+    if keepdim is False:
+        return torch.logsumexp(input, dim)
+    return torch.logsumexp(input, dim, keepdim)
+
+
 def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool = False, *,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""``log(sum(exp(input)))`` over ``dim``, computed stably: :math:`m + \log\sum_j e^{x_j - m}`.
@@ -481,8 +489,7 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     if torch_function_dispatch(input):
         return handle_torch_function(logsumexp, (input,), input, dim, keepdim, out=out)
     if not isinstance(input, torch.Tensor) or not isinstance(keepdim, bool):
-        # torch's TypeError, which lists the arguments given (keepdim: only when set)
-        return torch.logsumexp(input, dim, keepdim) if keepdim is not False else torch.logsumexp(input, dim)
+        return _torch_logsumexp(input, dim, keepdim)  # torch's TypeError
     if out is not None:
         return _logsumexp_out(input, dim, keepdim, out)
     ndim = input.dim()
@@ -490,7 +497,7 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     if dims is None or input.is_complex() or needs_torch_ops(input):
         # torch's own call: its error for a bad dim, its result where it takes one that we
         # do not (a one-element tensor); complex input and torch.func transforms
-        return torch.logsumexp(input, dim, keepdim) if keepdim else torch.logsumexp(input, dim)
+        return _torch_logsumexp(input, dim, keepdim)
     if not input.is_floating_point():
         input = input.to(torch.get_default_dtype())
     check_float("logsumexp", input)

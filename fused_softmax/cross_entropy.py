@@ -291,7 +291,7 @@ def torch_cross_entropy(input, target, weight, ignore_index: int, reduction: str
     """torch's own cross-entropy (the ATen op behind ``F.cross_entropy``), called directly so
     that ``fused_softmax.patch()`` can never route it back here. int32 class indices,
     which ours take and torch's op does not, reach it as int64."""
-    if target.dtype == torch.int32:
+    if isinstance(target, torch.Tensor) and target.dtype == torch.int32:  # else torch's error
         target = target.long()
     return torch._C._nn.cross_entropy_loss(input, target, weight,
                                            torch.nn._reduction.get_enum(reduction),

@@ -6,9 +6,11 @@ temperature, top-k = 50, top-p = 0.9 and min-p = 0.05; torch's usual path for th
 descending sort, cumulative sum, mask and ``multinomial``); and one read of the logits
 (``amax`` over the row: the floor a one-pass sampler can reach). top-k with top-p
 together (Hugging Face's usual pair) against ``topk`` then the top-p mask on its 50. Below
-256 rows, A/B rows of the launch choices for few rows: ``*_unroll1`` walks a row one draw
-block a step (``UNROLL_FEW_ROWS = 1``), ``ours_min_p_whole`` neither splits rows nor
-unrolls (the choice before both). Decoding loops replay
+256 rows, A/B rows of the launch choices for few rows: ``*_whole`` does not split rows
+across programs (one program walks a row, ``UNROLL`` draw blocks a step: the choice
+before the split), ``ours_min_p_whole`` neither splits nor unrolls (the choice before
+both), ``*_rounds8`` runs 8 rejection rounds split instead of ``SPLIT_ROUNDS`` (4),
+``ours_top_k_top_p_unroll1`` walks a row one draw block a step (``UNROLL_FEW_ROWS = 1``). Decoding loops replay
 such steps from CUDA graphs, so every callable is timed by graph replay
 (``triton.testing.do_bench_cudagraph``); the plain ``do_bench`` time (host launch cost
 included) is recorded too.
@@ -63,19 +65,21 @@ def torch_top_k_top_p(x):
     return i.gather(-1, torch.multinomial(p, 1)).squeeze(-1)
 
 
-def launch_choice(fn, unroll=None, split=True):
+def launch_choice(fn, unroll=None, split=True, rounds=None):
     """``fn`` with the sampling launcher's few-rows choices changed while it runs (and
     while a CUDA graph captures it)."""
     def go():
-        saved = smod.UNROLL_FEW_ROWS, smod.launch_config
+        saved = smod.UNROLL_FEW_ROWS, smod.launch_config, smod.SPLIT_ROUNDS
         if unroll is not None:
             smod.UNROLL_FEW_ROWS = unroll
+        if rounds is not None:
+            smod.SPLIT_ROUNDS = rounds
         if not split:
             smod.launch_config = lambda n, v, d, split_ok=False: saved[1](n, v, d, False)
         try:
             return fn()
         finally:
-            smod.UNROLL_FEW_ROWS, smod.launch_config = saved
+            smod.UNROLL_FEW_ROWS, smod.launch_config, smod.SPLIT_ROUNDS = saved
     return go
 
 
@@ -103,8 +107,10 @@ for B in (1, 16, 64, 256):
     }
     if B < 256:
         fns.update({
-            "ours_top_k_unroll1": launch_choice(lambda: sample(x, temperature=T, top_k=K), unroll=1),
-            "ours_top_p_unroll1": launch_choice(lambda: sample(x, temperature=T, top_p=P), unroll=1),
+            "ours_top_k_whole": launch_choice(lambda: sample(x, temperature=T, top_k=K), split=False),
+            "ours_top_p_whole": launch_choice(lambda: sample(x, temperature=T, top_p=P), split=False),
+            "ours_top_k_rounds8": launch_choice(lambda: sample(x, temperature=T, top_k=K), rounds=8),
+            "ours_top_p_rounds8": launch_choice(lambda: sample(x, temperature=T, top_p=P), rounds=8),
             "ours_top_k_top_p_unroll1": launch_choice(
                 lambda: sample(x, temperature=T, top_k=K, top_p=P), unroll=1),
             "ours_min_p_whole": launch_choice(lambda: sample(x, temperature=T, min_p=MINP),

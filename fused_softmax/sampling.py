@@ -40,17 +40,23 @@ _SEED_HIGH = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- launcher
+#: Launches of rejection rounds over split rows before the rest of the rounds run one
+#: program per row (untuned): top-p 0.9 accepts the first candidate with probability 0.9
+#: or more, and each round removes the rejected candidate and everything below it.
+SPLIT_ROUNDS = 4
+
+
 def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool = False):
-    """``(meta-parameters, n_split, split_cols, grid)`` of ``sample_kernel``.
+    """``(meta-parameters, n_split, split_cols, grid)`` of the sampling launch.
 
     Whole short rows, several to a tile (a tile of 8192 fp32 values, 16 per thread at 16
     warps); long rows one to a program, in blocks of ``DRAW_BLOCK`` (a block is the unit of
-    the two-level draw); a persistent grid of a few programs per SM.
-    Sampling without rejection rounds (``split_ok``: plain temperature, or min-p alone) of
-    fewer rows than fill the GPU four times over cuts each row into parts of 2048-wide
-    blocks, one program each (then ``sample_finish_kernel`` picks each row's best part):
-    one program walking a 128k row alone took 0.075 ms on an H200 (plain, before the
-    two-level draw) and 0.062 ms (min-p, after it); split plain sampling 0.009 ms.
+    the two-level draw); a persistent grid of a few programs per SM: ``sample_kernel``.
+    Fewer rows than fill the GPU four times over (``split_ok``: any filters but top-k with
+    top-p, whose bisection stays whole) are cut into parts of 2048-wide blocks, one program
+    each, one launch per pass: ``split_kernel``. One program walking a 128k row alone took
+    0.075 ms on an H200 (plain, before the two-level draw) and 0.062 ms (min-p, after it);
+    split plain sampling 0.009 ms.
     """
     per_wave = _backend.num_programs_per_wave(device)
     # A block is also a draw block (kernels/sampling.py): at most DRAW_BLOCK, and >= 4 (one
@@ -68,8 +74,8 @@ def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool 
         split_cols = triton.cdiv(n_blocks, n_split) * DRAW_BLOCK
         n_split = triton.cdiv(vocab, split_cols)
         grid = min(n_rows * n_split, per_wave * 8)
-        return (dict(BLOCK_R=1, BLOCK_N=DRAW_BLOCK, SPLIT=True, UNROLL=1, num_warps=4),
-                n_split, split_cols, grid)
+        return dict(BLOCK_R=1, BLOCK_N=DRAW_BLOCK, SPLIT=True, UNROLL=1, num_warps=4), \
+            n_split, split_cols, grid
     # One long row per program: 8 warps (untuned: 2048-wide blocks since the two-level
     # draw; 8192-wide ones had 16 warps). Fewer rows than SMs (no other program to hide a
     # program's memory latency): UNROLL draw blocks per step (untimed; compiled for sm_90
@@ -95,38 +101,45 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
     out = torch.empty(n_rows, dtype=torch.int64, device=logits.device)
     if n_rows == 0:
         return out
-    no_rounds = top_k is None and top_p is None  # one draw, no rejection rounds
-    cfg, n_split, split_cols, grid = config or launch_config(n_rows, vocab, logits.device,
-                                                             no_rounds)
-    block_s = triton.next_power_of_2(n_split)
-    part_best, part_idx, part_max = temperature, seed, temperature  # unused unless split
-    if cfg["SPLIT"]:
-        assert no_rounds, "split rows draw once: no top-k / top-p rounds"
-        # each part's best score as an unevaluated sum (hi, lo): kernels/sampling.py
-        part_best = torch.empty((n_rows, 2, n_split), dtype=torch.float32, device=logits.device)
-        part_idx = torch.empty((n_rows, n_split), dtype=torch.int64, device=logits.device)
-        if min_p is not None:  # min-p's reference point, the row max, from the parts
-            part_max = torch.empty((n_rows, n_split), dtype=torch.float32, device=logits.device)
-            _backend.launch(
-                _k.split_max_kernel, grid,
-                logits, temperature, temperature.stride(0), part_max, n_rows, vocab,
-                logits.stride(0), n_split, split_cols, BLOCK_N=cfg["BLOCK_N"], num_warps=4)
-    _backend.launch(
-        _k.sample_kernel, grid,
-        logits, out, seed, temperature, temperature.stride(0),
-        *_param_args(top_k, seed), *_param_args(top_p, temperature),
-        *_param_args(min_p, temperature), part_best, part_idx, part_max,
-        n_rows, vocab, logits.stride(0), n_split, split_cols,
-        HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None, HAS_MIN_P=min_p is not None,
-        BLOCK_S=block_s if cfg["SPLIT"] and min_p is not None else 1, **cfg,  # one variant
-    )
-    if cfg["SPLIT"]:
-        _backend.launch(
-            _k.sample_finish_kernel, n_rows,
-            part_best, part_idx, part_max, *_param_args(min_p, temperature), out, logits, seed,
-            temperature, temperature.stride(0), n_split, n_rows, vocab, logits.stride(0),
-            HAS_MIN_P=min_p is not None, BLOCK_S=block_s, DRAW_BLOCK=cfg["BLOCK_N"],
-            num_warps=4)
+    cfg, n_split, split_cols, grid = config or launch_config(
+        n_rows, vocab, logits.device, split_ok=top_k is None or top_p is None)
+    params = (seed, temperature, temperature.stride(0), *_param_args(top_k, seed),
+              *_param_args(top_p, temperature), *_param_args(min_p, temperature))
+    filters = dict(HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
+                   HAS_MIN_P=min_p is not None)
+    if not cfg["SPLIT"]:
+        _backend.launch(_k.sample_kernel, grid, logits, out, *params, n_rows, vocab,
+                        logits.stride(0), **filters,
+                        **{k: v for k, v in cfg.items() if k != "SPLIT"})
+        return out
+    assert top_k is None or top_p is None, "top-k with top-p: rows are not split"
+    rounds = top_k is not None or top_p is not None
+    f32, i64 = dict(dtype=torch.float32, device=logits.device), dict(dtype=torch.int64,
+                                                                     device=logits.device)
+    # each part's (max, sum) (top-p, min-p); the parts' results of a launch, double
+    # buffered: the best draw-block score as an unevaluated sum (hi, lo), its block,
+    # count and mass above the candidate; each row's candidate and whether it is undecided
+    part_mz = torch.empty((n_rows, 2, n_split), **f32)
+    part_best = torch.empty((2, 2, n_rows, n_split), **f32)
+    part_idx = torch.empty((2, n_rows, n_split), **i64)
+    part_cnt = torch.empty((2, n_rows, n_split) if rounds else (0,), **i64)
+    part_mass = torch.empty((2, n_rows, n_split) if rounds else (0,), **f32)
+    row_cand = torch.empty((2, n_rows) if rounds else (0,), **i64)
+    row_active = torch.empty((2, n_rows) if rounds else (0,), dtype=torch.int32,
+                             device=logits.device)
+    if min_p is not None:  # min-p's reference point first: the draws need it
+        _backend.launch(_k.split_stats_kernel, grid, logits, temperature, temperature.stride(0),
+                        part_mz, n_rows, vocab, logits.stride(0), n_split, split_cols,
+                        WITH_SUM=top_p is not None, BLOCK_N=cfg["BLOCK_N"], num_warps=4)
+    args = (logits, out, *params, part_mz, part_best, part_idx, part_cnt, part_mass, row_cand,
+            row_active, n_rows, vocab, logits.stride(0), n_split, split_cols)
+    meta = dict(**filters, STATS_FIRST=top_p is not None and min_p is None,
+                BLOCK_N=cfg["BLOCK_N"], BLOCK_S=triton.next_power_of_2(n_split), num_warps=4)
+    _backend.launch(_k.split_kernel, grid, *args, 0, STAGE=0, **meta)
+    last = SPLIT_ROUNDS + 1 if rounds else 1
+    for rnd in range(1, last):
+        _backend.launch(_k.split_kernel, grid, *args, rnd, STAGE=1, **meta)
+    _backend.launch(_k.split_kernel, min(n_rows, grid), *args, last, STAGE=2, **meta)
     return out
 
 

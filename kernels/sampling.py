@@ -44,12 +44,19 @@ variate per block and one per token of one block, instead of one per token.
 
 HBM passes. Plain temperature sampling: one read of the row, plus the chosen block (the
 noise is counter based, Philox of ``(seed, f(draw, row, token // 4))``, and costs no memory
-traffic). min-p alone: two (the row max first). Both split rows across programs when there
-are few rows (``SPLIT``; min-p's row max then comes from ``split_max_kernel``): one program
-walking a row is bound by its own latency, not by HBM. top-k / top-p: the max-and-sum pass (top-p,
+traffic). min-p alone: two (the row max first). top-k / top-p: the max-and-sum pass (top-p,
 min-p), the first draw, then one pass per round; top-k with top-p 33 more (the
-bisection). Re-reads of a row of 128k bf16 logits
-(256 KB) hit L2 on an H100. Draws depend only on the seed, so equal seeds give equal draws.
+bisection). Re-reads of a row of 128k bf16 logits (256 KB) hit L2 on an H100. Draws depend
+only on the seed, so equal seeds give equal draws.
+
+Few rows. One program walking a row alone is bound by its own latency, not by HBM, so
+when rows are too few to fill the GPU (and the filters are not top-k with top-p, whose
+bisection walks whole rows) ``split_kernel`` cuts each row into parts, one program each
+and one launch per pass: a pass's per-part results (the best draw block, the count and
+mass above the candidate, the max and sum) go to global memory, and the next launch
+combines them in part order. The first ``SPLIT_ROUNDS`` rejection rounds (host constant)
+run split; a last launch, one program per row, finishes the rare rows still undecided.
+The noise does not depend on the split, so split and whole rows draw the same tokens.
 
 Numerics. Everything in fp32 (fp64 logits are rounded to fp32: sampling needs no more).
 The Gumbel noise is never added to ``s`` itself, whose fp32 spacing at ``|s|`` of 1e6
@@ -288,84 +295,127 @@ def inverse_temperature(TEMP, rows, rmask, st_t):
 
 
 @triton.jit
-def max_of_parts(PART_MAX, rows, rmask, n_split, BLOCK_S: tl.constexpr):
-    """Each row's max of ``s`` from its parts' maxima (``split_max_kernel``)."""
-    parts = tl.arange(0, BLOCK_S)
-    pm = tl.load(PART_MAX + rows[:, None] * n_split + parts[None, :],
-                 mask=rmask[:, None] & (parts < n_split)[None, :], other=-float("inf"))
-    return tl.max(pm, 1)
+def filter_targets(TOPK, st_k, TOPP, st_p, rows, rmask, V, z_p,
+                   HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr):
+    """``(k_target, mass_target)``: a candidate is kept iff fewer than ``k_target`` tokens,
+    of mass ``< mass_target`` (``p`` times ``z_p``, the top-k set's mass, or the row's),
+    lie above it; a switched-off filter (``k >= V``, ``p >= 1``) accepts everything."""
+    k_target = tl.full([1], V + 1, tl.int64)  # unused without top-k
+    mass_target = tl.full([1], float("inf"), tl.float32)  # unused without top-p
+    if HAS_TOP_K:
+        k = tl.load(TOPK + rows * st_k, mask=rmask, other=1).to(tl.int64)
+        k_target = tl.where(k >= V, V + 1, k)
+    if HAS_TOP_P:
+        p = tl.load(TOPP + rows * st_p, mask=rmask, other=1.0).to(tl.float32)
+        mass_target = tl.where(p >= 1.0, float("inf"), p * z_p)
+    return k_target, mass_target
 
 
 @triton.jit
-def split_max_kernel(X, TEMP, st_t, PART_MAX, n_rows, V, sxm, n_split, split_cols,
-                     BLOCK_N: tl.constexpr):
-    """The max of ``s = x / T`` over each part of each row (``n_rows x n_split`` into
-    ``PART_MAX``): min-p's reference point when rows are split (``sample_kernel``). The
-    same maxima as the whole row's running max, so the same kept set."""
-    cols = tl.arange(0, BLOCK_N)
-    for work in range(tl.program_id(0), n_rows * n_split, tl.num_programs(0)):
-        part = work % n_split
-        rows = tl.zeros([1], tl.int64) + work // n_split
-        rmask = rows < n_rows
-        inv_t, greedy = inverse_temperature(TEMP, rows, rmask, st_t)
-        col_lo = part * split_cols
-        m = tl.full([1], -float("inf"), tl.float32)
-        for start in range(col_lo, tl.minimum(col_lo + split_cols, V), BLOCK_N):
-            s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-            m = tl.maximum(m, tl.max(s, 1))
-        tl.store(PART_MAX + rows * n_split + part, m, mask=rmask)
+def round_pass(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, greedy, seed, noise,
+               n_rows, shift, min_p, floor, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
+               HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, BLOCK_N: tl.constexpr,
+               UNROLL: tl.constexpr):
+    """One pass over columns ``[col_lo, col_hi)`` of the rows: the draw block (score and
+    first column) of a Gumbel-max draw, with noise ``noise``, from the tokens kept by min-p
+    and, with ``HAS_FLOOR``, above ``floor``; and, for the candidate at ``floor``, the
+    count (top-k) and mass (top-p) of the tokens above it. Returns ``(count, mass, best,
+    best_lo, blk)``."""
+    BLOCK_R: tl.constexpr = rows.shape[0]
+    count = tl.zeros([BLOCK_R], tl.int64)
+    mass = tl.zeros([BLOCK_R], tl.float32)
+    best = tl.full([BLOCK_R], -float("inf"), tl.float32)
+    best_lo = tl.zeros([BLOCK_R], tl.float32)
+    blk = tl.zeros([BLOCK_R], tl.int64)
+    for start in range(col_lo, col_hi, BLOCK_N * UNROLL):
+        s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+        keep = kept(s, mask, shift, min_p, floor, HAS_MIN_P, HAS_FLOOR)
+        if HAS_FLOOR:
+            above = mask & (order_key(s) > floor[:, None])
+            if HAS_TOP_K:
+                count += tl.sum(above.to(tl.int64), 1)
+            if HAS_TOP_P:
+                mass += tl.sum(tl.where(above, tl.exp(s - shift[:, None]), 0.0), 1)
+        best, best_lo, blk = block_choice_wide(best, best_lo, blk, s, keep, start, rows, n_rows,
+                                               V, greedy, seed, noise, BLOCK_N, UNROLL)
+    return count, mass, best, best_lo, blk
+
+
+@triton.jit
+def advance(X, rows, rmask, sxm, V, inv_t, greedy, seed, draw, n_rows, shift, min_p, floor,
+            cand, active, count, mass, nxt_best, nxt_blk, k_target, mass_target,
+            HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
+            DRAW_BLOCK: tl.constexpr):
+    """The end of rejection round ``draw``: keep the candidate ``cand`` (key ``floor``) if
+    the tokens above it number fewer than ``k_target`` and weigh less than
+    ``mass_target``, else replace it by the token drawn (noise ``2 * draw + 1``) in the
+    round's draw block above it, ``nxt_blk``. Returns ``(cand, active)``."""
+    accepted = rmask
+    if HAS_TOP_K:
+        accepted = accepted & (count < k_target)
+    if HAS_TOP_P:
+        accepted = accepted & (mass < mass_target)
+    rejected = active & ~accepted
+    nxt = draw_in_block(X, rows, rmask, sxm, nxt_blk, V, inv_t, greedy, seed, 2 * draw + 1,
+                        n_rows, shift, min_p, floor, HAS_MIN_P, True, rows.shape[0], DRAW_BLOCK)
+    # A rejected candidate has tokens above it, the row's max among them, which every
+    # filter keeps: nxt_best is finite. The check only guards the loop.
+    return tl.where(rejected, nxt, cand), rejected & (nxt_best > -float("inf"))
+
+
+@triton.jit
+def reject_rounds(X, rows, rmask, sxm, cols, V, inv_t, greedy, seed, draw, n_rows, shift,
+                  min_p, cand, active, k_target, mass_target, HAS_TOP_K: tl.constexpr,
+                  HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                  UNROLL: tl.constexpr):
+    """Rejection rounds ``draw, draw + 1, ...`` over whole rows until every active row's
+    candidate is accepted. Round ``r``: one pass counts / weighs the tokens above the
+    candidate and, in case it is rejected, draws the next candidate above it (noise
+    ``2r`` for the block, ``2r + 1`` for the token)."""
+    draw = tl.zeros([], tl.int64) + draw
+    while tl.max(active.to(tl.int32), 0) > 0:
+        s_cand = tl.load(X + rows * sxm + cand, mask=rmask, other=0.0)
+        floor = order_key(s_cand.to(tl.float32) * inv_t + 0.0)
+        count, mass, nxt_best, _, nxt_blk = round_pass(
+            X, rows, rmask, sxm, 0, V, cols, V, inv_t, greedy, seed, 2 * draw, n_rows, shift,
+            min_p, floor, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, True, BLOCK_N, UNROLL)
+        cand, active = advance(X, rows, rmask, sxm, V, inv_t, greedy, seed, draw, n_rows, shift,
+                               min_p, floor, cand, active, count, mass, nxt_best, nxt_blk,
+                               k_target, mass_target, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, BLOCK_N)
+        draw += 1
+    return cand
 
 
 @triton.jit
 def sample_kernel(
-    X, OUT, SEED, TEMP, st_t, TOPK, st_k, TOPP, st_p, MINP, st_m, PART_BEST, PART_IDX,
-    PART_MAX, n_rows, V, sxm, n_split, split_cols,
+    X, OUT, SEED, TEMP, st_t, TOPK, st_k, TOPP, st_p, MINP, st_m, n_rows, V, sxm,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    UNROLL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
 ):
-    """One int64 token id per row of ``X`` (``n_rows x V``, unit stride along ``V``) into ``OUT``.
+    """One int64 token id per row of ``X`` (``n_rows x V``, unit stride along ``V``) into
+    ``OUT``, each tile of ``BLOCK_R`` rows walked whole by one program.
 
     ``TEMP``/``TOPK``/``TOPP``/``MINP`` are per-row parameters read with row strides
     ``st_*`` (0 broadcasts one value); ``SEED`` points to one int64 seed for the noise.
 
-    ``SPLIT`` (plain temperature sampling, or min-p alone: no rejection rounds): each row
-    is cut into ``n_split`` parts of ``split_cols`` columns (a multiple of ``BLOCK_N``),
-    one program each, so that a few rows still fill the GPU; a part's best draw-block score
-    (the pair ``hi, lo`` of ``block_choice``) goes to ``PART_BEST`` (``n_rows x 2 x
-    n_split``) and the block's first column to ``PART_IDX`` (``n_rows x n_split``), and
-    ``sample_finish_kernel`` takes the best part and draws the token in its block. min-p's
-    row max comes from the parts' maxima in ``PART_MAX`` (``n_rows x n_split``, written by
-    ``split_max_kernel``; ``BLOCK_S >= n_split``). Noise depends on row, column and draw
-    only, so the draw is the same, split or not. Without ``SPLIT``, ``n_split`` is 1 and
-    ``split_cols`` is ``V``.
-
-    ``UNROLL`` (one row per program, ``BLOCK_R = 1``, not split): each step of a pass over
-    the row reads ``UNROLL`` draw blocks (``block_choice_wide``), so that more loads are in
-    flight; the draws are those of ``UNROLL = 1`` (sums may round differently; rows holding
-    NaN, whose token is unspecified, may differ under the interpreter, whose ``tl.maximum``
+    ``UNROLL`` (one row per program, ``BLOCK_R = 1``): each step of a pass over the row
+    reads ``UNROLL`` draw blocks (``block_choice_wide``), so that more loads are in flight;
+    the draws are those of ``UNROLL = 1`` (sums may round differently; rows holding NaN,
+    whose token is unspecified, may differ under the interpreter, whose ``tl.maximum``
     keeps NaN where ``tl.max`` drops it).
     """
-    tl.static_assert(UNROLL == 1 or (BLOCK_R == 1 and not SPLIT),
-                     "UNROLL > 1 walks one whole row per program")
+    tl.static_assert(UNROLL == 1 or BLOCK_R == 1, "UNROLL > 1 walks one row per program")
     seed = tl.load(SEED)
     STEP: tl.constexpr = BLOCK_N * UNROLL  # columns per step of a pass
     cols = tl.arange(0, STEP)
-    n_tiles = tl.cdiv(n_rows, BLOCK_R)
-    for work in range(tl.program_id(0), n_tiles * n_split, tl.num_programs(0)):
-        tile = work // n_split
-        part = work % n_split
-        col_lo = part * split_cols
-        col_hi = tl.minimum(col_lo + split_cols, V)
+    for tile in range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_R), tl.num_programs(0)):
         # (zeros + tile) promotes to int64 before the multiply, compiled or interpreted.
         rows = (tl.zeros([BLOCK_R], tl.int64) + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n_rows
         inv_t, greedy = inverse_temperature(TEMP, rows, rmask, st_t)
-
+        shift, min_p, z = inv_t, inv_t, inv_t  # unused unless set below
         # Row max and softmax sum: the reference point of top-p's mass and of min-p.
-        if SPLIT and HAS_MIN_P:  # min-p alone: the max of the parts' maxima, no sum
-            shift = finite_or_zero(max_of_parts(PART_MAX, rows, rmask, n_split, BLOCK_S))
-        elif HAS_TOP_P or HAS_MIN_P:
+        if HAS_TOP_P or HAS_MIN_P:
             m = tl.full([BLOCK_R], -float("inf"), tl.float32)
             s_vec = tl.zeros([BLOCK_R, STEP], tl.float32)
             for start in range(0, V, STEP):
@@ -376,112 +426,204 @@ def sample_kernel(
         if HAS_MIN_P:
             min_p = tl.load(MINP + rows * st_m, mask=rmask, other=0.0).to(tl.float32)
 
-        if not HAS_TOP_P and not HAS_MIN_P:
-            shift = inv_t  # unused
-        if not HAS_MIN_P:
-            min_p = inv_t  # unused
-
         # First draw, from softmax(s) restricted to min-p: a draw block (noise 0), then a
         # token in it (noise 1).
-        best = tl.full([BLOCK_R], -float("inf"), tl.float32)
-        best_lo = tl.zeros([BLOCK_R], tl.float32)
-        blk = tl.zeros([BLOCK_R], tl.int64)
-        for start in range(col_lo, col_hi, STEP):
-            s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-            keep = kept(s, mask, shift, min_p, blk, HAS_MIN_P, False)
-            best, best_lo, blk = block_choice_wide(best, best_lo, blk, s, keep, start, rows,
-                                                   n_rows, V, greedy, seed, 0, BLOCK_N, UNROLL)
-        cand = blk
-        if not SPLIT:
-            cand = draw_in_block(X, rows, rmask, sxm, blk, V, inv_t, greedy, seed, 1, n_rows,
-                                 shift, min_p, blk, HAS_MIN_P, False, BLOCK_R, BLOCK_N)
-
+        _, _, best, _, blk = round_pass(
+            X, rows, rmask, sxm, 0, V, cols, V, inv_t, greedy, seed, 0, n_rows, shift, min_p,
+            blk_placeholder(rows), False, False, HAS_MIN_P, False, BLOCK_N, UNROLL)
+        cand = draw_in_block(X, rows, rmask, sxm, blk, V, inv_t, greedy, seed, 1, n_rows,
+                             shift, min_p, blk, HAS_MIN_P, False, BLOCK_R, BLOCK_N)
         if HAS_TOP_K or HAS_TOP_P:
-            # A candidate is kept iff fewer than k tokens, of mass < p * (the top-k set's
-            # mass: top-p after top-k), lie above it; a switched-off filter (k >= V,
-            # p >= 1) accepts everything.
-            if HAS_TOP_K:
+            z_p = z
+            if HAS_TOP_K and HAS_TOP_P:  # top-p after top-k: the top-k set's mass
                 k = tl.load(TOPK + rows * st_k, mask=rmask, other=1).to(tl.int64)
-                k_target = tl.where(k >= V, V + 1, k)
-            if HAS_TOP_P:
                 p = tl.load(TOPP + rows * st_p, mask=rmask, other=1.0).to(tl.float32)
-                z_p = z
-                if HAS_TOP_K:
-                    needed = rmask & (k < V) & (p < 1.0) & ~greedy
-                    z_p = top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z, needed,
-                                     BLOCK_R, STEP)
-                mass_target = tl.where(p >= 1.0, float("inf"), p * z_p)
+                needed = rmask & (k < V) & (p < 1.0) & ~greedy
+                z_p = top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z, needed,
+                                 BLOCK_R, STEP)
+            k_target, mass_target = filter_targets(TOPK, st_k, TOPP, st_p, rows, rmask, V, z_p,
+                                                   HAS_TOP_K, HAS_TOP_P)
             active = rmask & (best > -float("inf"))  # a row of -inf has no candidate
-            draw = tl.full([], 1, tl.int64)  # round r: noise 2r for blocks, 2r + 1 for tokens
-            while tl.max(active.to(tl.int32), 0) > 0:
-                # One pass: count / mass above the candidate, and the draw block of the next
-                # candidate above it (fresh noise), in case this one is rejected.
-                s_cand = tl.load(X + rows * sxm + cand, mask=rmask, other=0.0)
-                floor = order_key(s_cand.to(tl.float32) * inv_t + 0.0)
-                count = tl.zeros([BLOCK_R], tl.int64)
-                mass = tl.zeros([BLOCK_R], tl.float32)
-                nxt_best = tl.full([BLOCK_R], -float("inf"), tl.float32)
-                nxt_lo = tl.zeros([BLOCK_R], tl.float32)
-                nxt_blk = tl.zeros([BLOCK_R], tl.int64)
-                for start in range(0, V, STEP):
-                    s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-                    above = mask & (order_key(s) > floor[:, None])
-                    if HAS_TOP_K:
-                        count += tl.sum(above.to(tl.int64), 1)
-                    keep = above
-                    if HAS_TOP_P or HAS_MIN_P:
-                        e = tl.exp(s - shift[:, None])
-                        if HAS_TOP_P:
-                            mass += tl.sum(tl.where(above, e, 0.0), 1)
-                        if HAS_MIN_P:
-                            keep = keep & (e >= min_p[:, None])
-                    nxt_best, nxt_lo, nxt_blk = block_choice_wide(
-                        nxt_best, nxt_lo, nxt_blk, s, keep, start, rows, n_rows, V, greedy,
-                        seed, 2 * draw, BLOCK_N, UNROLL)
-                accepted = rmask
-                if HAS_TOP_K:
-                    accepted = accepted & (count < k_target)
-                if HAS_TOP_P:
-                    accepted = accepted & (mass < mass_target)
-                rejected = active & ~accepted
-                nxt = draw_in_block(X, rows, rmask, sxm, nxt_blk, V, inv_t, greedy, seed,
-                                    2 * draw + 1, n_rows, shift, min_p, floor, HAS_MIN_P, True,
-                                    BLOCK_R, BLOCK_N)
-                cand = tl.where(rejected, nxt, cand)
-                # A rejected candidate has tokens above it, the row's max among them, which
-                # every filter keeps: nxt_best is finite. The check only guards the loop.
-                active = rejected & (nxt_best > -float("inf"))
-                draw += 1
-        if SPLIT:
-            tl.store(PART_BEST + rows * (2 * n_split) + part, best, mask=rmask)
-            tl.store(PART_BEST + rows * (2 * n_split) + n_split + part, best_lo, mask=rmask)
-            tl.store(PART_IDX + rows * n_split + part, blk, mask=rmask)
-        else:
-            tl.store(OUT + rows, cand, mask=rmask)
+            cand = reject_rounds(X, rows, rmask, sxm, cols, V, inv_t, greedy, seed, 1, n_rows,
+                                 shift, min_p, cand, active, k_target, mass_target, HAS_TOP_K,
+                                 HAS_TOP_P, HAS_MIN_P, BLOCK_N, UNROLL)
+        tl.store(OUT + rows, cand, mask=rmask)
 
 
 @triton.jit
-def sample_finish_kernel(PART_BEST, PART_IDX, PART_MAX, MINP, st_m, OUT, X, SEED, TEMP, st_t,
-                         n_split, n_rows, V, sxm, HAS_MIN_P: tl.constexpr,
-                         BLOCK_S: tl.constexpr, DRAW_BLOCK: tl.constexpr):
-    """Row ``program_id``'s token (split rows): the best of its ``n_split`` parts' draw
-    blocks (the first part on ties, so the first column wins, as without the split), then
-    the token in that block (min-p applied, against the row max of ``PART_MAX``), with the
-    same noise as without the split."""
-    row = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, BLOCK_S)
-    smask = s < n_split
-    best = tl.load(PART_BEST + row * (2 * n_split) + s, mask=smask, other=-float("inf"))
-    best_lo = tl.load(PART_BEST + row * (2 * n_split) + n_split + s, mask=smask, other=0.0)
-    _, _, part = first_best(best, best_lo, BLOCK_S)  # the first part on ties
-    rows = tl.zeros([1], tl.int64) + row
-    blk = tl.zeros([1], tl.int64) + tl.load(PART_IDX + row * n_split + part)
-    rmask = rows >= 0
-    inv_t, greedy = inverse_temperature(TEMP, rows, rmask, st_t)
-    shift, min_p = inv_t, inv_t  # unused without min-p
-    if HAS_MIN_P:
-        shift = finite_or_zero(max_of_parts(PART_MAX, rows, rmask, n_split, BLOCK_S))
-        min_p = tl.load(MINP + rows * st_m).to(tl.float32)
-    cand = draw_in_block(X, rows, rmask, sxm, blk, V, inv_t, greedy, tl.load(SEED), 1,
-                         n_rows, shift, min_p, blk, HAS_MIN_P, False, 1, DRAW_BLOCK)
-    tl.store(OUT + rows, cand)
+def blk_placeholder(rows):
+    """An int32 key vector for a ``floor`` argument that ``HAS_FLOOR = False`` ignores."""
+    return tl.zeros_like(rows).to(tl.int32)
+
+
+# --------------------------------------------------------------------------- split rows
+@triton.jit
+def split_stats_kernel(X, TEMP, st_t, PART_MZ, n_rows, V, sxm, n_split, split_cols,
+                       WITH_SUM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The max of ``s = x / T`` over each part of each row and (``WITH_SUM``) the sum of
+    ``exp(s - that max)``, into ``PART_MZ`` (``n_rows x 2 x n_split``): min-p's reference
+    point and top-p's total mass when rows are split (``split_kernel``)."""
+    cols = tl.arange(0, BLOCK_N)
+    for work in range(tl.program_id(0), n_rows * n_split, tl.num_programs(0)):
+        part = work % n_split
+        rows = tl.zeros([1], tl.int64) + work // n_split
+        rmask = rows < n_rows
+        inv_t, greedy = inverse_temperature(TEMP, rows, rmask, st_t)
+        col_lo = part * split_cols
+        m = tl.full([1], -float("inf"), tl.float32)
+        s_vec = tl.zeros([1, BLOCK_N], tl.float32)
+        for start in range(col_lo, tl.minimum(col_lo + split_cols, V), BLOCK_N):
+            s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+            if WITH_SUM:
+                m, s_vec = online_update(m, s_vec, s, False)
+            else:
+                m = tl.maximum(m, tl.max(s, 1))
+        tl.store(PART_MZ + rows * (2 * n_split) + part, m, mask=rmask)
+        tl.store(PART_MZ + rows * (2 * n_split) + n_split + part, tl.sum(s_vec, 1), mask=rmask)
+
+
+@triton.jit
+def row_stats(PART_MZ, rows, rmask, n_split, BLOCK_S: tl.constexpr):
+    """``(shift, z)`` of each row from its parts' ``(max, sum)`` (``PART_MZ``): the row's
+    max of ``s`` (0 if infinite) and ``sum(exp(s - shift))``."""
+    parts = tl.arange(0, BLOCK_S)
+    pmask = rmask[:, None] & (parts < n_split)[None, :]
+    at = PART_MZ + rows[:, None] * (2 * n_split) + parts[None, :]
+    pm = tl.load(at, mask=pmask, other=-float("inf"))
+    pz = tl.load(at + n_split, mask=pmask, other=0.0)
+    shift = finite_or_zero(tl.max(pm, 1))
+    # a part with nothing (sum 0) adds nothing, even where exp(its shift - shift) overflows
+    rel = tl.where(pz > 0.0, tl.exp(finite_or_zero(pm) - shift[:, None]), 0.0)
+    return shift, tl.sum(pz * rel, 1)
+
+
+@triton.jit
+def split_kernel(
+    X, OUT, SEED, TEMP, st_t, TOPK, st_k, TOPP, st_p, MINP, st_m,
+    PART_MZ, PART_BEST, PART_IDX, PART_CNT, PART_MASS, ROW_CAND, ROW_ACTIVE,
+    n_rows, V, sxm, n_split, split_cols, rnd,
+    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
+    STAGE: tl.constexpr, STATS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """``sample_kernel``'s draws with each row cut into ``n_split`` parts of ``split_cols``
+    columns (a multiple of ``BLOCK_N``, the draw block), one program per part and one
+    launch per pass, so that a few rows still fill the GPU: a program walking a 128k row
+    alone is bound by its own latency (a pass took ~60 us on an H200), not by HBM.
+
+    Launch ``rnd`` writes its parts' results to buffer ``rnd % 2`` of ``PART_*`` (each
+    ``2 x n_rows x n_split``; ``PART_BEST`` holds the pair ``hi, lo`` of a draw block's
+    score: ``2 x 2 x n_rows x n_split``) and the row's state to ``ROW_CAND`` /
+    ``ROW_ACTIVE`` (``2 x n_rows``); launch ``rnd + 1`` combines them, every program of the
+    row alike, in part order (so the first part wins ties, as the first column does in a
+    whole row).
+
+    * ``STAGE 0`` (``rnd = 0``): the first draw's block scores (noise 0), min-p applied
+      against the row max of ``PART_MZ`` (``split_stats_kernel``); ``STATS_FIRST``
+      computes the parts' ``(max, sum)`` here instead (top-p without min-p).
+    * ``STAGE 1`` (``rnd >= 1``): the candidate (the first draw's token, noise 1, for
+      ``rnd = 1``; else the end of round ``rnd - 1``, ``advance``), then round ``rnd``'s
+      pass over the part (``round_pass``).
+    * ``STAGE 2``, one program per row: the candidate as in ``STAGE 1``, then the
+      remaining rounds over the whole row (``reject_rounds``), and the token to ``OUT``.
+
+    The noise depends on row, column and draw only, so the draws equal
+    ``sample_kernel``'s, split or not, whatever the number of ``STAGE 1`` launches.
+    """
+    seed = tl.load(SEED)
+    cols = tl.arange(0, BLOCK_N)
+    ROUNDS: tl.constexpr = HAS_TOP_K or HAS_TOP_P
+    n_work = n_rows if STAGE == 2 else n_rows * n_split
+    cur, prev = rnd % 2, (rnd + 1) % 2
+    NS = n_rows * n_split  # one buffer of PART_IDX / PART_CNT / PART_MASS
+    for work in range(tl.program_id(0), n_work, tl.num_programs(0)):
+        part = 0 if STAGE == 2 else work % n_split
+        row = work if STAGE == 2 else work // n_split
+        rows = tl.zeros([1], tl.int64) + row
+        rmask = rows < n_rows
+        inv_t, greedy = inverse_temperature(TEMP, rows, rmask, st_t)
+        shift, min_p, z = inv_t, inv_t, inv_t  # unused unless set below
+        if (HAS_TOP_P and (STAGE > 0 or not STATS_FIRST)) or HAS_MIN_P:
+            shift, z = row_stats(PART_MZ, rows, rmask, n_split, BLOCK_S)
+        if HAS_MIN_P:
+            min_p = tl.load(MINP + rows * st_m, mask=rmask, other=0.0).to(tl.float32)
+        k_target, mass_target = filter_targets(TOPK, st_k, TOPP, st_p, rows, rmask, V, z,
+                                               HAS_TOP_K, HAS_TOP_P)
+        pos = rows * n_split + part  # this part's slot in a buffer
+        col_lo = part * split_cols
+        col_hi = tl.minimum(col_lo + split_cols, V)
+        cand = tl.zeros([1], tl.int64)
+        active = rows < 0
+        if STAGE > 0:
+            # the previous launch's parts: the best draw block, first part on ties
+            parts = tl.arange(0, BLOCK_S)
+            pmask = parts < n_split
+            at_parts = prev * NS + row * n_split + parts
+            hi = tl.load(PART_BEST + prev * NS + at_parts, mask=pmask, other=-float("inf"))
+            lo = tl.load(PART_BEST + (prev + 1) * NS + at_parts, mask=pmask, other=0.0)
+            best, _, first = first_best(hi, lo, BLOCK_S)
+            blk = tl.zeros([1], tl.int64) + tl.load(PART_IDX + prev * NS + row * n_split + first)
+            best = tl.zeros([1], tl.float32) + best
+            if rnd == 1:  # the first draw's token
+                cand = draw_in_block(X, rows, rmask, sxm, blk, V, inv_t, greedy, seed, 1,
+                                     n_rows, shift, min_p, blk, HAS_MIN_P, False, 1, BLOCK_N)
+                active = rmask & (best > -float("inf"))
+                if not ROUNDS:
+                    active = rows < 0
+            else:  # the end of round rnd - 1
+                at_row = prev * n_rows + rows
+                cand = tl.load(ROW_CAND + at_row)
+                active = tl.load(ROW_ACTIVE + at_row) != 0
+                s_cand = tl.load(X + rows * sxm + cand, mask=rmask, other=0.0)
+                floor = order_key(s_cand.to(tl.float32) * inv_t + 0.0)
+                count = tl.sum(tl.load(PART_CNT + at_parts, mask=pmask, other=0), 0)
+                mass = tl.sum(tl.load(PART_MASS + at_parts, mask=pmask, other=0.0), 0)
+                cand, active = advance(X, rows, rmask, sxm, V, inv_t, greedy, seed, rnd - 1,
+                                       n_rows, shift, min_p, floor, cand, active,
+                                       tl.zeros([1], tl.int64) + count,
+                                       tl.zeros([1], tl.float32) + mass, best, blk, k_target,
+                                       mass_target, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, BLOCK_N)
+        if STAGE == 2:
+            if ROUNDS:
+                cand = reject_rounds(X, rows, rmask, sxm, cols, V, inv_t, greedy, seed, rnd,
+                                     n_rows, shift, min_p, cand, active, k_target, mass_target,
+                                     HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, BLOCK_N, 1)
+            tl.store(OUT + rows, cand, mask=rmask)
+        else:
+            count = tl.zeros([1], tl.int64)
+            mass = tl.zeros([1], tl.float32)
+            best = tl.full([1], -float("inf"), tl.float32)
+            best_lo = tl.zeros([1], tl.float32)
+            blk = tl.zeros([1], tl.int64)
+            if STAGE == 0:
+                if STATS_FIRST:  # the parts' max and sum, in the same pass
+                    m = tl.full([1], -float("inf"), tl.float32)
+                    s_vec = tl.zeros([1, BLOCK_N], tl.float32)
+                    for start in range(col_lo, col_hi, BLOCK_N):
+                        s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+                        m, s_vec = online_update(m, s_vec, s, False)
+                    tl.store(PART_MZ + rows * (2 * n_split) + part, m, mask=rmask)
+                    tl.store(PART_MZ + rows * (2 * n_split) + n_split + part,
+                             tl.sum(s_vec, 1), mask=rmask)
+                _, _, best, best_lo, blk = round_pass(
+                    X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, greedy, seed, 0,
+                    n_rows, shift, min_p, blk_placeholder(rows), False, False, HAS_MIN_P,
+                    False, BLOCK_N, 1)
+            elif tl.max(active.to(tl.int32), 0) > 0:
+                s_cand = tl.load(X + rows * sxm + cand, mask=rmask, other=0.0)
+                floor = order_key(s_cand.to(tl.float32) * inv_t + 0.0)
+                count, mass, best, best_lo, blk = round_pass(
+                    X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, greedy, seed,
+                    2 * rnd, n_rows, shift, min_p, floor, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P,
+                    True, BLOCK_N, 1)
+            # an inactive row's parts are written too: the next launch reads them
+            at = cur * NS + pos
+            tl.store(PART_BEST + cur * NS + at, best, mask=rmask)
+            tl.store(PART_BEST + (cur + 1) * NS + at, best_lo, mask=rmask)
+            tl.store(PART_IDX + at, blk, mask=rmask)
+            if ROUNDS:
+                tl.store(PART_CNT + at, count, mask=rmask)
+                tl.store(PART_MASS + at, mass, mask=rmask)
+                if part == 0:
+                    tl.store(ROW_CAND + cur * n_rows + rows, cand, mask=rmask)
+                    tl.store(ROW_ACTIVE + cur * n_rows + rows, active.to(tl.int32), mask=rmask)

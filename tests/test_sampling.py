@@ -308,16 +308,33 @@ def test_triton_kernel_ran(device):
         assert _backend.use_triton(x), "the interpreter is on: the Triton kernel must serve CPU"
 
 
+def _row_params(filters: dict, n_rows: int, device) -> list:
+    """(top_k, top_p, min_p) as per-row tensors (None where absent)."""
+    return [None if name not in filters else torch.full((n_rows,), filters[name], device=device)
+            for name in ("top_k", "top_p", "min_p")]
+
+
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs Triton")
-@pytest.mark.parametrize("with_min_p", [False, True], ids=["plain", "min-p"])
-@pytest.mark.parametrize("n_rows, vocab", [(1, 5000), (3, 2049), (2, 8192)])
-def test_split_rows_draw_the_same_tokens(n_rows, vocab, with_min_p, device):
-    """Plain temperature or min-p sampling of few rows cuts each row across programs: the
-    noise of a token depends only on its row and column, and min-p's row max is the max of
-    the parts' maxima, so split and whole rows draw the same ids, greedy rows and
-    first-index ties included."""
+@pytest.mark.parametrize("n_rows, vocab, filters", [
+    (3, 2049, {}), (3, 2049, dict(min_p=0.3)), (3, 2049, dict(top_k=1)),
+    (3, 2049, dict(top_k=20)), (3, 2049, dict(top_p=0.05)), (3, 2049, dict(top_p=0.6, min_p=0.1)),
+    (3, 2049, dict(top_k=3, min_p=0.2)), (2, 8192, {}), (2, 8192, dict(top_k=1)),
+    (2, 8192, dict(top_p=0.3)), (1, 5000, dict(min_p=0.3)), (1, 5000, dict(top_k=2, min_p=0.1))],
+    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) or "plain" if isinstance(v, dict) else str(v))
+def test_split_rows_draw_the_same_tokens(n_rows, vocab, filters, device, monkeypatch):
+    """Few rows are cut across programs, one launch per pass (``split_kernel``): the noise
+    of a token depends only on its row, column and draw, min-p's row max and top-p's total
+    mass come from the parts', and the parts of a rejection round add up to the whole
+    row's count and mass, so split and whole rows draw the same ids, greedy rows and
+    first-index ties included, whether the rounds end within the split launches or
+    continue one program per row after them (``SPLIT_ROUNDS`` 0, 1 and 4; top-1 of N(0, 1)
+    logits takes many rounds)."""
     x = torch.randn(n_rows, vocab, generator=torch.Generator().manual_seed(vocab)).to(device)
     x[0, 7] = x[0, vocab - 1] = x[0].max() + 1  # a greedy tie across parts: the first wins
+    if n_rows > 1:
+        x[1, 2048:] = -math.inf  # -inf parts
+    if n_rows > 2:
+        x[2] = -math.inf  # nothing to draw: token 0, as torch.argmax
     if not _backend.use_triton(x):
         pytest.skip("the Triton kernels do not serve this device here")
     temperature = torch.linspace(0.0, 1.5, n_rows, device=device)
@@ -326,29 +343,36 @@ def test_split_rows_draw_the_same_tokens(n_rows, vocab, with_min_p, device):
     split = sampling_mod.launch_config(n_rows, vocab, x.device, split_ok=True)
     assert split[0]["SPLIT"] and split[1] > 1
     whole_config = sampling_mod.launch_config(n_rows, vocab, x.device)
-    # min-p 0.3 keeps a few dozen tokens of a row of N(0, 1) logits at T = 1.5
-    min_p = torch.linspace(0.3, 0.05, n_rows, device=device) if with_min_p else None
-    for seed_value in (12345, 999, 7):
+    args = _row_params(filters, n_rows, device)
+    rounds = "top_k" in filters or "top_p" in filters
+    for split_rounds, seed_value in [(4, 12345), (1, 999)] + [(0, 7)] * rounds:
+        monkeypatch.setattr(sampling_mod, "SPLIT_ROUNDS", split_rounds)
         seed.fill_(seed_value)
-        whole = sampling_mod._launch(x, seed, temperature, None, None, min_p, config=whole_config)
-        parts = sampling_mod._launch(x, seed, temperature, None, None, min_p, config=split)
-        assert torch.equal(whole, parts), (whole, parts)
-        if with_min_p:  # every draw is kept by min-p
+        whole = sampling_mod._launch(x, seed, temperature, *args, config=whole_config)
+        parts = sampling_mod._launch(x, seed, temperature, *args, config=split)
+        assert torch.equal(whole, parts), (split_rounds, whole, parts)
+        assert int(parts[0]) == 7  # temperature 0: argmax, first index
+        if n_rows > 2:
+            assert int(parts[2]) == 0
+        if n_rows > 1:
+            assert int(parts[1]) < 2048
+        if "min_p" in filters:  # every draw is kept by min-p
             s = x[torch.arange(n_rows), parts] / temperature.clamp_min(1e-30)
             smax = x.amax(1) / temperature.clamp_min(1e-30)
-            keep = torch.exp(s - smax) >= min_p
-            assert bool(keep[temperature > 0].all())
-    assert int(parts[0]) == 7  # temperature 0: argmax, first index
+            keep = torch.exp(s - smax) >= filters["min_p"]
+            assert bool(keep[(temperature > 0) & x.amax(1).isfinite()].all())
+        if filters.get("top_k") == 1:  # the largest scaled logit
+            assert torch.equal(parts[:2], x[:2].argmax(1))
     # A tie across parts at x / T = 1e8 (fp32 spacing 8): the parts' scores are compared
     # exactly, so the split picks what the whole row picks, and not always the first.
     tied = torch.full((n_rows, vocab), -5.0, device=device)
     tied[:, 7] = tied[:, vocab - 1] = 1000.0
     cold = torch.full((n_rows,), 1e-5, device=device)
     drawn = set()
-    for seed_value in range(12):
+    for seed_value in range(8 if not rounds else 4):
         seed.fill_(seed_value)
-        whole = sampling_mod._launch(tied, seed, cold, None, None, min_p, config=whole_config)
-        parts = sampling_mod._launch(tied, seed, cold, None, None, min_p, config=split)
+        whole = sampling_mod._launch(tied, seed, cold, *args, config=whole_config)
+        parts = sampling_mod._launch(tied, seed, cold, *args, config=split)
         assert torch.equal(whole, parts), (whole, parts)
         drawn.update(whole.tolist())
     assert drawn == {7, vocab - 1}
@@ -411,17 +435,30 @@ def test_unroll_only_for_few_long_rows(monkeypatch):
     cuda = torch.device("cuda")
     assert cfg(4, 128256, cuda)[0]["UNROLL"] == 8
     assert cfg(4, 5000, cuda)[0]["UNROLL"] == 4  # 3 draw blocks: a step of 4
-    assert cfg(4, 128256, cuda, split_ok=True)[0] == dict(
-        BLOCK_R=1, BLOCK_N=2048, SPLIT=True, UNROLL=1, num_warps=4)
+    assert cfg(4, 128256, cuda, split_ok=True)[0]["SPLIT"]
     assert cfg(256, 128256, cuda)[0]["UNROLL"] == 1
     assert cfg(4, 1000, cuda)[0]["UNROLL"] == 1
 
 
-def test_split_only_without_filters():
+def test_split_only_where_the_filters_allow():
+    """The launcher splits few long rows unless told not to (top-k with top-p, whose
+    bisection walks whole rows)."""
     cfg = sys.modules["fused_softmax.sampling"].launch_config
     assert cfg(2, 128256, torch.device("cpu"), split_ok=True)[0]["SPLIT"]
     assert not cfg(2, 128256, torch.device("cpu"), split_ok=False)[0]["SPLIT"]
     assert not cfg(2, 1000, torch.device("cpu"), split_ok=True)[0]["SPLIT"]  # one block anyway
+
+
+@pytest.mark.parametrize("filters, kernel", [(dict(top_p=0.9), "split_kernel"),
+                                             (dict(top_k=5, min_p=0.1), "split_kernel"),
+                                             (dict(top_k=5, top_p=0.9), "sample_kernel")])
+def test_few_long_rows_launch_the_split_kernel(filters, kernel, device):
+    x = torch.randn(2, 5000, device=device)
+    if not _backend.use_triton(x):
+        pytest.skip("the Triton kernels do not serve this device here")
+    before = _backend.launch_counts[kernel]
+    fused_softmax.sampling.sample(x, **filters)
+    assert _backend.launch_counts[kernel] > before
 
 
 def test_torch_path_support():
@@ -543,54 +580,51 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fused_softmax.kernels.sampling import sample_finish_kernel, sample_kernel, split_max_kernel
+    from fused_softmax.kernels.sampling import sample_kernel, split_kernel, split_stats_kernel
 
     PTRS = {"X": "*bf16", "OUT": "*i64", "SEED": "*i64", "TEMP": "*fp32", "TOPK": "*i64",
-            "TOPP": "*fp32", "MINP": "*fp32", "PART_BEST": "*fp32", "PART_IDX": "*i64",
-            "PART_MAX": "*fp32"}
+            "TOPP": "*fp32", "MINP": "*fp32", "PART_MZ": "*fp32", "PART_BEST": "*fp32",
+            "PART_IDX": "*i64", "PART_CNT": "*i64", "PART_MASS": "*fp32", "ROW_CAND": "*i64",
+            "ROW_ACTIVE": "*i32"}
     H100 = GPUTarget("cuda", 90, 32)
     out = {}
-    for flags in json.loads(sys.argv[1]):
-        # whole rows several to a tile (split rows: one row per program)
-        const = dict(zip(("HAS_TOP_K", "HAS_TOP_P", "HAS_MIN_P", "SPLIT"), flags),
-                     BLOCK_R=1 if flags[3] else 4, BLOCK_N=2048, BLOCK_S=64, UNROLL=1)
-        sig = {n: "constexpr" if n in const else PTRS.get(n, "i64")
-               for n in sample_kernel.arg_names}
+    def compile_one(name, kernel, const, num_warps):
+        sig = {n: "constexpr" if n in const else PTRS.get(n, "i64") for n in kernel.arg_names}
         # 16-byte aligned pointers, V and row stride multiples of 16: the launched variant
-        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sample_kernel.arg_names)
+        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                    if n in PTRS or n in ("V", "sxm")}
         try:
-            cc = triton.compile(ASTSource(fn=sample_kernel, signature=sig, constexprs=const,
+            cc = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const,
                                           attrs=aligned),
-                                target=H100, options=dict(num_warps=16))
-            out[repr(tuple(flags))] = "ok" if cc.asm["cubin"] else "no cubin"
-        except Exception as e:
-            out[repr(tuple(flags))] = f"{type(e).__name__}: {e}"[:2000]
-    def compile_small(name, kernel, const):
-        sig = {n: "constexpr" if n in const else PTRS.get(n, "i64") for n in kernel.arg_names}
-        try:
-            cc = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
-                                target=H100, options=dict(num_warps=4))
+                                target=H100, options=dict(num_warps=num_warps))
             out[name] = "ok" if cc.asm["cubin"] else "no cubin"
         except Exception as e:
             out[name] = f"{type(e).__name__}: {e}"[:2000]
-    compile_small("unroll", sample_kernel,  # one row walked 8 draw blocks a step
-                  dict(HAS_TOP_K=True, HAS_TOP_P=True, HAS_MIN_P=True, SPLIT=False, BLOCK_R=1,
-                       BLOCK_N=2048, BLOCK_S=64, UNROLL=8))
-    for min_p in (False, True):
-        compile_small(f"finish min_p={min_p}", sample_finish_kernel,
-                      dict(HAS_MIN_P=min_p, BLOCK_S=64, DRAW_BLOCK=2048))
-    compile_small("split max", split_max_kernel, dict(BLOCK_N=2048))
+    for flags in json.loads(sys.argv[1]):
+        filters = dict(zip(("HAS_TOP_K", "HAS_TOP_P", "HAS_MIN_P"), flags))
+        # whole rows several to a tile
+        compile_one(f"whole {flags}", sample_kernel,
+                    dict(filters, BLOCK_R=4, BLOCK_N=2048, UNROLL=1), 16)
+        if not (flags[0] and flags[1]):  # split rows: every stage
+            for stage in (0, 1, 2):
+                compile_one(f"split {flags} stage {stage}", split_kernel,
+                            dict(filters, STAGE=stage, STATS_FIRST=flags[1] and not flags[2],
+                                 BLOCK_N=2048, BLOCK_S=64), 4)
+    compile_one("unroll", sample_kernel,  # one row walked 8 draw blocks a step
+                dict(HAS_TOP_K=True, HAS_TOP_P=True, HAS_MIN_P=True, BLOCK_R=1,
+                     BLOCK_N=2048, UNROLL=8), 8)
+    for with_sum in (False, True):
+        compile_one(f"split stats {with_sum}", split_stats_kernel,
+                    dict(WITH_SUM=with_sum, BLOCK_N=2048), 4)
     print(json.dumps(out))
 """)
 
 
-#: (HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, SPLIT): none (whole rows and split rows), each filter
-#: alone (each defines a different subset of the kernel's variables; min-p split too), and
-#: all three.
-COMPILE_FLAGS = [(False, False, False, False), (False, False, False, True),
-                 (True, False, False, False), (False, True, False, False),
-                 (False, False, True, False), (False, False, True, True), (True, True, True, False)]
+#: (HAS_TOP_K, HAS_TOP_P, HAS_MIN_P): none, each filter alone (each defines a different
+#: subset of the kernels' variables), the pairs the split rows take, and all three.
+COMPILE_FLAGS = [(False, False, False), (True, False, False), (False, True, False),
+                 (False, False, True), (True, False, True), (False, True, True),
+                 (True, True, True)]
 
 
 def test_kernel_compiles_for_sm90():
@@ -601,6 +635,6 @@ def test_kernel_compiles_for_sm90():
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(results) == {repr(f) for f in COMPILE_FLAGS} | {
-        "unroll", "finish min_p=False", "finish min_p=True", "split max"}
+    assert "unroll" in results and "split stats True" in results
+    assert len(results) == len(COMPILE_FLAGS) + 3 * 6 + 3, sorted(results)
     assert all(v == "ok" for v in results.values()), results

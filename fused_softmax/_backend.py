@@ -178,7 +178,7 @@ def needs_torch_ops(*tensors) -> bool:
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
-        if _foreign_subclass(t) or t.layout != torch.strided:  # DTensor, sparse, ...
+        if _foreign_subclass(t) or t.layout != torch.strided or t.is_nested:  # DTensor, sparse, ...
             return True
         if torch._C._functorch.is_functorch_wrapped_tensor(t):
             return True

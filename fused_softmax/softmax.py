@@ -109,9 +109,9 @@ def _tl_acc(dtype: torch.dtype):
 
 def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None,
                 out_dtype=None) -> torch.Tensor:
-    if mode == LOGSUMEXP:
+    if mode == LOGSUMEXP:  # out_dtype: the result's, else the accumulator's
         out_shape = x.shape[:dim] + x.shape[dim + 1:]
-        y = torch.empty(out_shape, dtype=acc_dtype(x.dtype), device=x.device)
+        y = torch.empty(out_shape, dtype=out_dtype or acc_dtype(x.dtype), device=x.device)
     else:  # out_dtype: a wider dtype (fp16 -> fp32, ...), read narrow, computed and written wide
         y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     if y.numel() == 0:
@@ -171,7 +171,7 @@ def _torch_fwd(x, dim, mode, inv_t):
         return torch.softmax(xs, dim).to(x.dtype)
     if mode == LOG_SOFTMAX:
         return torch.log_softmax(xs, dim).to(x.dtype)
-    return torch.logsumexp(xs.to(acc), dim)
+    return torch.logsumexp(xs.to(acc), dim)  # the caller rounds to out_dtype
 
 
 def _torch_bwd(saved, grad, lse, dim, mode, inv_t, dx_dtype=None):
@@ -190,18 +190,23 @@ def _torch_bwd(saved, grad, lse, dim, mode, inv_t, dx_dtype=None):
 @torch.library.custom_op("fused_softmax::softmax_fwd", mutates_args=())
 def softmax_fwd(x: torch.Tensor, dim: int, mode: int, inv_temperature: float,
                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """softmax (mode 0), log_softmax (1) or fp32/fp64 log-sum-exp (2) of ``x * inv_temperature``.
-    ``out_dtype`` (modes 0, 1): a wider float dtype than ``x``'s, as ``x.to(out_dtype)``
-    first, without the copy."""
+    """softmax (mode 0), log_softmax (1) or log-sum-exp (2) of ``x * inv_temperature``.
+    ``out_dtype``, modes 0, 1: a wider float dtype than ``x``'s, as ``x.to(out_dtype)``
+    first, without the copy; mode 2: the result's dtype (default: fp32, fp64 for fp64),
+    computed in fp32 (fp64) and rounded once. The backward uses that result, as torch's
+    does: ``exp(x - result)``."""
     if use_triton(x):
         return _launch_fwd(x, dim, mode, inv_temperature, out_dtype=out_dtype)
+    if mode == LOGSUMEXP:
+        return _torch_fwd(x, dim, mode, inv_temperature).to(out_dtype or acc_dtype(x.dtype))
     return _torch_fwd(x.to(out_dtype) if out_dtype else x, dim, mode, inv_temperature)
 
 
 @softmax_fwd.register_fake
 def _(x, dim, mode, inv_temperature, out_dtype=None):
     if mode == LOGSUMEXP:
-        return x.new_empty(x.shape[:dim] + x.shape[dim + 1:], dtype=acc_dtype(x.dtype))
+        return x.new_empty(x.shape[:dim] + x.shape[dim + 1:],
+                           dtype=out_dtype or acc_dtype(x.dtype))
     return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
 
 
@@ -226,7 +231,8 @@ def _(saved, grad, lse, dim, mode, inv_temperature, dx_dtype=None):
 def _setup_context(ctx, inputs, output):
     x, dim, mode, inv_t, out_dtype = inputs
     ctx.dim, ctx.mode, ctx.inv_t = dim, mode, inv_t
-    ctx.dx_dtype = x.dtype if out_dtype is not None and out_dtype != x.dtype else None
+    ctx.dx_dtype = (x.dtype if mode != LOGSUMEXP and out_dtype is not None
+                    and out_dtype != x.dtype else None)
     ctx.save_for_backward(*((x, output) if mode == LOGSUMEXP else (output,)))
 
 
@@ -278,9 +284,12 @@ def _scaled(x: torch.Tensor, inv_t: float) -> torch.Tensor:
     return torch.where(x == -math.inf, x, x * inv_t)
 
 
-def _inv_temperature(temperature, dtype: torch.dtype) -> float:
+def _inv_temperature(temperature, dtype: torch.dtype) -> Optional[float]:
     """``1 / T`` as torch's CUDA kernels multiply by it for ``x / T`` of a ``dtype`` tensor:
-    in fp32 (``1 / fl32(T)`` rounded to fp32) below fp64, in fp64 for fp64."""
+    in fp32 (``1 / fl32(T)`` rounded to fp32) below fp64, in fp64 for fp64. ``None`` where
+    ``T`` or ``1 / T`` overflows that dtype (``T`` beyond fp32's range, or a subnormal
+    ``T``): there ``x * (1 / T)`` is not ``x / T`` (``0 * inf`` is NaN, ``0 / T`` is 0),
+    and the caller divides with torch's own ``x / T``."""
     bad_type = isinstance(temperature, (str, bytes, bool)) or temperature is None
     try:
         t = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
@@ -291,9 +300,22 @@ def _inv_temperature(temperature, dtype: torch.dtype) -> float:
                         f"{type(temperature).__name__}")
     if not (t > 0.0 and is_finite(t)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if dtype == torch.float64 or isinstance(t, torch.SymFloat):
+    if isinstance(t, torch.SymFloat):
         return 1.0 / t
-    return float(np.float32(1.0) / np.float32(t))
+    if dtype == torch.float64:
+        inv = 1.0 / t
+        return inv if is_finite(inv) else None
+    # fl32(T) and 1 / fl32(T) in fp32 (an fp64 quotient of fp32 values, rounded once to
+    # fp32, is the fp32 quotient); ranges tested first, so that numpy warns of no overflow
+    if t >= _FP32_OVERFLOW:
+        return None
+    t = float(np.float32(t))
+    inv = 1.0 / t if t > 0.0 else math.inf
+    return float(np.float32(inv)) if inv < _FP32_OVERFLOW else None
+
+
+#: The smallest fp64 value that rounds to inf in fp32: 2^128 - 2^103.
+_FP32_OVERFLOW = 2.0**128 - 2.0**103
 
 
 _PYTHON_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool,
@@ -319,6 +341,13 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     dtype = _PYTHON_DTYPES.get(dtype, dtype)  # torch takes dtype=float (fp64), int, ...
     inv_t = _inv_temperature(
         temperature, dtype if isinstance(dtype, torch.dtype) else input.dtype)
+    if inv_t is None or (inv_t != 1.0 and dtype is None and not input.is_floating_point()
+                         and not input.is_complex()):
+        # softmax(x / T) with torch's x / T: where x * (1 / T) differs from it (T or 1 / T
+        # overflows), and for an integer or bool x (x / T promotes it to a float dtype)
+        cast = dtype if isinstance(dtype, torch.dtype) else None
+        x = input.to(cast) if cast is not None else input
+        return _softmax_like(mode, x / temperature, dim, stacklevel + 1, requested, 1.0)
     if dtype is None and autocast_to_fp32(name, input):  # torch: dtype=float32 under autocast
         dtype = torch.float32
     try:
@@ -479,7 +508,8 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
         Tensor in ``input``'s (float) dtype (complex input and ``torch.func`` transforms
         use ``torch.logsumexp`` itself). An all ``-inf`` slice gives ``-inf``, a
         ``+inf`` gives ``+inf``, an empty slice gives ``-inf``, as torch. The gradient is
-        ``softmax(input)`` scaled by the incoming gradient, computed from an fp32 log-sum-exp.
+        ``softmax(input)`` scaled by the incoming gradient, computed in fp32 (fp64) as
+        torch's ``exp(input - result)``, from the result in its dtype.
 
     Example::
 
@@ -504,7 +534,7 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     # torch casts to fp32 under autocast; the kernel reads fp16 / bf16 and computes in fp32
     out_dtype = torch.float32 if autocast_to_fp32("logsumexp", input) else input.dtype
     if ndim == 0:
-        return _apply(input.reshape(1), 0, LOGSUMEXP, 1.0).to(out_dtype).reshape(())
+        return _apply(input.reshape(1), 0, LOGSUMEXP, 1.0, out_dtype).reshape(())
     if len(dims) == 1:
         x, d = input, dims[0]
     else:
@@ -512,7 +542,7 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
         x = input.permute(kept + dims).reshape(
             [input.shape[i] for i in kept] + [math.prod([input.shape[i] for i in dims])])
         d = len(kept)
-    out = _apply(x, d, LOGSUMEXP, 1.0).to(out_dtype)
+    out = _apply(x, d, LOGSUMEXP, 1.0, out_dtype)
     if keepdim:
         for d in sorted(dims):
             out = out.unsqueeze(d)

@@ -173,7 +173,9 @@ def softmax_fwd_kernel(
     ``SCALE``: how ``x / T`` is formed (``scale``): not at all for ``T = 1``, rounded to
     ``Y``'s dtype for fp16 / bf16 output, as torch's ``softmax(x / T)``."""
     inv_temperature = float_arg(inv_t_bits, ACC)
-    PRECISE: tl.constexpr = Y.dtype.element_ty == tl.float32
+    # libdevice exp / log for fp32 results, and for every log-sum-exp computed in fp32
+    PRECISE: tl.constexpr = (Y.dtype.element_ty == tl.float32) or (
+        MODE == LOGSUMEXP and ACC == tl.float32)
     n_tiles = tl.cdiv(n_pos, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     if WIDE:  # (N - 1) * stride along the reduced dim reaches 2^31: 64-bit column offsets

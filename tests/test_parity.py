@@ -552,14 +552,21 @@ def test_zero_total_weight_mean_gradient_is_nan_like_torch(device):
 # --------------------------------------------------------------------------- softmax extremes
 @pytest.mark.parametrize("n", [3, 4, 5000])
 def test_temperature_beyond_fp32_reciprocal(n, device):
-    """T so large that 1/T rounds to 0 in fp32: softmax(x / T) is uniform over the finite
-    logits and 0 at -inf ones (-inf * 0 must not become NaN, in padding lanes either)."""
-    x = torch.linspace(-1, 1, n)
+    """T beyond fp32's range (1/T rounds to 0): torch's softmax(x / T), in which x / T is
+    0 for finite logits (a uniform softmax) and NaN for -inf ones (-inf / inf): the whole
+    row is NaN then. The kernels' padding lanes never turn a row NaN (-inf * 0): a row
+    without -inf is uniform at every length."""
+    x = torch.linspace(-1, 1, n, device=device)
+    finite = x.clone()
     x[1] = -math.inf
-    ref = torch.softmax(x.double() / 1e50, 0)
-    for op, tref in ((fs.softmax, ref), (fs.log_softmax, ref.log())):
-        got = op(x.to(device), 0, temperature=1e50).cpu().double()
-        torch.testing.assert_close(got, tref, rtol=1e-6, atol=0)
+    for op, top in ((fs.softmax, torch.softmax), (fs.log_softmax, torch.log_softmax)):
+        torch.testing.assert_close(op(x, 0, temperature=1e50), top(x / 1e50, 0),
+                                   equal_nan=True)
+        assert bool(op(x, 0, temperature=1e50).isnan().all())
+        uniform = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        got = op(finite, 0, temperature=1e50).cpu().double()
+        torch.testing.assert_close(got, uniform if op is fs.softmax else uniform.log(),
+                                   rtol=1e-6, atol=0)
 
 
 def test_fp64_temperature_below_fp32_range(device):

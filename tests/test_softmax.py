@@ -654,6 +654,72 @@ def test_bad_arguments_and_unserved_calls_like_torch(name, call, device):
         assert ours == theirs
 
 
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_integer_input_with_a_temperature_is_softmax_of_x_over_t(name, device):
+    """``softmax(x, temperature=T)`` is ``softmax(x / T)``, and ``x / T`` promotes an
+    integer ``x`` to the default float dtype (T = 1, the default, keeps torch's error)."""
+    x = torch.arange(6, device=device).view(2, 3)
+    for t in (2.0, 0.5):
+        ours, theirs = getattr(fs, name)(x, -1, temperature=t), getattr(F, name)(x / t, -1)
+        assert ours.dtype == theirs.dtype == torch.get_default_dtype()
+        torch.testing.assert_close(ours, theirs)
+    empty = getattr(fs, name)(x[:0], -1, temperature=2.0)
+    assert empty.dtype == torch.get_default_dtype() and empty.shape == (0, 3)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-50, 1e39, 1e300, 1e-320])
+@pytest.mark.parametrize("dtype", [FP16, BF16, FP32, FP64])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_temperature_beyond_the_dtypes_range_is_torchs_x_over_t(name, dtype, temperature,
+                                                                 device):
+    """Where ``T`` or ``1 / T`` overflows the computing dtype, ``x * (1 / T)`` is not
+    ``x / T`` (``0 * inf`` is NaN where ``0 / T`` is 0): the result is torch's
+    ``softmax(x / T)``, NaN rows included, with no numpy overflow warning."""
+    x = torch.tensor([[0.0, -1.0, -INF, 2.0], [1.0, 1.0, 1.0, 1.0], [0.0, -INF, -INF, -INF]],
+                     device=device).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = getattr(fs, name)(x, -1, temperature=temperature)
+    theirs = getattr(F, name)(x / temperature, -1)
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+def test_nested_tensors_go_to_torch(device):
+    """Nested tensors (strided layout) are served by torch's own softmax, as torch serves
+    them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's prototype-stage warning
+        nt = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)]).to(device)
+    ours, theirs = fs.softmax(nt, -1), F.softmax(nt, -1)
+    assert ours.is_nested
+    for a, b in zip(ours.unbind(), theirs.unbind()):
+        torch.testing.assert_close(a, b)
+    # torch has no nested log_softmax or logsumexp: its error
+    assert _outcome(lambda: fs.log_softmax(nt, -1)) == _outcome(lambda: F.log_softmax(nt, -1))
+    assert _outcome(lambda: fs.logsumexp(nt, -1)) == _outcome(lambda: torch.logsumexp(nt, -1))
+
+
+@pytest.mark.parametrize("dtype", [FP16, BF16])
+def test_logsumexp_gradient_uses_the_rounded_result_as_torch(dtype, device):
+    """torch's logsumexp backward is ``grad * exp(x - result)`` with ``result`` in ``x``'s
+    dtype: at large logits its rounding scales every gradient (a row of fp16 [1e4, 0,
+    -1e4, 1e4] gets [1, 0, 0, 1]; bf16 logits near 100, about 5 %). Ours is computed in
+    fp32 from that same result, so it is torch's gradient within the dtype's rounding."""
+    rows = [torch.tensor([[1e4, 0.0, -1e4, 1e4]]),
+            torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 3 + 100]
+    for x0 in rows:
+        x = x0.to(dtype).to(device).requires_grad_()
+        xt = x.detach().clone().requires_grad_()
+        g = torch.linspace(0.5, 2.0, x.shape[0], device=device).to(dtype)
+        y, yt = fs.logsumexp(x, 1), torch.logsumexp(xt, 1)
+        assert y.dtype == yt.dtype == dtype
+        torch.testing.assert_close(y, yt)
+        (gx,), (gt,) = torch.autograd.grad(y, x, g), torch.autograd.grad(yt, xt, g)
+        torch.testing.assert_close(gx, gt, rtol=2 * EPS[dtype], atol=1e-5)
+    assert gx.dtype == dtype
+
+
 def test_temperature_checked_before_torch_takes_the_call():
     with pytest.raises(ValueError, match="temperature"):
         fs.softmax(torch.empty(0, 3, dtype=torch.long), 1, temperature=-1.0)

@@ -498,6 +498,16 @@ def _target_dtype_error(input: torch.Tensor, target: torch.Tensor) -> RuntimeErr
     return kind(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
 
 
+def widen_int32_target(target, ignore_index: int):
+    """An int32 class-index target as int64 where ``ignore_index`` lies outside int32's
+    range: compared with an int32 tensor, torch wraps the Python int (``2**32 + 1`` would
+    ignore class 1), and an int64 target ignores nothing there."""
+    if (isinstance(target, torch.Tensor) and target.dtype == torch.int32
+            and not -2**31 <= ignore_index < 2**31):
+        return target.long()
+    return target
+
+
 def check_ignore_index(ignore_index, fn: str = "cross_entropy") -> int:
     """torch's argument parser: an int (anything with ``__index__``, not a bool)."""
     index = as_index(ignore_index)
@@ -534,6 +544,10 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     ignore_index = check_ignore_index(ignore_index)
     if reduction not in _REDUCTIONS:  # torch parses the reduction before the dtype
         raise ValueError(f"{reduction} is not a valid value for reduction")
+    if isinstance(label_smoothing, torch.Tensor) and label_smoothing.requires_grad:
+        # torch's argument parser takes a tensor for a float only without autograd history
+        raise TypeError("cross_entropy_loss(): argument 'label_smoothing' (position 6) must "
+                        "be float, not Tensor")
     check_float("cross_entropy", input)
     if label_smoothing > 1.0:  # torch rejects > 1 and treats a negative value (or NaN) as 0
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
@@ -695,8 +709,9 @@ def cross_entropy(
         size_average, reduce: deprecated, as in torch.
         ignore_index (int): target value that contributes neither loss nor gradient (any
             value, also one in ``[0, C)``); index targets only. An ignored row's gradient is
-            0 whatever its logits or ``grad_output`` hold (torch gives NaN for an ignored
-            row holding +inf or NaN logits).
+            0 whatever its logits, the class weights or ``grad_output`` hold (torch gives
+            NaN for an ignored row holding +inf or NaN logits, for an all ``-inf`` row, and,
+            with label smoothing, for an inf or NaN class weight).
         reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. ``'mean'`` divides by the sum of
             the target weights of non-ignored elements (by their count without ``weight``;
             by the number of rows for probability targets); all ignored gives NaN.
@@ -704,8 +719,9 @@ def cross_entropy(
         logit_scale (float, keyword-only): multiply the logits first (``1 / temperature``).
         softcap (float, keyword-only): ``z = softcap * tanh(z / softcap)`` after scaling
             (Gemma-2); the gradient goes through it.
-        z_loss (float, keyword-only): add ``z_loss * lse**2`` per non-ignored row (PaLM),
-            reduced like the loss.
+        z_loss (float, keyword-only): add ``z_loss * lse**2`` to each non-ignored row's
+            loss (PaLM), reduced with it: ``'mean'`` divides the rows' sum, z-loss
+            included, by the same denominator (the target weights' sum with ``weight``).
         return_lse (bool, keyword-only): also return the per-row log-sum-exp of the
             (scaled, capped) logits, shaped like ``target`` (without the class dim for
             probability targets), in the accumulation dtype (fp32, fp64 for fp64 input);
@@ -762,6 +778,7 @@ def cross_entropy(
                            ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
     ignore_index = as_index(ignore_index)
+    target = widen_int32_target(target, ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
     if C == 0:  # nothing to fuse: torch's own answers (zeros, NaN, or its IndexError)
         loss = _no_classes_loss(input, target, weight, ignore_index, reduction,

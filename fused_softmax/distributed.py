@@ -37,7 +37,7 @@ from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, ch
                        float_bits, fp32_if_low, is_finite, use_triton)
 from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _scaled_logits, _target_dtype_error,
                             _type_name, check_ignore_index, grad_scale_of, mean_of, reduction_name,
-                            smoothing_value)
+                            smoothing_value, widen_int32_target)
 
 if _backend.HAS_TRITON:
     from .cross_entropy import _block_and_grid
@@ -105,7 +105,7 @@ def _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, sof
     """The backward kernel's math with torch ops."""
     z, _ = _scaled_logits(x.to(coef.dtype), logit_scale, softcap)
     a, b = coef[:, 0:1], coef[:, 1:2]
-    dx = torch.where(a == 0, 0.0, a * torch.exp(z - lse[:, None]))
+    dx = torch.where(a == 0, 0.0, a * torch.exp((z - lse[:, 0:1]) - lse[:, 1:2]))
     cols = torch.arange(x.shape[1], device=x.device)
     dx = dx - torch.where(cols == (target.long() - vocab_start)[:, None], b, 0.0)
     if coef.shape[1] == 3:
@@ -156,7 +156,8 @@ def vocab_parallel_bwd(
     coef: torch.Tensor, vocab_start: int, logit_scale: float,
 ) -> torch.Tensor:
     """Gradient of a ``(rows, C)`` shard: ``a * exp(z - lse) - b * onehot - c * weight`` per
-    row, with ``coef`` rows ``[a, b]`` or ``[a, b, c]`` (``c``: label smoothing)."""
+    row, with ``coef`` rows ``[a, b]`` or ``[a, b, c]`` (``c``: label smoothing) and the
+    log-sum-exp as ``lse`` rows ``[shift, log(sum of exp(z - shift))]`` (``sharded_loss``)."""
     grad = torch.empty_like(x, memory_format=torch.contiguous_format)
     if grad.numel() == 0:
         return grad
@@ -225,7 +226,10 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
     """The loss from per-row statistics gathered over every shard of the vocabulary.
 
     ``sums`` rows hold ``[sum(exp(z - shift)), z_t, sum(w * (z - shift))]`` (the last with
-    label smoothing ``eps > 0`` only) over all ``vocab`` classes (a device value). Returns the reduced loss, the per-row log-sum-exp and, with
+    label smoothing ``eps > 0`` only) over all ``vocab`` classes (a device value). Returns the
+    reduced loss, the per-row log-sum-exp as ``(rows, 2)`` pairs ``[shift, log_s]`` (their
+    sum is the log-sum-exp; the backward subtracts them one at a time, exact near the max)
+    and, with
     ``coefficients``, the backward's per-row ``[a, b(, c)]`` (``vocab_parallel_bwd_kernel``)
     already holding the reduction's scale: 0 for ignored rows, NaN for out-of-range targets
     (loud, with no host synchronisation), else None.
@@ -260,8 +264,9 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
         out = mean_of(loss, denom, eps)
     else:
         out = loss
+    lse_parts = torch.stack([shift.expand_as(log_s), log_s], 1)
     if not coefficients:
-        return out, lse, None
+        return out, lse_parts, None
     n_rows = lse.shape[0]
     grad_scale = grad_scale_of(denom, reduction, eps)
     # Ignored rows: all coefficients 0; out-of-range targets: NaN (loud, no sync); a row
@@ -270,16 +275,18 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
     row_scale = torch.where(valid, torch.where(in_range & lse.isfinite(), grad_scale, math.nan), 0.0)
     cols = [coef, (1.0 - eps) * w_t] + ([eps_v.expand(n_rows)] if eps > 0 else [])
     # (where, not times, for ignored rows: an inf weight of their class times 0 is NaN)
-    return out, lse, torch.where(valid[:, None], torch.stack(cols, 1) * row_scale[:, None], 0.0)
+    return out, lse_parts, torch.where(valid[:, None], torch.stack(cols, 1) * row_scale[:, None],
+                                       0.0)
 
 
-def scale_coefficients(coef, dloss, logit_scale):
+def scale_coefficients(coef, dloss, logit_scale, valid):
     """The backward's coefficients times ``grad_output`` (per row or scalar) and
-    ``logit_scale``; ignored rows keep all-zero coefficients whatever ``grad_output``
-    holds (NaN, inf), so their gradient stays 0, as torch's."""
+    ``logit_scale``; ignored rows (not ``valid``) keep all-zero coefficients whatever
+    ``grad_output`` holds (NaN, inf), so their gradient stays 0, as torch's, while a kept
+    row of zero class weight takes torch's ``0 * NaN``."""
     dloss = dloss.to(coef.dtype)
-    return torch.where(coef == 0, 0.0,
-                       coef * ((dloss[:, None] if dloss.dim() else dloss) * logit_scale))
+    return torch.where(valid[:, None],
+                       coef * ((dloss[:, None] if dloss.dim() else dloss) * logit_scale), 0.0)
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
@@ -320,7 +327,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                     "past V): give every rank its vocab_start_index (default: rank * V_local, "
                     "for equal shards)")
             _check_after_reduce(target.long(), valid, in_range, vocab, weight)
-        if weight is not None and vocab_start + C > weight.numel():
+        if weight is not None and C > 0 and vocab_start + C > weight.numel():
             raise RuntimeError(  # torch's type for a class weight of the wrong size
                 f"vocab_parallel_cross_entropy: this rank's shard [{vocab_start}, "
                 f"{vocab_start + C}) ends past the {weight.numel()} classes of weight")
@@ -331,7 +338,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         if coef is not None:
             coef = torch.where(layout_ok, coef, math.nan)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(x, target, w_local, lse, coef)
+            ctx.save_for_backward(x, target, w_local, lse, coef, valid)
             ctx.vocab_start, ctx.logit_scale = vocab_start, logit_scale
         return out
 
@@ -341,8 +348,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError(
                 "fused_softmax.distributed.vocab_parallel_cross_entropy does not support double "
                 "backward (create_graph=True)")
-        x, target, w_local, lse, coef = ctx.saved_tensors
-        coef = scale_coefficients(coef, dloss, ctx.logit_scale)
+        x, target, w_local, lse, coef, valid = ctx.saved_tensors
+        coef = scale_coefficients(coef, dloss, ctx.logit_scale, valid)
         grad = torch.ops.fused_softmax.vocab_parallel_bwd(
             x, target, w_local, lse, coef, ctx.vocab_start, ctx.logit_scale)
         return grad, None, None, None, None, None, None, None, None, None
@@ -508,12 +515,14 @@ def vocab_parallel_cross_entropy(
                     label_smoothing, logit_scale, z_loss, world, input_dtype)
     start = rank * C if vocab_start_index is None else vocab_start_index
     ignore_index = as_index(ignore_index)
+    target = widen_int32_target(target, ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
 
     input = local_logits
-    if input.dim() > 1 and input.shape[0] == 0:
-        # No rows anywhere (the target, hence the batch, is the same on every rank): torch's
-        # answers (mean NaN, sum 0, none empty), differentiable, with no collective.
+    if input.dim() > 1 and target.numel() == 0:
+        # No rows anywhere (no batch, or an empty extra dim: the target, hence the rows, is
+        # the same on every rank): torch's answers (mean NaN, sum 0, none empty),
+        # differentiable, with no collective.
         per_row = (input * 0).sum(1)
         if reduction == "none":
             return per_row
@@ -523,7 +532,8 @@ def vocab_parallel_cross_entropy(
     elif input.dim() == 2:
         x, t = input, target
     else:
-        x, t = input.movedim(1, -1).reshape(-1, C), target.reshape(-1)
+        # rows counted from the target: an empty shard (C = 0) cannot say how many
+        x, t = input.movedim(1, -1).reshape(target.numel(), C), target.reshape(-1)
     if x.stride(-1) != 1:
         x = x.contiguous()
     t = t.contiguous()

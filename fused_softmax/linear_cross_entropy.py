@@ -84,7 +84,7 @@ from ._backend import (acc_dtype, check_float, fp32_if_low, needs_torch_ops,
 from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _prob_target_grads,
                             _reduction_scalars, check_extras, check_ignore_index,
                             check_targets_on_cpu, cross_entropy, mean_of, raise_torchs_error,
-                            reduction_name, smoothing_value)
+                            reduction_name, smoothing_value, widen_int32_target)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -436,9 +436,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             fused, ctx.fused_grads = ctx.fused_grads, None
             if fused is not None:
                 gx, gw, gb = fused
-                for g in (gx, gw, gb.view(1, -1)):
+                dx, dw = _infinite_grad_output_scales(dloss, target, ctx.args, x.shape[0])
+                for g, d in ((gx, dx), (gw, dw), (gb.view(1, -1), dloss)):
                     if g.numel():
-                        torch.ops.fused_softmax.cross_entropy_bwd_(g, dloss)
+                        torch.ops.fused_softmax.cross_entropy_bwd_(g, d)
             else:
                 row_scale = dloss.reshape(-1) if dloss.dim() else dloss.expand(target.shape[0])
                 if not ctx.args[5]:  # an ignored row's gradient is 0 whatever its grad_output
@@ -453,6 +454,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
                 gt if need_t else None, gcw.to(weight.dtype) if need_cw else None,
                 None, None, None, None, None, None)
+
+
+def _infinite_grad_output_scales(dloss, target, args, n_rows):
+    """The scales of the fused input and weight gradients for a one-value ``grad_output``:
+    ``dloss`` itself, but torch's NaN where it is inf or NaN. torch multiplies each kept
+    row's logit gradients (of both signs) by it and the matmuls sum them: NaN rows of
+    ``grad_input`` (an ignored row's stays 0) and a NaN ``grad_weight`` (0 when every row
+    is ignored). The bias keeps ``dloss`` times its column sums: torch's result where a
+    column's terms share a sign. Device values only: no host synchronisation."""
+    nan_if_inf = torch.where(dloss.isfinite(), dloss, math.nan)
+    if args[5]:  # probability targets: every row is kept
+        return nan_if_inf, nan_if_inf
+    per_row = target.numel() // n_rows if n_rows else 1  # targets per input row (K-dim out)
+    kept = (target != args[0]).reshape(n_rows, per_row).any(1)
+    zero_if_inf = torch.where(dloss.isfinite(), dloss, 0.0)
+    return (torch.where(kept, nan_if_inf, zero_if_inf),
+            torch.where(kept.any(), nan_if_inf, zero_if_inf))
 
 
 class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -473,16 +491,16 @@ class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
             shift, sums, torch.full((), C, dtype=sums.dtype, device=x.device), target, weight,
             valid, in_range, reduction, eps, z_loss, any(need))
         if any(need):
-            ctx.save_for_backward(x, w, b, target, weight, lse, coef)
+            ctx.save_for_backward(x, w, b, target, weight, lse, coef, valid)
             ctx.logit_scale, ctx.softcap, ctx.vocab_chunk = logit_scale, softcap, vocab_chunk
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         _no_double_backward()
-        x, w, b, target, weight, lse, coef = ctx.saved_tensors
+        x, w, b, target, weight, lse, coef, valid = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        coef = _vp.scale_coefficients(coef, dloss, ctx.logit_scale)
+        coef = _vp.scale_coefficients(coef, dloss, ctx.logit_scale, valid)
         gx, gw, gb = torch.ops.fused_softmax.linear_cross_entropy_vocab_bwd(
             x, w, b, target, weight, lse, coef, ctx.logit_scale, ctx.softcap, ctx.vocab_chunk,
             need_x, need_w, need_b)
@@ -716,6 +734,7 @@ def linear_cross_entropy(
         ignore_index = -100 if ignore_index is None else check_ignore_index(ignore_index)
     except _CHECK_ERRORS as ours:
         _torch_refuses_too(ours, call)
+    target = widen_int32_target(target, ignore_index)
     label_smoothing_applied = smoothing_value(label_smoothing)
     if C == 0 or needs_torch_ops(input, linear_weight, target, linear_bias, weight):
         # No logits to fuse (torch's zeros, NaN or IndexError), or torch.func transforms /

@@ -108,7 +108,11 @@ def vocab_parallel_bwd_kernel(
         r = tl.cast(row, tl.int64)
         xrow = X + r * sx
         t_local = tl.load(TARGET + r).to(tl.int64) - vocab_start
-        lse = tl.load(LSE + r).to(ACC)
+        # the log-sum-exp as (shift, log of the sum): z - shift is exact near the max, so
+        # exp((z - shift) - log_s) keeps its precision at large |z| (z - lse would lose
+        # |z| * eps to lse's rounding)
+        shift = tl.load(LSE + 2 * r).to(ACC)
+        log_s = tl.load(LSE + 2 * r + 1).to(ACC)
         a = tl.load(COEF + r * sc).to(ACC)
         b = tl.load(COEF + r * sc + 1).to(ACC)
         if HAS_SMOOTHING:
@@ -120,7 +124,7 @@ def vocab_parallel_bwd_kernel(
             if HAS_SOFTCAP:
                 u = z / softcap
                 z = softcap * tanh(u)
-            dx = tl.where(a == 0.0, 0.0, a * exp_(z - lse, PRECISE))
+            dx = tl.where(a == 0.0, 0.0, a * exp_((z - shift) - log_s, PRECISE))
             dx -= tl.where(c == t_local, b, 0.0)
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:

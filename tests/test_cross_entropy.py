@@ -951,6 +951,8 @@ ERROR_CASES = [
     ("weight wrong dtype", lambda d: ((_x(d), _t(d)), dict(weight=torch.rand(10, dtype=torch.float64, device=d))),
      "Double"),
     ("label_smoothing > 1", lambda d: ((_x(d), _t(d)), dict(label_smoothing=1.5)), "label_smoothing"),
+    ("label_smoothing tensor with grad", lambda d: (
+        (_x(d), _t(d)), dict(label_smoothing=torch.tensor(0.1, requires_grad=True))), "label_smoothing"),
     ("prob target, ignore_index 1", lambda d: ((_x(d), _q(d)), dict(ignore_index=1)), "ignore_index"),
     ("prob target, ignore_index 0", lambda d: ((_x(d), _q(d)), dict(ignore_index=0)), "ignore_index"),
     ("invalid reduction", lambda d: ((_x(d), _t(d)), dict(reduction="avg")), "avg"),
@@ -984,6 +986,21 @@ def test_int32_target_accepted(device):
     t = torch.tensor([1, 2, -100, 9], device=device)
     assert _raised(F.cross_entropy, (x, t.int()), {}) is not None  # torch refuses int32
     torch.testing.assert_close(ce(x, t.int()), F.cross_entropy(x, t))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_int32_target_with_ignore_index_beyond_int32(reduction, device):
+    """An ignore_index outside int32's range ignores nothing, as for int64 targets (torch
+    would wrap 2**32 + 1 to 1 when comparing it with an int32 tensor)."""
+    x = torch.randn(4, 10, device=device, requires_grad=True)
+    t = torch.tensor([1, 2, 1, 9], device=device)
+    far = 2**32 + 1
+    ours = ce(x, t.int(), ignore_index=far, reduction=reduction)
+    theirs = F.cross_entropy(x, t, ignore_index=far, reduction=reduction)
+    torch.testing.assert_close(ours, theirs)
+    g, = torch.autograd.grad(ours.sum(), x)
+    gt, = torch.autograd.grad(theirs.sum(), x)
+    torch.testing.assert_close(g, gt)
 
 
 @pytest.mark.skipif(CUDA, reason="CPU raises IndexError; CUDA marks the row NaN (test_cuda_out_of_range_target)")

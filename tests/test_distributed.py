@@ -66,6 +66,7 @@ LAYOUTS = {
     "uneven": {2: ((0, 13), (13, 17)), 3: ((0, 7), (7, 11), (18, 12))},
     "reversed": {2: ((17, 13), (0, 17)), 3: ((20, 10), (0, 13), (13, 7))},
     "empty shard": {2: ((0, 0), (0, 30)), 3: ((0, 13), (13, 0), (13, 17))},
+    "empty shard past V": {2: ((0, 30), (50, 0)), 3: ((0, 13), (50, 0), (13, 17))},
     # not a tiling of [0, 30) beyond a world of 1: refused
     "overlapping": {1: ((0, 30),), 2: ((0, 15), (10, 15)), 3: ((0, 10), (5, 10), (20, 10))},
 }
@@ -129,6 +130,11 @@ CASES = [
          error=("ValueError", "do not tile the vocabulary"), error_worlds=(2, 3)),
     Case("3-d logits", shape="3d", weight=True, label_smoothing=0.1, reduction="none"),
     Case("1-d logits", shape="1d", label_smoothing=0.1, reduction="none"),
+    # the empty shard's rank counts its rows from the target (reshape(-1, 0) cannot)
+    Case("3-d logits, an empty shard", layout="empty shard", shape="3d", reduction="sum"),
+    # an empty shard is checked against neither the layout nor the weight's size
+    Case("an empty shard past the vocabulary, weight", layout="empty shard past V",
+         weight=True, label_smoothing=0.1),
     Case("wide vocabulary", layout="equal", vocab=120),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
@@ -194,7 +200,8 @@ def reference(case: Case):
 
 
 def local_slice(full: torch.Tensor, start: int, size: int) -> torch.Tensor:
-    return full.narrow(0 if full.dim() == 1 else 1, start, size)
+    dim = 0 if full.dim() == 1 else 1
+    return full.narrow(dim, min(start, full.shape[dim]), size)  # an empty shard may start past V
 
 
 # --------------------------------------------------------------------------- one rank, one case
@@ -403,6 +410,54 @@ def test_kernels_serve_the_call_and_the_torch_path_agrees(monkeypatch):
     torch_path = run_case(case, 1, 0)
     torch.testing.assert_close(torch_path["loss"], kernels["loss"], rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(torch_path["grad"], kernels["grad"], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_empty_extra_dim_gives_torchs_answer(reduction):
+    """(N, V, 0) logits: no rows, torch's NaN mean, 0 sum and empty (N, 0) loss."""
+    x = torch.randn(2, 12, 0, requires_grad=True)
+    t = torch.zeros(2, 0, dtype=torch.long)
+    ours, theirs = vp_ce(x, t, reduction=reduction), F.cross_entropy(x, t, reduction=reduction)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    ours.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_at_large_logits_is_as_accurate_as_torch(dtype):
+    """The backward forms exp((z - shift) - log_s), not exp(z - lse): at logits of 1e4 in
+    fp32, lse's rounding (1e4 * 6e-8) would be every probability's error."""
+    def grad_error(fn, x0, t, ref):
+        x = x0.detach().clone().requires_grad_()
+        fn(x, t).backward()
+        return (x.grad.double() - ref).abs().max()
+
+    for c in (1e2, 1e4, 6e4):
+        x0 = torch.tensor([[c, c - 1, c - 3, c - 2.5], [-c, 1 - c, 3 - c, 2 - c]], dtype=dtype)
+        t = torch.tensor([1, 2])
+        ref = x0.detach().double().clone().requires_grad_()
+        F.cross_entropy(ref, t).backward()
+        ours, torchs = (grad_error(fn, x0, t, ref.grad) for fn in (vp_ce, F.cross_entropy))
+        assert ours <= 4 * torchs + 4 * torch.finfo(dtype).eps, (c, ours, torchs)
+
+
+@pytest.mark.parametrize("reduction, upstream", [("none", [math.nan, 1.0]), ("sum", math.nan),
+                                                  ("mean", math.inf)])
+def test_non_finite_grad_output_on_a_zero_weight_row_like_torch(reduction, upstream):
+    """A kept row whose target has class weight 0 takes torch's 0 * NaN (a NaN row), where
+    an ignored row stays 0."""
+    w = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    t = torch.tensor([1, 2, -100])
+    up = torch.tensor(upstream if reduction != "none" else upstream + [1.0])
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for fn in (vp_ce, F.cross_entropy):
+        xi = x.clone().requires_grad_()
+        fn(xi, t, weight=w, reduction=reduction).backward(up)
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], equal_nan=True)
+    assert bool(grads[0][0].isnan().all()) and bool((grads[0][2] == 0).all())
 
 
 def test_gradcheck_fp64():

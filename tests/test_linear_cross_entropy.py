@@ -230,6 +230,39 @@ def test_other_index_dtypes(target_dtype, path, device):
 
 
 @both_paths
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_int32_target_with_ignore_index_beyond_int32(reduction, path, device):
+    """An ignore_index outside int32's range ignores nothing, as for an int64 target
+    (compared with the int32 tensor, 2**32 + 1 would wrap to class 1)."""
+    x, W, t, b, w = make(device, bias=True, weighted=True)
+    t = t.clamp(min=0)
+    t[0] = 1
+    far = 2**32 + 1
+    ours = run(lce, x, W, t.int(), b, w, ignore_index=far, reduction=reduction, **PATHS[path])
+    theirs = run(torch_loss, x, W, t, b, w, ignore_index=far, reduction=reduction)
+    assert_all_close(ours, theirs, reduction)
+
+
+@both_paths
+@pytest.mark.parametrize("upstream", [math.inf, -math.inf])
+def test_infinite_grad_output_gives_torchs_nan_input_and_weight_gradients(upstream, path,
+                                                                         device):
+    """torch multiplies every kept row's logit gradients by inf and sums both signs in the
+    matmuls: NaN rows of the input gradient (ignored rows stay 0) and a NaN weight
+    gradient (the bias's column sums are inf times their sum: torch's NaN only where a
+    column's terms differ in sign, not compared here)."""
+    x, W, t, b, _ = make(device, bias=True)
+    up = torch.tensor(upstream, device=device)
+    ours = run(lce, x, W, t, b, upstream=up, **PATHS[path])
+    theirs = run(torch_loss, x, W, t, b, upstream=up)
+    ignored = t == -100
+    assert bool(ignored.any())
+    for name, a, e in zip(["grad input", "grad weight"], ours[1:3], theirs[1:3]):
+        torch.testing.assert_close(a, e, equal_nan=True, msg=name)
+    assert bool(theirs[1][~ignored].isnan().all()) and bool(theirs[2].isnan().all())
+
+
+@both_paths
 def test_non_contiguous_inputs(path, device):
     x, W, t, b, w = make(device, bias=True)
     xt = x.t().contiguous().t()  # same values, column-major
@@ -486,7 +519,9 @@ def test_opcheck_vocab_chunks(grads, device):
     t = t.clamp(min=0)
     torch.library.opcheck(torch.ops.fused_softmax.linear_cross_entropy_stats.default,
                           (x, W, b, t, w, -100, 0.7, 3.0, True, VCHUNK))
-    lse = torch.logsumexp(x @ W.t() + b, 1)
+    logits = x @ W.t() + b
+    shift = logits.amax(1)  # the log-sum-exp as [shift, log of the sum] (sharded_loss)
+    lse = torch.stack([shift, torch.log(torch.exp(logits - shift[:, None]).sum(1))], 1)
     coef = torch.rand(M, 3, device=device)
     torch.library.opcheck(torch.ops.fused_softmax.linear_cross_entropy_vocab_bwd.default,
                           (x, W, b, t, w, lse, coef, 1.0, 0.0, VCHUNK, *grads))

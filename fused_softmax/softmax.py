@@ -341,7 +341,7 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     dtype = _PYTHON_DTYPES.get(dtype, dtype)  # torch takes dtype=float (fp64), int, ...
     inv_t = _inv_temperature(
         temperature, dtype if isinstance(dtype, torch.dtype) else input.dtype)
-    if inv_t is None or (inv_t != 1.0 and dtype is None and not input.is_floating_point()
+    if inv_t is None or (temperature != 1 and dtype is None and not input.is_floating_point()
                          and not input.is_complex()):
         # softmax(x / T) with torch's x / T: where x * (1 / T) differs from it (T or 1 / T
         # overflows), and for an integer or bool x (x / T promotes it to a float dtype)

@@ -56,7 +56,8 @@ and one launch per pass: a pass's per-part results (the best draw block, the cou
 mass above the candidate, the max and sum) go to global memory, and the next launch
 combines them in part order. The first ``SPLIT_ROUNDS`` rejection rounds (host constant)
 run split; a last launch, one program per row, finishes the rare rows still undecided.
-The noise does not depend on the split, so split and whole rows draw the same tokens.
+The noise does not depend on the split, so split and whole rows draw the same tokens
+(but where a mass sits within rounding of a top-p cut: the parts add it in another order).
 
 Numerics. Everything in fp32 (fp64 logits are rounded to fp32: sampling needs no more).
 The Gumbel noise is never added to ``s`` itself, whose fp32 spacing at ``|s|`` of 1e6
@@ -528,7 +529,9 @@ def split_kernel(
       remaining rounds over the whole row (``reject_rounds``), and the token to ``OUT``.
 
     The noise depends on row, column and draw only, so the draws equal
-    ``sample_kernel``'s, split or not, whatever the number of ``STAGE 1`` launches.
+    ``sample_kernel``'s, split or not, whatever the number of ``STAGE 1`` launches (up to
+    the order in which the sums are added: a mass within rounding of a top-p cut may
+    decide otherwise).
     """
     seed = tl.load(SEED)
     cols = tl.arange(0, BLOCK_N)

@@ -659,7 +659,7 @@ def test_integer_input_with_a_temperature_is_softmax_of_x_over_t(name, device):
     """``softmax(x, temperature=T)`` is ``softmax(x / T)``, and ``x / T`` promotes an
     integer ``x`` to the default float dtype (T = 1, the default, keeps torch's error)."""
     x = torch.arange(6, device=device).view(2, 3)
-    for t in (2.0, 0.5):
+    for t in (2.0, 0.5, 1.00000001):  # the last: 1 / T rounds to 1 in fp32, but T is not 1
         ours, theirs = getattr(fs, name)(x, -1, temperature=t), getattr(F, name)(x / t, -1)
         assert ours.dtype == theirs.dtype == torch.get_default_dtype()
         torch.testing.assert_close(ours, theirs)

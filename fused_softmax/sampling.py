@@ -53,8 +53,8 @@ def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool 
     warps); long rows one to a program, in blocks of ``DRAW_BLOCK`` (a block is the unit of
     the two-level draw); a persistent grid of a few programs per SM: ``sample_kernel``.
     Fewer rows than fill the GPU four times over (``split_ok``: any filters but top-k with
-    top-p, whose bisection stays whole) are cut into parts of 2048-wide blocks, one program
-    each, one launch per pass: ``split_kernel``. One program walking a 128k row alone took
+    top-p, whose search for the k-th largest value walks whole rows) are cut into parts of
+    2048-wide blocks, one program each, one launch per pass: ``split_kernel``. One program walking a 128k row alone took
     0.075 ms on an H200 (plain, before the two-level draw) and 0.062 ms (min-p, after it);
     split plain sampling 0.009 ms.
     """
@@ -79,7 +79,8 @@ def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool 
     # One long row per program: 8 warps (untuned: 2048-wide blocks since the two-level
     # draw; 8192-wide ones had 16 warps). Fewer rows than SMs (no other program to hide a
     # program's memory latency): UNROLL draw blocks per step (untimed; compiled for sm_90
-    # at 8 warps it takes up to 255 registers and spills nothing, at 16 warps it spills).
+    # at 8 warps it takes 255 registers, and top-k with top-p spills up to 124 bytes; at
+    # 16 warps it spills more).
     unroll = 1
     if one_row and n_rows < per_wave:
         unroll = min(UNROLL_FEW_ROWS, triton.next_power_of_2(triton.cdiv(vocab, DRAW_BLOCK)))

@@ -45,8 +45,9 @@ variate per block and one per token of one block, instead of one per token.
 HBM passes. Plain temperature sampling: one read of the row, plus the chosen block (the
 noise is counter based, Philox of ``(seed, f(draw, row, token // 4))``, and costs no memory
 traffic). min-p alone: two (the row max first). top-k / top-p: the max-and-sum pass (top-p,
-min-p), the first draw, then one pass per round; top-k with top-p 33 more (the
-bisection). Re-reads of a row of 128k bf16 logits (256 KB) hit L2 on an H100. Draws depend
+min-p), the first draw, then one pass per round; top-k with top-p 5 more over a long
+row (radix select of the k-th largest value: ``kth_largest_key``), 33 over a tile of
+short ones (bisection). Re-reads of a row of 128k bf16 logits (256 KB) hit L2 on an H100. Draws depend
 only on the seed, so equal seeds give equal draws.
 
 Few rows. One program walking a row alone is bound by its own latency, not by HBM, so
@@ -135,32 +136,68 @@ def kept(s, mask, shift, min_p, floor, HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.co
 
 
 @triton.jit
-def top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z, needed,
-               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``sum(exp(s - shift))`` over the top-k set (every token tied with the k-th largest
-    value included), against which top-p after top-k measures its ``p``; ``z`` (the whole
-    row's) where it is not ``needed`` (``k >= V``, ``p >= 1``, greedy). The k-th largest key
-    by bisection of the 2^32 int32 keys (the largest key with at least ``k`` keys at or
-    above it): 32 counting passes over the row, which stays in L2, then one summing pass;
-    skipped, on the device, by a tile with no row that needs it."""
-    mass = z
-    if tl.max(needed.to(tl.int32), 0) > 0:
-        lo = tl.full([BLOCK_R], -2147483648, tl.int64)  # count(key >= lo) = V >= k
+def kth_largest_key(X, rows, rmask, sxm, cols, V, inv_t, k, BLOCK_R: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Each row's k-th largest int32 key, ties counted: the largest key with at least ``k``
+    keys at or above it (``k`` at most the row's length). One row per program (long rows):
+    radix select on the key's four bytes, high to low, each pass a 256-bin histogram of
+    the next byte among the keys that share the bytes chosen so far: 4 passes over the row
+    (which stays in L2). Several rows to a tile (short rows; a histogram serves one row):
+    bisection of the 2^32 keys, 32 counting passes."""
+    if BLOCK_R == 1:
+        bins = tl.arange(0, 256)
+        prefix = tl.zeros([1], tl.int64)  # the bytes chosen so far, as an unsigned number
+        k_rem = tl.sum(k, 0)  # keys still to count down from the top
+        for level in tl.static_range(4):
+            shift = 24 - 8 * level  # of this byte
+            hist = tl.zeros([256], tl.int32)
+            for start in range(0, V, BLOCK_N):
+                s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+                u = order_key(s).to(tl.int64) + 2147483648  # in [0, 2^32), in key order
+                same = mask & ((u >> (shift + 8)) == prefix[:, None])
+                digit = ((u >> shift) & 255).to(tl.int32)
+                hist += tl.histogram(tl.reshape(digit, (BLOCK_N,)), 256,
+                                     mask=tl.reshape(same, (BLOCK_N,)))
+            # the byte: the largest whose bin and the bins above it hold k_rem keys
+            from_top = tl.cumsum(hist, 0, reverse=True)
+            byte = tl.max(tl.where(from_top >= k_rem, bins, 0), 0)
+            k_rem -= tl.sum(tl.where(bins > byte, hist, 0), 0)
+            prefix = prefix * 256 + byte
+        key = prefix - 2147483648
+    else:
+        key = tl.full([BLOCK_R], -2147483648, tl.int64)  # count(key >= lo) = V >= k
         hi = tl.full([BLOCK_R], 2147483647, tl.int64)
         for _ in range(32):
-            mid = (lo + hi + 1) >> 1
+            mid = (key + hi + 1) >> 1
             count = tl.zeros([BLOCK_R], tl.int32)
             for start in range(0, V, BLOCK_N):
                 s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
                 at_or_above = mask & (order_key(s).to(tl.int64) >= mid[:, None])
                 count += tl.sum(at_or_above.to(tl.int32), 1)
             enough = count >= k
-            lo = tl.where(enough, mid, lo)
+            key = tl.where(enough, mid, key)
             hi = tl.where(enough, hi, mid - 1)
+    return key
+
+
+@triton.jit
+def top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z, needed,
+               BLOCK_R: tl.constexpr, STEP: tl.constexpr, SELECT_STEP: tl.constexpr):
+    """``sum(exp(s - shift))`` over the top-k set (every token tied with the k-th largest
+    value included), against which top-p after top-k measures its ``p``; ``z`` (the whole
+    row's) where it is not ``needed`` (``k >= V``, ``p >= 1``, greedy). The k-th largest
+    key (``kth_largest_key``: 4 passes over a long row, 32 over a tile of short ones, in
+    steps of ``SELECT_STEP`` columns: wider ones spill at 8 warps), then one summing pass
+    in steps of ``STEP`` (``cols``); skipped, on the device, by a tile with no row that
+    needs it."""
+    mass = z
+    if tl.max(needed.to(tl.int32), 0) > 0:
+        kth = kth_largest_key(X, rows, rmask, sxm, tl.arange(0, SELECT_STEP), V, inv_t,
+                              tl.minimum(k, V), BLOCK_R, SELECT_STEP)
         top = tl.zeros([BLOCK_R], tl.float32)
-        for start in range(0, V, BLOCK_N):
+        for start in range(0, V, STEP):
             s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-            inside = mask & (order_key(s).to(tl.int64) >= lo[:, None])
+            inside = mask & (order_key(s).to(tl.int64) >= kth[:, None])
             top += tl.sum(tl.where(inside, tl.exp(s - shift[:, None]), 0.0), 1)
         mass = tl.where(needed, top, z)
     return mass
@@ -441,7 +478,7 @@ def sample_kernel(
                 p = tl.load(TOPP + rows * st_p, mask=rmask, other=1.0).to(tl.float32)
                 needed = rmask & (k < V) & (p < 1.0) & ~greedy
                 z_p = top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z, needed,
-                                 BLOCK_R, STEP)
+                                 BLOCK_R, STEP, BLOCK_N)
             k_target, mass_target = filter_targets(TOPK, st_k, TOPP, st_p, rows, rmask, V, z_p,
                                                    HAS_TOP_K, HAS_TOP_P)
             active = rmask & (best > -float("inf"))  # a row of -inf has no candidate

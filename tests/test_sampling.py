@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -425,6 +426,54 @@ def test_unrolled_passes_draw_the_same_tokens(filters, device):
             assert torch.equal(one, draws(tied, cold, unroll, seed_value)), (unroll, seed_value)
         drawn.update(one.tolist())
     assert drawn == {5, 128 + 9, 896 + 1}
+
+
+if _backend.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from fused_softmax.kernels import sampling as _ks
+
+    @triton.jit
+    def _kth_kernel(X, K, OUT, n_rows, V, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``kth_largest_key`` of each row of ``X`` (row stride ``V``, T = 1) into ``OUT``."""
+        tile = tl.program_id(0)
+        rows = (tl.zeros([BLOCK_R], tl.int64) + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        k = tl.load(K + rows, mask=rmask, other=1)
+        one = tl.full([BLOCK_R], 1.0, tl.float32)
+        key = _ks.kth_largest_key(X, rows, rmask, V, tl.arange(0, BLOCK_N), V, one, k,
+                                  BLOCK_R, BLOCK_N)
+        tl.store(OUT + rows, key, mask=rmask)
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs Triton")
+@pytest.mark.parametrize("block_r", [1, 4], ids=["radix select", "bisection"])
+def test_kth_largest_key_is_torchs_kth_value(block_r, device):
+    """``kth_largest_key`` (top-k with top-p's reference point): one row per program by
+    radix select over the key's bytes, several by bisection; both equal the k-th largest of
+    the int32 keys that torch computes from the same fp32 values, ties counted, for k from
+    1 to V, -inf entries, a row of ties and negative and positive values across blocks."""
+    V, n_rows = 300, 8
+    x = torch.randn(n_rows, V, generator=torch.Generator().manual_seed(5)) * 50
+    x[1] = torch.randint(-2, 3, (V,), generator=torch.Generator().manual_seed(6)).float()
+    x[2, 100:] = -math.inf
+    x[3] = 0.0
+    x[4, :7] = 1e30
+    x = x.to(device)
+    if not _backend.use_triton(x):
+        pytest.skip("the Triton kernels do not serve this device here")
+    bits = x.cpu().view(torch.int32).long()
+    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order_key of x + 0.0 (no -0.0 here)
+    for ks_ in ([1] * n_rows, [2, 150, 100, 300, 7, 8, 299, 64], [V] * n_rows, [50] * n_rows):
+        k = torch.tensor(ks_, device=device)
+        out = torch.empty(n_rows, dtype=torch.int64, device=device)
+        with warnings.catch_warnings():  # the interpreter's numpy warnings
+            warnings.simplefilter("ignore")
+            _kth_kernel[(-(-n_rows // block_r),)](x, k, out, n_rows, V, BLOCK_R=block_r,
+                                                  BLOCK_N=128)
+        expect = keys.sort(1, descending=True).values.gather(1, (k.cpu() - 1)[:, None])[:, 0]
+        assert torch.equal(out.cpu(), expect), (ks_, out, expect)
 
 
 def test_unroll_only_for_few_long_rows(monkeypatch):

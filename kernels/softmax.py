@@ -41,7 +41,8 @@ LOGSUMEXP = tl.constexpr(2)
 
 #: Triton's interpreter (numpy) runs the kernels.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-#: libdevice exists only in compiled kernels; the interpreter's numpy is exact anyway.
+#: libdevice exists only in compiled kernels; the interpreter evaluates fp32 exp / log in
+#: fp64 instead (``exp_``, ``log_``).
 LIBDEVICE = tl.constexpr(not INTERPRETED)
 
 
@@ -62,18 +63,26 @@ def out_cast(v, PTR):
 
 @triton.jit
 def exp_(x, PRECISE: tl.constexpr):
-    """``exp(x)``: CUDA's ``expf`` with ``PRECISE`` (compiled), else ``tl.exp``."""
+    """``exp(x)``: CUDA's ``expf`` with ``PRECISE`` (compiled), else ``tl.exp``. Under the
+    interpreter an fp32 ``x`` goes through fp64, rounded once: numpy's fp32 ``exp`` is off
+    by up to 2.4 ulp (measured; torch's CPU ``exp`` 0.56), which made the interpreted fp32
+    softmax less accurate than torch's on the CPU."""
     if PRECISE and LIBDEVICE:
         return libdevice.exp(x)
+    elif INTERPRETED and x.dtype == tl.float32:
+        return tl.exp(x.to(tl.float64)).to(tl.float32)
     else:
         return tl.exp(x)
 
 
 @triton.jit
 def log_(x, PRECISE: tl.constexpr):
-    """``log(x)``: CUDA's ``logf`` with ``PRECISE`` (compiled), else ``tl.log``."""
+    """``log(x)``: CUDA's ``logf`` with ``PRECISE`` (compiled), else ``tl.log``; under the
+    interpreter an fp32 ``x`` through fp64, as ``exp_`` (numpy's fp32 ``log``: 3.4 ulp)."""
     if PRECISE and LIBDEVICE:
         return libdevice.log(x)
+    elif INTERPRETED and x.dtype == tl.float32:
+        return tl.log(x.to(tl.float64)).to(tl.float32)
     else:
         return tl.log(x)
 

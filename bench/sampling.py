@@ -5,15 +5,16 @@ temperature, top-k = 50, top-p = 0.9 and min-p = 0.05; torch's usual path for th
 (``softmax(x / T)`` then ``multinomial``; for top-k ``topk`` first; for top-p a full
 descending sort, cumulative sum, mask and ``multinomial``); and one read of the logits
 (``amax`` over the row: the floor a one-pass sampler can reach). top-k with top-p
-together (Hugging Face's usual pair) against ``topk`` then the top-p mask on its 50. Below
-256 rows, A/B rows of the launch choices for few rows: ``*_whole`` does not split rows
-across programs (one program walks a row, ``UNROLL`` draw blocks a step: the choice
-before the split), ``ours_min_p_whole`` neither splits nor unrolls (the choice before
-both), ``*_rounds8`` runs 8 rejection rounds split instead of ``SPLIT_ROUNDS`` (4),
-``ours_top_k_top_p_unroll1`` walks a row one draw block a step (``UNROLL_FEW_ROWS = 1``). Decoding loops replay
-such steps from CUDA graphs, so every callable is timed by graph replay
-(``triton.testing.do_bench_cudagraph``); the plain ``do_bench`` time (host launch cost
-included) is recorded too.
+together (Hugging Face's usual pair) against ``topk`` then the top-p mask on its 50.
+A/B rows of the launch choices for few rows (rows are split below 4 x SMs: batch 256
+too on a 132-SM H100 / H200): ``*_whole`` does not split rows across programs (one
+program walks a row, ``UNROLL`` draw blocks a step: the choice before the split),
+``ours_min_p_whole`` neither splits nor unrolls (the choice before both), ``*_rounds8``
+runs 8 rejection rounds split instead of ``SPLIT_ROUNDS`` (4); below 256 rows,
+``ours_top_k_top_p_unroll1`` walks a row one draw block a step (``UNROLL_FEW_ROWS = 1``).
+Decoding loops replay such steps from CUDA graphs, so every callable is timed by graph
+replay (``triton.testing.do_bench_cudagraph``); the plain ``do_bench`` time (host launch
+cost included) is recorded too.
 
     python bench/sampling.py bench/results/sampling-<device>-<date>.json
 """
@@ -105,17 +106,18 @@ for B in (1, 16, 64, 256):
         "ours_top_k_top_p": lambda: sample(x, temperature=T, top_k=K, top_p=P),
         "torch_top_k_top_p": lambda: torch_top_k_top_p(x),
     }
-    if B < 256:
-        fns.update({
-            "ours_top_k_whole": launch_choice(lambda: sample(x, temperature=T, top_k=K), split=False),
-            "ours_top_p_whole": launch_choice(lambda: sample(x, temperature=T, top_p=P), split=False),
-            "ours_top_k_rounds8": launch_choice(lambda: sample(x, temperature=T, top_k=K), rounds=8),
-            "ours_top_p_rounds8": launch_choice(lambda: sample(x, temperature=T, top_p=P), rounds=8),
-            "ours_top_k_top_p_unroll1": launch_choice(
-                lambda: sample(x, temperature=T, top_k=K, top_p=P), unroll=1),
-            "ours_min_p_whole": launch_choice(lambda: sample(x, temperature=T, min_p=MINP),
-                                              unroll=1, split=False),  # the earlier choice
-        })
+    # rows are split below 4 x SMs rows: batch 256 too on an H100 / H200 (132 SMs)
+    fns.update({
+        "ours_top_k_whole": launch_choice(lambda: sample(x, temperature=T, top_k=K), split=False),
+        "ours_top_p_whole": launch_choice(lambda: sample(x, temperature=T, top_p=P), split=False),
+        "ours_top_k_rounds8": launch_choice(lambda: sample(x, temperature=T, top_k=K), rounds=8),
+        "ours_top_p_rounds8": launch_choice(lambda: sample(x, temperature=T, top_p=P), rounds=8),
+        "ours_min_p_whole": launch_choice(lambda: sample(x, temperature=T, min_p=MINP),
+                                          unroll=1, split=False),  # the earlier choice
+    })
+    if B < 256:  # UNROLL serves rows fewer than SMs
+        fns["ours_top_k_top_p_unroll1"] = launch_choice(
+            lambda: sample(x, temperature=T, top_k=K, top_p=P), unroll=1)
     case = R["cases"][f"B{B}"] = dict(bytes=x.numel() * 2)
     for name, fn in fns.items():
         row = {}

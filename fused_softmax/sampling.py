@@ -120,7 +120,8 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
     # each part's (max, sum) (top-p, min-p); the parts' results of a launch, double
     # buffered: the best draw-block score as an unevaluated sum (hi, lo), its block,
     # count and mass above the candidate; each row's candidate and whether it is undecided
-    part_mz = torch.empty((n_rows, 2, n_split), **f32)
+    part_mz = torch.empty((n_rows, 2, n_split) if top_p is not None or min_p is not None
+                          else (0,), **f32)
     part_best = torch.empty((2, 2, n_rows, n_split), **f32)
     part_idx = torch.empty((2, n_rows, n_split), **i64)
     part_cnt = torch.empty((2, n_rows, n_split) if rounds else (0,), **i64)

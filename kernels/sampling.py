@@ -350,6 +350,29 @@ def filter_targets(TOPK, st_k, TOPP, st_p, rows, rmask, V, z_p,
 
 
 @triton.jit
+def max_and_sum(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, WITH_SUM: tl.constexpr):
+    """Over columns ``[col_lo, col_hi)`` of the rows: the max ``m`` of ``s = x / T`` and,
+    ``WITH_SUM``, ``sum(exp(s - finite_or_zero(m)))`` (online, one ``exp`` per element;
+    else 0)."""
+    m = tl.full([rows.shape[0]], -float("inf"), tl.float32)
+    s_vec = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+    for start in range(col_lo, col_hi, cols.shape[0]):
+        s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+        if WITH_SUM:
+            m, s_vec = online_update(m, s_vec, s, False)
+        else:
+            m = tl.maximum(m, tl.max(s, 1))
+    return m, tl.sum(s_vec, 1)
+
+
+@triton.jit
+def store_part_stats(PART_MZ, rows, rmask, n_split, part, m, z):
+    """One part's ``(max, sum)`` into ``PART_MZ`` (``n_rows x 2 x n_split``)."""
+    tl.store(PART_MZ + rows * (2 * n_split) + part, m, mask=rmask)
+    tl.store(PART_MZ + rows * (2 * n_split) + n_split + part, z, mask=rmask)
+
+
+@triton.jit
 def round_pass(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, greedy, seed, noise,
                n_rows, shift, min_p, floor, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr,
                HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -377,6 +400,14 @@ def round_pass(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, greedy, seed
         best, best_lo, blk = block_choice_wide(best, best_lo, blk, s, keep, start, rows, n_rows,
                                                V, greedy, seed, noise, BLOCK_N, UNROLL)
     return count, mass, best, best_lo, blk
+
+
+@triton.jit
+def candidate_key(X, rows, rmask, sxm, cand, inv_t):
+    """The order key of each row's candidate token (its scaled logit): the floor of a
+    rejection round."""
+    s_cand = tl.load(X + rows * sxm + cand, mask=rmask, other=0.0)
+    return order_key(s_cand.to(tl.float32) * inv_t + 0.0)
 
 
 @triton.jit
@@ -412,8 +443,7 @@ def reject_rounds(X, rows, rmask, sxm, cols, V, inv_t, greedy, seed, draw, n_row
     ``2r`` for the block, ``2r + 1`` for the token)."""
     draw = tl.zeros([], tl.int64) + draw
     while tl.max(active.to(tl.int32), 0) > 0:
-        s_cand = tl.load(X + rows * sxm + cand, mask=rmask, other=0.0)
-        floor = order_key(s_cand.to(tl.float32) * inv_t + 0.0)
+        floor = candidate_key(X, rows, rmask, sxm, cand, inv_t)
         count, mass, nxt_best, _, nxt_blk = round_pass(
             X, rows, rmask, sxm, 0, V, cols, V, inv_t, greedy, seed, 2 * draw, n_rows, shift,
             min_p, floor, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P, True, BLOCK_N, UNROLL)
@@ -454,13 +484,8 @@ def sample_kernel(
         shift, min_p, z = inv_t, inv_t, inv_t  # unused unless set below
         # Row max and softmax sum: the reference point of top-p's mass and of min-p.
         if HAS_TOP_P or HAS_MIN_P:
-            m = tl.full([BLOCK_R], -float("inf"), tl.float32)
-            s_vec = tl.zeros([BLOCK_R, STEP], tl.float32)
-            for start in range(0, V, STEP):
-                s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-                m, s_vec = online_update(m, s_vec, s, False)
+            m, z = max_and_sum(X, rows, rmask, sxm, 0, V, cols, V, inv_t, True)
             shift = finite_or_zero(m)
-            z = tl.sum(s_vec, 1)
         if HAS_MIN_P:
             min_p = tl.load(MINP + rows * st_m, mask=rmask, other=0.0).to(tl.float32)
 
@@ -508,16 +533,9 @@ def split_stats_kernel(X, TEMP, st_t, PART_MZ, n_rows, V, sxm, n_split, split_co
         rmask = rows < n_rows
         inv_t, greedy = inverse_temperature(TEMP, rows, rmask, st_t)
         col_lo = part * split_cols
-        m = tl.full([1], -float("inf"), tl.float32)
-        s_vec = tl.zeros([1, BLOCK_N], tl.float32)
-        for start in range(col_lo, tl.minimum(col_lo + split_cols, V), BLOCK_N):
-            s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-            if WITH_SUM:
-                m, s_vec = online_update(m, s_vec, s, False)
-            else:
-                m = tl.maximum(m, tl.max(s, 1))
-        tl.store(PART_MZ + rows * (2 * n_split) + part, m, mask=rmask)
-        tl.store(PART_MZ + rows * (2 * n_split) + n_split + part, tl.sum(s_vec, 1), mask=rmask)
+        m, z = max_and_sum(X, rows, rmask, sxm, col_lo, tl.minimum(col_lo + split_cols, V),
+                           cols, V, inv_t, WITH_SUM)
+        store_part_stats(PART_MZ, rows, rmask, n_split, part, m, z)
 
 
 @triton.jit
@@ -614,8 +632,7 @@ def split_kernel(
                 at_row = prev * n_rows + rows
                 cand = tl.load(ROW_CAND + at_row)
                 active = tl.load(ROW_ACTIVE + at_row) != 0
-                s_cand = tl.load(X + rows * sxm + cand, mask=rmask, other=0.0)
-                floor = order_key(s_cand.to(tl.float32) * inv_t + 0.0)
+                floor = candidate_key(X, rows, rmask, sxm, cand, inv_t)
                 count = tl.sum(tl.load(PART_CNT + at_parts, mask=pmask, other=0), 0)
                 mass = tl.sum(tl.load(PART_MASS + at_parts, mask=pmask, other=0.0), 0)
                 cand, active = advance(X, rows, rmask, sxm, V, inv_t, greedy, seed, rnd - 1,
@@ -636,22 +653,15 @@ def split_kernel(
             best_lo = tl.zeros([1], tl.float32)
             blk = tl.zeros([1], tl.int64)
             if STAGE == 0:
-                if STATS_FIRST:  # the parts' max and sum, in the same pass
-                    m = tl.full([1], -float("inf"), tl.float32)
-                    s_vec = tl.zeros([1, BLOCK_N], tl.float32)
-                    for start in range(col_lo, col_hi, BLOCK_N):
-                        s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-                        m, s_vec = online_update(m, s_vec, s, False)
-                    tl.store(PART_MZ + rows * (2 * n_split) + part, m, mask=rmask)
-                    tl.store(PART_MZ + rows * (2 * n_split) + n_split + part,
-                             tl.sum(s_vec, 1), mask=rmask)
+                if STATS_FIRST:  # the parts' max and sum, in this launch, before its draw
+                    m, z = max_and_sum(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, True)
+                    store_part_stats(PART_MZ, rows, rmask, n_split, part, m, z)
                 _, _, best, best_lo, blk = round_pass(
                     X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, greedy, seed, 0,
                     n_rows, shift, min_p, blk_placeholder(rows), False, False, HAS_MIN_P,
                     False, BLOCK_N, 1)
             elif tl.max(active.to(tl.int32), 0) > 0:
-                s_cand = tl.load(X + rows * sxm + cand, mask=rmask, other=0.0)
-                floor = order_key(s_cand.to(tl.float32) * inv_t + 0.0)
+                floor = candidate_key(X, rows, rmask, sxm, cand, inv_t)
                 count, mass, best, best_lo, blk = round_pass(
                     X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, greedy, seed,
                     2 * rnd, n_rows, shift, min_p, floor, HAS_TOP_K, HAS_TOP_P, HAS_MIN_P,

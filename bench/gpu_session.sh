@@ -38,7 +38,7 @@ step ${T_CHECK:-60} check python3 -m fused_softmax check --json "$OUT/check-$TAG
 [ -f "$OUT/check-$TAG.txt" ] && grep -iA12 "summary" "$OUT/check-$TAG.txt" | head -30
 step ${T_HEADLINE:-90} headline python3 bench/headline.py "$OUT/headline-$TAG.json"
 step ${T_LINEAR:-180} linear-ce python3 bench/linear_ce.py "$OUT/linear-ce-$TAG.json"
-step ${T_SAMPLING:-90} sampling python3 bench/sampling.py "$OUT/sampling-$TAG.json"
+step ${T_SAMPLING:-150} sampling python3 bench/sampling.py "$OUT/sampling-$TAG.json"
 step ${T_TRAIN:-60} train-step python3 bench/train_step.py --chunk-sizes 4096 --json "$OUT/train-step-$TAG.json"
 step ${T_PROFILE:-45} profile sh -c "python3 bench/profile_softmax.py > '$OUT/profile-softmax-$TAG.txt' 2>&1"
 [ -f "$OUT/profile-softmax-$TAG.txt" ] && grep -v -i warn "$OUT/profile-softmax-$TAG.txt"

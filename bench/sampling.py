@@ -17,6 +17,7 @@ replay (``triton.testing.do_bench_cudagraph``); the plain ``do_bench`` time (hos
 cost included) is recorded too.
 
     python bench/sampling.py bench/results/sampling-<device>-<date>.json
+    BATCHES=64,256 python bench/sampling.py ...   # some batches only (about 40 s each)
 """
 import datetime
 import json
@@ -90,7 +91,7 @@ def torch_min_p(x):
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
-for B in (1, 16, 64, 256):
+for B in [int(b) for b in os.environ.get("BATCHES", "1,16,64,256").split(",")]:
     g = torch.Generator(device="cuda").manual_seed(B)
     x = (torch.randn(B, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
     fns = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import operator
 import os
 import struct
@@ -56,6 +57,44 @@ def launch(kernel, grid: int, *args, **kwargs) -> None:
             kernel[(grid,)](*args, **kwargs)
     else:
         kernel[(grid,)](*args, **kwargs)
+
+
+def custom_op(name: str, mutates_args=()):
+    """``torch.library.custom_op(name, mutates_args=...)`` that also keeps the function it
+    wraps (``op.eager``) and the positions of the arguments it mutates, for :func:`call`."""
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        params = list(inspect.signature(fn).parameters)
+        op.eager, op.mutated = fn, tuple(params.index(a) for a in mutates_args)
+        return op
+    return wrap
+
+
+def dispatch_free(args) -> bool:
+    """Whether a custom op may be called as its plain function: eager code, plain tensors,
+    and nothing that watches or rewrites the dispatcher's ops (no torch.compile, export,
+    FakeTensor or other dispatch mode, torch function mode, functorch transform or
+    ``torch.jit.trace``). The dispatcher's Python layers for a custom op cost more host
+    time than the op's own launcher (bench/host_overhead.py)."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state()):
+        return False
+    return all(type(a) is torch.Tensor or type(a) is torch.nn.Parameter
+               for a in args if isinstance(a, torch.Tensor))
+
+
+def call(op, *args):
+    """``op(*args)`` for a :func:`custom_op`; its function directly where
+    :func:`dispatch_free` allows, with the version counters of the tensors it mutates
+    bumped as the dispatcher would (autograd's check that saved tensors are unchanged)."""
+    if not dispatch_free(args):
+        return op(*args)
+    out = op.eager(*args)
+    for i in op.mutated:
+        if not args[i].is_inference():
+            torch.autograd.graph.increment_version(args[i])
+    return out
 
 
 @functools.lru_cache(maxsize=None)

@@ -180,7 +180,7 @@ def _run_fwd(x, target, weight, scalars, grad, ignore_index, *args, dscale=None)
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fused_softmax::cross_entropy_fwd", mutates_args=())
+@_backend.custom_op("fused_softmax::cross_entropy_fwd")
 def cross_entropy_fwd(
     x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], scalars: torch.Tensor,
     ignore_index: int, label_smoothing: float, logit_scale: float, softcap: float,
@@ -204,7 +204,7 @@ def _(x, target, weight, scalars, ignore_index, label_smoothing, logit_scale, so
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc), grad
 
 
-@torch.library.custom_op("fused_softmax::cross_entropy_fwd_inplace", mutates_args=("x",))
+@_backend.custom_op("fused_softmax::cross_entropy_fwd_inplace", mutates_args=("x",))
 def cross_entropy_fwd_inplace(
     x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], scalars: torch.Tensor,
     ignore_index: int, label_smoothing: float, logit_scale: float, softcap: float,
@@ -222,7 +222,7 @@ def _(x, target, weight, scalars, ignore_index, label_smoothing, logit_scale, so
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc)
 
 
-@torch.library.custom_op("fused_softmax::cross_entropy_bwd_", mutates_args=("grad",))
+@_backend.custom_op("fused_softmax::cross_entropy_bwd_", mutates_args=("grad",))
 def cross_entropy_bwd_(grad: torch.Tensor, dloss: torch.Tensor, target: Optional[torch.Tensor] = None,
                        nonfinite_row: bool = False) -> None:
     """``grad *= dloss`` row-wise in place (``dloss`` a scalar or one value per row). Where
@@ -363,8 +363,7 @@ def _rescale(ctx, grad_x, dscale):
     target = ctx.saved_tensors[1]
     prob_target, smoothing = ctx.args[-1], ctx.args[1]
     whole_row = prob_target or smoothing > 0
-    torch.ops.fused_softmax.cross_entropy_bwd_(grad_x, dscale, None if whole_row else target,
-                                               whole_row)
+    _backend.call(cross_entropy_bwd_, grad_x, dscale, None if whole_row else target, whole_row)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -385,17 +384,18 @@ class CrossEntropyFunction(torch.autograd.Function):
         # the one rounding, as torch orders it: one more read of the logits.
         deferred = compute_grad and x.dtype == torch.float16
         if inplace and not deferred:
-            loss, lse = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
+            loss, lse = _backend.call(cross_entropy_fwd_inplace,
                 x, target, weight, scalars, *args)
             grad = x
         else:
-            loss, lse, grad = torch.ops.fused_softmax.cross_entropy_fwd(
+            loss, lse, grad = _backend.call(cross_entropy_fwd,
                 x, target, weight, scalars, *args, compute_grad and not deferred)
         if reduction == "sum":
             loss = loss.sum()
         elif reduction == "mean":
             loss = mean_of(loss, denom, args[1])
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros for lse's gradient (one op less)
         # An ignored row's gradient is 0 whatever grad_output holds (NaN, inf), as torch's.
         ctx.ignored = (target == args[0]) if compute_grad and not args[-1] else None
         if compute_grad or target_grad:
@@ -412,6 +412,8 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss, dlse):
+        if dloss is None:  # not materialised (set_materialize_grads): nothing flows back
+            return (None,) * 9
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
         if ctx.ignored is not None:  # a per-row scale, 0 on ignored rows
             dscale = dscale.expand(ctx.ignored.shape).masked_fill(ctx.ignored, 0.0)
@@ -428,14 +430,14 @@ class CrossEntropyFunction(torch.autograd.Function):
                 x, target, weight, scalars, _ = ctx.saved_tensors
                 if ctx.deferred:  # fp16: one pass from the saved logits, grad_output folded in
                     if ctx.inplace_later:
-                        torch.ops.fused_softmax.cross_entropy_fwd_inplace(
+                        _backend.call(cross_entropy_fwd_inplace,
                             x, target, weight, scalars, *ctx.args, dscale)
                         grad_x, ctx.inplace = x, True
                     else:
-                        grad_x = torch.ops.fused_softmax.cross_entropy_fwd(
+                        grad_x = _backend.call(cross_entropy_fwd,
                             x, target, weight, scalars, *ctx.args, True, dscale)[2]
                 else:  # a later backward (retain_graph, gradcheck): as the first, bit for bit
-                    grad_x = torch.ops.fused_softmax.cross_entropy_fwd(
+                    grad_x = _backend.call(cross_entropy_fwd,
                         x, target, weight, scalars, *ctx.args, True)[2]
                     _rescale(ctx, grad_x, dscale)
             else:
@@ -470,7 +472,7 @@ def grad_scale_of(denom: torch.Tensor, reduction: str, smoothing: float) -> torc
     """The gradient's scale: ``1 / denom`` for a mean (see ``_over_denominator``), else 1."""
     if reduction != "mean":
         return torch.ones((), dtype=denom.dtype, device=denom.device)
-    return _over_denominator(1.0, denom, smoothing)
+    return _over_denominator(1.0, denom, smoothing) if smoothing > 0 else denom.reciprocal()
 
 
 def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc, smoothing):

@@ -116,7 +116,7 @@ def _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, sof
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fused_softmax::vocab_parallel_stats", mutates_args=())
+@_backend.custom_op("fused_softmax::vocab_parallel_stats")
 def vocab_parallel_stats(
     x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], vocab_start: int,
     logit_scale: float, smoothing: bool,
@@ -150,7 +150,7 @@ def _(x, target, weight, vocab_start, logit_scale, smoothing):
             x.new_empty(n_rows * (3 if smoothing else 2) + 1, dtype=acc))
 
 
-@torch.library.custom_op("fused_softmax::vocab_parallel_bwd", mutates_args=())
+@_backend.custom_op("fused_softmax::vocab_parallel_bwd")
 def vocab_parallel_bwd(
     x: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], lse: torch.Tensor,
     coef: torch.Tensor, vocab_start: int, logit_scale: float,
@@ -306,7 +306,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 # no rank is left waiting, and raise after them (every rank, on the CPU).
                 w_local = torch.cat([w_local, w_local.new_zeros(C - w_local.numel())])
             w_local = w_local.contiguous()
-        row_max, packed = torch.ops.fused_softmax.vocab_parallel_stats(
+        row_max, packed = _backend.call(vocab_parallel_stats,
             x, target, w_local, vocab_start, logit_scale, eps > 0)
         sums = packed[:-1].view(n_rows, -1)
 
@@ -350,7 +350,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 "backward (create_graph=True)")
         x, target, w_local, lse, coef, valid = ctx.saved_tensors
         coef = scale_coefficients(coef, dloss, ctx.logit_scale, valid)
-        grad = torch.ops.fused_softmax.vocab_parallel_bwd(
+        grad = _backend.call(vocab_parallel_bwd,
             x, target, w_local, lse, coef, ctx.vocab_start, ctx.logit_scale)
         return grad, None, None, None, None, None, None, None, None, None
 

@@ -78,13 +78,16 @@ from typing import Optional
 import torch
 from torch.overrides import handle_torch_function
 
+from . import _backend
 from . import distributed as _vp
 from ._backend import (acc_dtype, check_float, fp32_if_low, needs_torch_ops,
                        torch_function_dispatch, use_triton)
 from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _prob_target_grads,
                             _reduction_scalars, check_extras, check_ignore_index,
-                            check_targets_on_cpu, cross_entropy, mean_of, raise_torchs_error,
-                            reduction_name, smoothing_value, widen_int32_target)
+                            check_targets_on_cpu, cross_entropy, cross_entropy_bwd_,
+                            cross_entropy_fwd, cross_entropy_fwd_inplace, mean_of,
+                            raise_torchs_error, reduction_name, smoothing_value,
+                            widen_int32_target)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -148,7 +151,7 @@ def _grad_acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- custom op
-@torch.library.custom_op("fused_softmax::linear_cross_entropy_fwd", mutates_args=())
+@_backend.custom_op("fused_softmax::linear_cross_entropy_fwd")
 def linear_cross_entropy_fwd(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor,
     weight: Optional[torch.Tensor], scalars: torch.Tensor, row_scale: Optional[torch.Tensor],
@@ -190,7 +193,7 @@ def linear_cross_entropy_fwd(
             torch.addmm(b, xc, w.t(), out=logits)
         z = logits.view(-1, num_classes)
         if compute_grad:
-            loss_c, lse_c = torch.ops.fused_softmax.cross_entropy_fwd_inplace(
+            loss_c, lse_c = _backend.call(cross_entropy_fwd_inplace,
                 z, target[rows], weight, scalars, *ce_args,
                 row_scale[rows] if row_scale is not None else None)
             if grad_input:
@@ -201,7 +204,7 @@ def linear_cross_entropy_fwd(
                 col_sum = logits.sum(0, dtype=acc)
                 gb.copy_(col_sum) if start == 0 else gb.add_(col_sum)
         else:
-            loss_c, lse_c, _ = torch.ops.fused_softmax.cross_entropy_fwd(
+            loss_c, lse_c, _ = _backend.call(cross_entropy_fwd,
                 z, target[rows], weight, scalars, *ce_args, False)
         loss[rows] = loss_c
         lse[rows] = lse_c
@@ -282,7 +285,7 @@ def _slice(weight, v0, n):
     return None if weight is None else weight[v0:v0 + n]
 
 
-@torch.library.custom_op("fused_softmax::linear_cross_entropy_stats", mutates_args=())
+@_backend.custom_op("fused_softmax::linear_cross_entropy_stats")
 def linear_cross_entropy_stats(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor,
     weight: Optional[torch.Tensor], ignore_index: int, logit_scale: float, softcap: float,
@@ -320,7 +323,7 @@ def _(x, w, b, target, weight, ignore_index, logit_scale, softcap, smoothing, vo
     return x.new_empty(M, dtype=acc), x.new_empty((M, 3 if smoothing else 2), dtype=acc)
 
 
-@torch.library.custom_op("fused_softmax::linear_cross_entropy_vocab_bwd", mutates_args=())
+@_backend.custom_op("fused_softmax::linear_cross_entropy_vocab_bwd")
 def linear_cross_entropy_vocab_bwd(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor,
     weight: Optional[torch.Tensor], lse: torch.Tensor, coef: torch.Tensor, logit_scale: float,
@@ -411,7 +414,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # 'none' needs grad_output per row; fp16 needs it folded in before the logits'
         # gradient is rounded (see CrossEntropyFunction): both form the gradients in backward.
         fused = reduction != "none" and x.dtype != torch.float16
-        loss, lse, gx, gw, gb = torch.ops.fused_softmax.linear_cross_entropy_fwd(
+        loss, lse, gx, gw, gb = _backend.call(linear_cross_entropy_fwd,
             x, w, b, target, weight, scalars, None, *args, chunk_size,
             fused and need_x, fused and need_w, fused and need_b)
         if reduction == "sum":
@@ -439,12 +442,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 dx, dw = _infinite_grad_output_scales(dloss, target, ctx.args, x.shape[0])
                 for g, d in ((gx, dx), (gw, dw), (gb.view(1, -1), dloss)):
                     if g.numel():
-                        torch.ops.fused_softmax.cross_entropy_bwd_(g, d)
+                        _backend.call(cross_entropy_bwd_, g, d)
             else:
                 row_scale = dloss.reshape(-1) if dloss.dim() else dloss.expand(target.shape[0])
                 if not ctx.args[5]:  # an ignored row's gradient is 0 whatever its grad_output
                     row_scale = row_scale.masked_fill(target == ctx.args[0], 0.0)
-                _, _, gx, gw, gb = torch.ops.fused_softmax.linear_cross_entropy_fwd(
+                _, _, gx, gw, gb = _backend.call(linear_cross_entropy_fwd,
                     x, w, b, target, weight, scalars, row_scale, *ctx.args, ctx.chunk_size,
                     need_x, need_w, need_b)
         if need_t or need_cw:
@@ -483,7 +486,7 @@ class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index, eps, logit_scale, softcap, z_loss, _, C = args
         # On CPU the op raises torch's IndexError for a target outside [0, C); on CUDA
         # that row's loss and gradient are NaN.
-        shift, sums = torch.ops.fused_softmax.linear_cross_entropy_stats(
+        shift, sums = _backend.call(linear_cross_entropy_stats,
             x, w, b, target, weight, ignore_index, logit_scale, softcap, eps > 0, vocab_chunk)
         valid, in_range = _vp._valid_rows(target, ignore_index, C)
         need = [n and grad_enabled for n in ctx.needs_input_grad[:3]]
@@ -501,7 +504,7 @@ class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         x, w, b, target, weight, lse, coef, valid = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         coef = _vp.scale_coefficients(coef, dloss, ctx.logit_scale, valid)
-        gx, gw, gb = torch.ops.fused_softmax.linear_cross_entropy_vocab_bwd(
+        gx, gw, gb = _backend.call(linear_cross_entropy_vocab_bwd,
             x, w, b, target, weight, lse, coef, ctx.logit_scale, ctx.softcap, ctx.vocab_chunk,
             need_x, need_w, need_b)
         return (gx if need_x else None, gw if need_w else None, gb if need_b else None,

@@ -90,6 +90,22 @@ def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool 
                  num_warps=num_warps), 1, vocab, grid)
 
 
+def _split_pays(logits: torch.Tensor, top_k, top_p) -> bool:
+    """Whether few rows may be split across programs (``launch_config``): not for top-k
+    with top-p, and on CUDA only while a CUDA graph is captured or when rows fill the SMs.
+    A split row takes 2 to 6 launches (top-k or top-p: 6), and each costs the host 40-90
+    us on an H100 machine. Launched eagerly, rows of 128256 with top-k took 0.11 / 0.22 /
+    0.28 ms whole at batch 1 / 16 / 64 against 0.46 / 0.30 / 0.48 ms split, and 0.46
+    against 0.34 ms at batch 256 (top-p: 0.16 / 0.33 / 0.22 / 0.42 whole against 0.32 /
+    0.31 / 0.66 / 0.33 split); replayed from a CUDA graph, split rows were faster at every
+    batch (bench/results/sampling-h100-2026-11-26-*.json)."""
+    if top_k is not None and top_p is not None:
+        return False
+    if logits.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return True
+    return logits.shape[0] >= _backend.num_programs_per_wave(logits.device)
+
+
 def _param_args(t: Optional[torch.Tensor], like: torch.Tensor):
     """(pointer, row stride) of an optional per-row parameter; a dummy when absent."""
     if t is None:
@@ -103,7 +119,7 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
     if n_rows == 0:
         return out
     cfg, n_split, split_cols, grid = config or launch_config(
-        n_rows, vocab, logits.device, split_ok=top_k is None or top_p is None)
+        n_rows, vocab, logits.device, split_ok=_split_pays(logits, top_k, top_p))
     params = (seed, temperature, temperature.stride(0), *_param_args(top_k, seed),
               *_param_args(top_p, temperature), *_param_args(min_p, temperature))
     filters = dict(HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
@@ -197,7 +213,7 @@ def _torch_sample(logits, seed, temperature, top_k, top_p, min_p) -> torch.Tenso
 
 
 # --------------------------------------------------------------------------- custom op
-@torch.library.custom_op("fused_softmax::sample", mutates_args=())
+@_backend.custom_op("fused_softmax::sample")
 def sample_op(
     logits: torch.Tensor, seed: torch.Tensor, temperature: torch.Tensor,
     top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor], min_p: Optional[torch.Tensor],
@@ -362,5 +378,5 @@ def sample(
     rows = logits.reshape(-1, vocab)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    ids = torch.ops.fused_softmax.sample(rows, seed, temperature, top_k, top_p, min_p)
+    ids = _backend.call(sample_op, rows, seed, temperature, top_k, top_p, min_p)
     return ids.reshape(logits.shape[:-1])

@@ -187,7 +187,7 @@ def _torch_bwd(saved, grad, lse, dim, mode, inv_t, dx_dtype=None):
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fused_softmax::softmax_fwd", mutates_args=())
+@_backend.custom_op("fused_softmax::softmax_fwd")
 def softmax_fwd(x: torch.Tensor, dim: int, mode: int, inv_temperature: float,
                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """softmax (mode 0), log_softmax (1) or log-sum-exp (2) of ``x * inv_temperature``.
@@ -210,7 +210,7 @@ def _(x, dim, mode, inv_temperature, out_dtype=None):
     return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fused_softmax::softmax_bwd", mutates_args=())
+@_backend.custom_op("fused_softmax::softmax_bwd")
 def softmax_bwd(
     saved: torch.Tensor, grad: torch.Tensor, lse: Optional[torch.Tensor],
     dim: int, mode: int, inv_temperature: float, dx_dtype: Optional[torch.dtype] = None,
@@ -244,16 +244,33 @@ def _backward(ctx, grad):
         # (the saved output's own gradient comes back through this op's backward).
         dx = _torch_bwd(saved[0], grad, lse, ctx.dim, ctx.mode, ctx.inv_t, ctx.dx_dtype)
     else:
-        dx = torch.ops.fused_softmax.softmax_bwd(saved[0], grad, lse, ctx.dim, ctx.mode,
-                                                 ctx.inv_t, ctx.dx_dtype)
+        dx = _backend.call(softmax_bwd, saved[0], grad, lse, ctx.dim, ctx.mode, ctx.inv_t,
+                           ctx.dx_dtype)
     return dx, None, None, None, None
 
 
 softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _SoftmaxFunction(torch.autograd.Function):
+    """``softmax_fwd`` with its registered autograd, for eager calls that skip the
+    dispatcher (``_backend.dispatch_free``)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, mode, inv_t, out_dtype):
+        y = softmax_fwd.eager(x, dim, mode, inv_t, out_dtype)
+        _setup_context(ctx, (x, dim, mode, inv_t, out_dtype), y)
+        return y
+
+    backward = staticmethod(_backward)
+
+
 def _apply(x, dim, mode, inv_t, out_dtype=None):
-    return torch.ops.fused_softmax.softmax_fwd(x, dim, mode, inv_t, out_dtype)
+    if not _backend.dispatch_free((x,)):
+        return softmax_fwd(x, dim, mode, inv_t, out_dtype)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _SoftmaxFunction.apply(x, dim, mode, inv_t, out_dtype)
+    return softmax_fwd.eager(x, dim, mode, inv_t, out_dtype)
 
 
 # fp16/bf16 -> fp64 still casts first: its backward would round fp64 straight to bf16

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import pytest
@@ -687,3 +688,28 @@ def test_kernel_compiles_for_sm90():
     assert "unroll" in results and "split stats True" in results
     assert len(results) == len(COMPILE_FLAGS) + 3 * 6 + 3, sorted(results)
     assert all(v == "ok" for v in results.values()), results
+
+
+def test_split_rows_eagerly_only_where_the_rows_fill_the_sms(monkeypatch):
+    """On CUDA (faked here: 132 SMs) few rows are split only while a CUDA graph is captured
+    (launches are free there) or when they fill the SMs: eagerly each extra launch costs the
+    host more than the split saves. Never for top-k with top-p; always under the interpreter."""
+    smod = sys.modules["fused_softmax.sampling"]
+    monkeypatch.setattr(_backend, "num_programs_per_wave", lambda device: 132)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    k, p = torch.tensor([50]), torch.tensor([0.9])
+
+    def rows(n, device="cuda"):  # what _split_pays reads of the logits
+        return types.SimpleNamespace(shape=(n, 128256), device=torch.device(device))
+
+    assert [smod._split_pays(rows(n), None, p) for n in (1, 64, 131, 132, 256)] == \
+        [False, False, False, True, True]
+    assert smod._split_pays(rows(256), k, None)
+    assert not smod._split_pays(rows(256), k, p)
+    capturing[0] = True
+    assert smod._split_pays(rows(1), None, p) and smod._split_pays(rows(1), k, None)
+    assert smod._split_pays(rows(1), None, None)
+    assert not smod._split_pays(rows(1), k, p)
+    capturing[0] = False
+    assert smod._split_pays(rows(1, "cpu"), None, p)

@@ -8,6 +8,7 @@ never synchronises with the host and can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional, Union
@@ -58,13 +59,19 @@ def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool 
     0.075 ms on an H200 (plain, before the two-level draw) and 0.062 ms (min-p, after it);
     split plain sampling 0.009 ms.
     """
-    per_wave = _backend.num_programs_per_wave(device)
+    cfg, n_split, split_cols, grid = _launch_config(
+        n_rows, vocab, device.type == "cuda", _backend.num_programs_per_wave(device), split_ok)
+    return dict(cfg), n_split, split_cols, grid  # a copy: the cached one stays as computed
+
+
+@functools.lru_cache(maxsize=4096)  # pure in its arguments; a few microseconds a call saved
+def _launch_config(n_rows, vocab, on_cuda, per_wave, split_ok):
     # A block is also a draw block (kernels/sampling.py): at most DRAW_BLOCK, and >= 4 (one
     # Philox call per 4 tokens).
     block_n = max(4, min(triton.next_power_of_2(vocab), DRAW_BLOCK))
     # Long rows one per program on a GPU (parallelism); under the interpreter, few
     # programs with wide tiles are cheapest.
-    one_row = vocab > block_n and device.type == "cuda"
+    one_row = vocab > block_n and on_cuda
     block_r = min(1 if one_row else max(1, 8192 // block_n), triton.next_power_of_2(n_rows))
     n_tiles = triton.cdiv(n_rows, block_r)
     want = 4 * per_wave

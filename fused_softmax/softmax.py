@@ -6,6 +6,7 @@ constexpr ``MODE``; one backward kernel serves their gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Optional, Sequence, Union
@@ -64,10 +65,16 @@ def launch_config(t: torch.Tensor, shape, strides, strides_n=None):
     rows are short); a strided reduction gets ``BLOCK_R`` contiguous positions per tile so
     every load is a coalesced run.
     """
+    cfg, grid = _launch_config(tuple(shape), tuple(strides), tuple(strides_n or (strides[1],)),
+                               t.element_size(), t.device.type == "cuda",
+                               _backend.num_programs_per_wave(t.device))
+    return dict(cfg), grid  # a copy: the cached one stays as computed
+
+
+@functools.lru_cache(maxsize=4096)  # pure in its arguments; a few microseconds a call saved
+def _launch_config(shape, strides, strides_n, elem, on_cuda, per_wave):
     M, N, K = shape
     n_pos = M * K
-    strides_n = strides_n or (strides[1],)
-    elem = t.element_size()
     max_tile = {2: 32768, 4: 16384}.get(elem, 8192)
     n_pad = triton.next_power_of_2(max(N, 1))
     pos_pad = triton.next_power_of_2(max(n_pos, 1))
@@ -84,7 +91,7 @@ def launch_config(t: torch.Tensor, shape, strides, strides_n=None):
     tile = block_r * block_n
     wide = (N - 1) * max(abs(st) for st in strides_n) >= 2**31
     n_tiles = triton.cdiv(n_pos, block_r)
-    if single and (strides[1] == 1 or K == 1) and tile <= 8192 and t.device.type == "cuda":
+    if single and (strides[1] == 1 or K == 1) and tile <= 8192 and on_cuda:
         # Short rows: one program per tile; 32 elements per thread where a tile holds
         # several rows, 16 where it holds one (at most 8 warps: 16 is untimed). H200
         # sweeps (bench/results/tune-h200-2026-11-26*.json, bf16, 2^28 elements):
@@ -96,7 +103,7 @@ def launch_config(t: torch.Tensor, shape, strides, strides_n=None):
                     num_warps=max(4, min(8, warps))), n_tiles
     num_warps = min(32, max(4, tile // 512))
     waves = 8 if single else 2
-    grid = min(n_tiles, _backend.num_programs_per_wave(t.device) * waves)
+    grid = min(n_tiles, per_wave * waves)
     return dict(BLOCK_R=block_r, BLOCK_N=block_n, SINGLE_PASS=single, WIDE=wide,
                 num_warps=num_warps), grid
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One lent-GPU session: the CUDA tests, then every benchmark, each bounded in time (the
 # limits are caps; on an H200 on 2026-11-26 the steps took 130, 15, 28, 40, 51, 23 and 15
-# s, about 5 minutes in all, but the caps add up to more than one 600 s device call: pick
-# STEPS to split a session in two). Results land in $OUT (or ./gpu-out) as
+# s; on an H100 the same day tests 169 s, check 16, headline 29, sampling about 45 per
+# batch, linear-ce 39, train-step 19, profile 17, host 37; the caps add up to more than
+# one 600 s device call: pick STEPS to split a session in two, e.g. "tests check headline
+# profile host" then "sampling linear-ce train-step tune"). Results land in $OUT (or ./gpu-out) as
 # <what>-<device>-<date>-<HHMM>.json; copy them to bench/results/.
 #
 #   bash bench/gpu_session.sh            # from the repository root, on a CUDA machine
@@ -24,7 +26,7 @@ TAG=$DEV-$(date +%F-%H%M)  # the time too: a second session on one day must not 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-STEPS=${STEPS:-"tests check headline linear-ce sampling train-step profile"}  # which steps, in this order
+STEPS=${STEPS:-"tests check headline linear-ce sampling train-step profile host"}  # which steps, in this order
 step() {  # step SECONDS NAME COMMAND...: run, bounded, and log its wall time
   local s=$1 name=$2; shift 2; local t=$SECONDS
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -42,5 +44,7 @@ step ${T_SAMPLING:-150} sampling python3 bench/sampling.py "$OUT/sampling-$TAG.j
 step ${T_TRAIN:-60} train-step python3 bench/train_step.py --chunk-sizes 4096 --json "$OUT/train-step-$TAG.json"
 step ${T_PROFILE:-45} profile sh -c "python3 bench/profile_softmax.py > '$OUT/profile-softmax-$TAG.txt' 2>&1"
 [ -f "$OUT/profile-softmax-$TAG.txt" ] && grep -v -i warn "$OUT/profile-softmax-$TAG.txt"
+step ${T_HOST:-60} host python3 bench/host_overhead.py "$OUT/host-overhead-$TAG.json" > "$OUT/host-overhead-$TAG.txt" 2>&1
+[ -f "$OUT/host-overhead-$TAG.txt" ] && grep "^\[" "$OUT/host-overhead-$TAG.txt"
 step ${T_TUNE:-160} tune env DEADLINE=${DEADLINE:-140} python3 bench/tune.py "$OUT/tune-$TAG.json"
 ls -la "$OUT"

@@ -8,6 +8,7 @@ exactly 1 on the device.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Optional
@@ -47,12 +48,17 @@ def _block_and_grid(x: torch.Tensor, C: int, n_rows: int, grad: bool = True):
 
     Under the interpreter a few long programs are cheapest: there the grid stays small.
     """
-    max_block = {2: 16384, 4: 8192}.get(x.element_size(), 4096)
-    per_wave = _backend.num_programs_per_wave(x.device)
+    return _launch_params(x.element_size(), x.device.type == "cuda",
+                          _backend.num_programs_per_wave(x.device), C, n_rows, grad)
+
+
+@functools.lru_cache(maxsize=4096)  # pure in its arguments; a few microseconds a call saved
+def _launch_params(elem, on_cuda, per_wave, C, n_rows, grad):
+    max_block = {2: 16384, 4: 8192}.get(elem, 4096)
     if not grad:
         block_n = min(triton.next_power_of_2(max(C, 1)), 4096)
         # one program per row on CUDA; a persistent grid under the interpreter
-        grid = n_rows if x.device.type == "cuda" else min(n_rows, per_wave * 2)
+        grid = n_rows if on_cuda else min(n_rows, per_wave * 2)
     else:
         block_n = min(triton.next_power_of_2(max(C, 1)), max_block)
         waves = max(2, min(32, 32768 // block_n))

@@ -70,18 +70,32 @@ def custom_op(name: str, mutates_args=()):
     return wrap
 
 
+_pre_dispatch_modes = getattr(torch._ops, "_len_torch_dispatch_stack_pre_dispatch", lambda: 0)
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor the ops' functions may read as memory: a plain (or Parameter) tensor with
+    storage (not the batched tensors of ``is_grads_batched`` / vectorized jacobians), not
+    on ``meta`` (the dispatcher gives those the fake implementation) and with no lazy
+    negation or conjugation (which the dispatcher resolves before an op runs)."""
+    return ((type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
+            and torch._C._has_storage(t) and not t.is_meta and not t.is_neg()
+            and not t.is_conj())
+
+
 def dispatch_free(args) -> bool:
-    """Whether a custom op may be called as its plain function: eager code, plain tensors,
-    and nothing that watches or rewrites the dispatcher's ops (no torch.compile, export,
-    FakeTensor or other dispatch mode, torch function mode, functorch transform or
-    ``torch.jit.trace``). The dispatcher's Python layers for a custom op cost more host
-    time than the op's own launcher (bench/host_overhead.py)."""
+    """Whether a custom op may be called as its plain function: eager code, plain tensors
+    (``_plain``), and nothing that watches or rewrites the dispatcher's ops (no
+    torch.compile, export, FakeTensor or other dispatch mode, pre-dispatch tracing, torch
+    function mode, functorch transform or ``torch.jit.trace``). The dispatcher's Python
+    layers for a custom op cost more host time than the op's own launcher
+    (bench/host_overhead.py). Seen only through the dispatcher, so absent from the direct
+    route: kernels registered with ``register_kernel``, the ops' profiler events."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()
+            or _pre_dispatch_modes() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state()):
         return False
-    return all(type(a) is torch.Tensor or type(a) is torch.nn.Parameter
-               for a in args if isinstance(a, torch.Tensor))
+    return all(_plain(a) for a in args if isinstance(a, torch.Tensor))
 
 
 def call(op, *args):

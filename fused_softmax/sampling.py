@@ -60,28 +60,31 @@ def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool 
     split plain sampling 0.009 ms.
     """
     cfg, n_split, split_cols, grid = _launch_config(
-        n_rows, vocab, device.type == "cuda", _backend.num_programs_per_wave(device), split_ok)
+        n_rows, vocab, device.type == "cuda", _backend.num_programs_per_wave(device), split_ok,
+        DRAW_BLOCK, UNROLL_FEW_ROWS)
     return dict(cfg), n_split, split_cols, grid  # a copy: the cached one stays as computed
 
 
 @functools.lru_cache(maxsize=4096)  # pure in its arguments; a few microseconds a call saved
-def _launch_config(n_rows, vocab, on_cuda, per_wave, split_ok):
-    # A block is also a draw block (kernels/sampling.py): at most DRAW_BLOCK, and >= 4 (one
+def _launch_config(n_rows, vocab, on_cuda, per_wave, split_ok, draw_block, unroll_few_rows):
+    # (DRAW_BLOCK and UNROLL_FEW_ROWS come as arguments: tests and benchmarks change them,
+    # and a cached result must follow)
+    # A block is also a draw block (kernels/sampling.py): at most draw_block, and >= 4 (one
     # Philox call per 4 tokens).
-    block_n = max(4, min(triton.next_power_of_2(vocab), DRAW_BLOCK))
+    block_n = max(4, min(triton.next_power_of_2(vocab), draw_block))
     # Long rows one per program on a GPU (parallelism); under the interpreter, few
     # programs with wide tiles are cheapest.
     one_row = vocab > block_n and on_cuda
     block_r = min(1 if one_row else max(1, 8192 // block_n), triton.next_power_of_2(n_rows))
     n_tiles = triton.cdiv(n_rows, block_r)
     want = 4 * per_wave
-    n_blocks = triton.cdiv(vocab, DRAW_BLOCK)
+    n_blocks = triton.cdiv(vocab, draw_block)
     n_split = min(n_blocks, triton.cdiv(want, n_rows))
     if split_ok and n_tiles < want and n_split > 1:
-        split_cols = triton.cdiv(n_blocks, n_split) * DRAW_BLOCK
+        split_cols = triton.cdiv(n_blocks, n_split) * draw_block
         n_split = triton.cdiv(vocab, split_cols)
         grid = min(n_rows * n_split, per_wave * 8)
-        return dict(BLOCK_R=1, BLOCK_N=DRAW_BLOCK, SPLIT=True, UNROLL=1, num_warps=4), \
+        return dict(BLOCK_R=1, BLOCK_N=draw_block, SPLIT=True, UNROLL=1, num_warps=4), \
             n_split, split_cols, grid
     # One long row per program: 8 warps (untuned: 2048-wide blocks since the two-level
     # draw; 8192-wide ones had 16 warps). Fewer rows than SMs (no other program to hide a
@@ -90,7 +93,7 @@ def _launch_config(n_rows, vocab, on_cuda, per_wave, split_ok):
     # 16 warps it spills more).
     unroll = 1
     if one_row and n_rows < per_wave:
-        unroll = min(UNROLL_FEW_ROWS, triton.next_power_of_2(triton.cdiv(vocab, DRAW_BLOCK)))
+        unroll = min(unroll_few_rows, triton.next_power_of_2(triton.cdiv(vocab, draw_block)))
     num_warps = 8 if one_row else min(16, max(4, block_r * block_n // 512))
     grid = min(n_tiles, per_wave * 4)
     return (dict(BLOCK_R=block_r, BLOCK_N=block_n, SPLIT=False, UNROLL=unroll,

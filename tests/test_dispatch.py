@@ -158,3 +158,75 @@ def test_sample_direct_equals_registered(device):
     with Seen():
         ids.append(fs.sample(x, top_p=0.9, generator=torch.Generator(device).manual_seed(5)))
     assert torch.equal(ids[0], ids[1])
+
+
+# ----------------------------------------------------------------- found by review
+def test_lazily_negated_inputs_take_the_dispatcher(device):
+    """``complex.conj().imag`` is a real tensor with the negative bit set: its memory holds
+    ``-x``. The dispatcher resolves the bit before an op runs; the direct route must not
+    hand the raw memory to a kernel."""
+    z = torch.randn(2, 5, dtype=torch.complex64, device=device)
+    x = z.conj().imag
+    assert x.is_neg()
+    plain = x.clone()
+    assert not _backend.dispatch_free((x,))
+    for fn in (lambda a: fs.softmax(a, -1), lambda a: fs.log_softmax(a, 0),
+               lambda a: fs.logsumexp(a, 1)):
+        torch.testing.assert_close(fn(x), fn(plain), rtol=0, atol=0)
+    a = plain.clone().requires_grad_()
+    fs.softmax(a, -1).backward(x)  # a negated grad_output
+    b = plain.clone().requires_grad_()
+    fs.softmax(b, -1).backward(x.clone())
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_batched_gradients(device):
+    """``is_grads_batched`` (and vectorized jacobians) run the backward on batched tensors
+    with no storage: they take the registered ops, whose fallbacks batch them."""
+    x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    for f in (lambda a: fs.softmax(a, -1), lambda a: fs.log_softmax(a, -1),
+              lambda a: fs.logsumexp(a, -1)):
+        y = f(x)
+        v = torch.randn(5, *y.shape, dtype=y.dtype, device=device)
+        g, = torch.autograd.grad(y, x, v, is_grads_batched=True)
+        each = torch.stack([torch.autograd.grad(f(x), x, v[i])[0] for i in range(5)])
+        torch.testing.assert_close(g, each)
+    J = torch.autograd.functional.jacobian(lambda a: fs.softmax(a, -1), x.detach(),
+                                           vectorize=True)
+    ref = torch.autograd.functional.jacobian(lambda a: torch.softmax(a, -1), x.detach())
+    torch.testing.assert_close(J, ref)
+
+
+def test_pre_dispatch_tracing_records_the_ops():
+    """``make_fx(pre_dispatch=True)`` with real tensors holds its mode on the pre-dispatch
+    stack: the ops must reach it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    x = torch.randn(4, 9)
+    t = torch.tensor([1, 2, 3, 4])
+    for f, op in ((lambda a: fs.softmax(a, -1), "fused_softmax.softmax_fwd"),
+                  (lambda a: fs.cross_entropy(a, t), "fused_softmax.cross_entropy_fwd")):
+        gm = make_fx(f, tracing_mode="real", pre_dispatch=True)(x)
+        targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        assert any(s.startswith(op) for s in targets), targets
+        torch.testing.assert_close(gm(x), f(x))
+
+
+def test_meta_tensors_get_the_fake_implementations():
+    x = torch.empty(3, 50, device="meta")
+    ids = fs.sample(x, top_p=0.9)
+    assert ids.device.type == "meta" and ids.shape == (3,) and ids.dtype == torch.int64
+    y = fs.softmax(x, -1)
+    assert y.device.type == "meta" and y.shape == x.shape
+
+
+def test_sampling_launch_config_follows_the_module_constants(monkeypatch):
+    """The cached launch configuration takes DRAW_BLOCK and UNROLL_FEW_ROWS as arguments,
+    so a changed constant is never answered from the cache."""
+    import sys
+    smod = sys.modules["fused_softmax.sampling"]
+    cpu = torch.device("cpu")
+    before = smod.launch_config(2000, 36, cpu)[0]["BLOCK_N"]
+    monkeypatch.setattr(smod, "DRAW_BLOCK", 16)
+    assert smod.launch_config(2000, 36, cpu)[0]["BLOCK_N"] == 16
+    monkeypatch.undo()
+    assert smod.launch_config(2000, 36, cpu)[0]["BLOCK_N"] == before == 64

@@ -2,8 +2,9 @@
 is small. For each case: the GPU time (CUDA graph replay), ``do_bench``'s time with
 launches (what an eager caller sees), and the host time per call (a loop of calls with
 one synchronisation at the end, on inputs small enough that the GPU never holds the CPU
-back); then a cProfile of the host path and a Triton launch-overhead probe. Writes
-$OUT/host-overhead.json (or argv[1]); the profiles go to stdout.
+back), and the host time with every custom op called through the dispatcher
+(``*_via_dispatcher``); then a cProfile of the host path and a Triton launch-overhead
+probe. Writes $OUT/host-overhead.json (or argv[1]); the profiles go to stdout.
 
     python bench/host_overhead.py bench/results/host-overhead-<device>-<date>.json
 """
@@ -23,6 +24,7 @@ import triton.language as tl
 from triton.testing import do_bench, do_bench_cudagraph
 
 import fused_softmax as fs
+from fused_softmax import _backend
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.environ.get("OUT", "."), "host-overhead.json")
 R = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
@@ -58,7 +60,23 @@ def profile(fn, n=100, top=18):
     return s.getvalue()
 
 
+def via_dispatcher(fn):
+    """``fn`` with every custom op called through the dispatcher (the route before eager
+    calls ran the ops' functions directly): the A/B of ``_backend.call``."""
+    def go():
+        saved = _backend.dispatch_free
+        _backend.dispatch_free = lambda args: False
+        try:
+            return fn()
+        finally:
+            _backend.dispatch_free = saved
+    return go
+
+
 def measure(name, fn, graph=True, prof=False):
+    if hasattr(_backend, "dispatch_free") and not name.startswith(("torch", "triton")):
+        R["cases"][name + "_via_dispatcher"] = row = dict(host_us=host_us(via_dispatcher(fn)))
+        log(name + "_via_dispatcher", row)
     row = dict(host_us=host_us(fn), launch_ms=do_bench(fn, warmup=10, rep=50, return_mode="median"))
     if graph:
         try:

@@ -74,7 +74,7 @@ def via_dispatcher(fn):
 
 
 def measure(name, fn, graph=True, prof=False):
-    if hasattr(_backend, "dispatch_free") and not name.startswith(("torch", "triton")):
+    if not name.startswith(("torch", "triton")):
         R["cases"][name + "_via_dispatcher"] = row = dict(host_us=host_us(via_dispatcher(fn)))
         log(name + "_via_dispatcher", row)
     row = dict(host_us=host_us(fn), launch_ms=do_bench(fn, warmup=10, rep=50, return_mode="median"))

@@ -390,12 +390,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         # the one rounding, as torch orders it: one more read of the logits.
         deferred = compute_grad and x.dtype == torch.float16
         if inplace and not deferred:
-            loss, lse = _backend.call(cross_entropy_fwd_inplace,
-                x, target, weight, scalars, *args)
+            loss, lse = _backend.call(
+                cross_entropy_fwd_inplace, x, target, weight, scalars, *args)
             grad = x
         else:
-            loss, lse, grad = _backend.call(cross_entropy_fwd,
-                x, target, weight, scalars, *args, compute_grad and not deferred)
+            loss, lse, grad = _backend.call(
+                cross_entropy_fwd, x, target, weight, scalars, *args, compute_grad and not deferred)
         if reduction == "sum":
             loss = loss.sum()
         elif reduction == "mean":
@@ -436,15 +436,17 @@ class CrossEntropyFunction(torch.autograd.Function):
                 x, target, weight, scalars, _ = ctx.saved_tensors
                 if ctx.deferred:  # fp16: one pass from the saved logits, grad_output folded in
                     if ctx.inplace_later:
-                        _backend.call(cross_entropy_fwd_inplace,
-                            x, target, weight, scalars, *ctx.args, dscale)
+                        _backend.call(
+                            cross_entropy_fwd_inplace, x, target, weight, scalars, *ctx.args,
+                            dscale)
                         grad_x, ctx.inplace = x, True
                     else:
-                        grad_x = _backend.call(cross_entropy_fwd,
-                            x, target, weight, scalars, *ctx.args, True, dscale)[2]
+                        grad_x = _backend.call(
+                            cross_entropy_fwd, x, target, weight, scalars, *ctx.args, True,
+                            dscale)[2]
                 else:  # a later backward (retain_graph, gradcheck): as the first, bit for bit
-                    grad_x = _backend.call(cross_entropy_fwd,
-                        x, target, weight, scalars, *ctx.args, True)[2]
+                    grad_x = _backend.call(
+                        cross_entropy_fwd, x, target, weight, scalars, *ctx.args, True)[2]
                     _rescale(ctx, grad_x, dscale)
             else:
                 _rescale(ctx, grad_x, dscale)

@@ -306,8 +306,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 # no rank is left waiting, and raise after them (every rank, on the CPU).
                 w_local = torch.cat([w_local, w_local.new_zeros(C - w_local.numel())])
             w_local = w_local.contiguous()
-        row_max, packed = _backend.call(vocab_parallel_stats,
-            x, target, w_local, vocab_start, logit_scale, eps > 0)
+        row_max, packed = _backend.call(
+            vocab_parallel_stats, x, target, w_local, vocab_start, logit_scale, eps > 0)
         sums = packed[:-1].view(n_rows, -1)
 
         # Global max, then every rank's sum of exps rescaled to it: the log-sum-exp rule.
@@ -350,8 +350,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 "backward (create_graph=True)")
         x, target, w_local, lse, coef, valid = ctx.saved_tensors
         coef = scale_coefficients(coef, dloss, ctx.logit_scale, valid)
-        grad = _backend.call(vocab_parallel_bwd,
-            x, target, w_local, lse, coef, ctx.vocab_start, ctx.logit_scale)
+        grad = _backend.call(
+            vocab_parallel_bwd, x, target, w_local, lse, coef, ctx.vocab_start, ctx.logit_scale)
         return grad, None, None, None, None, None, None, None, None, None
 
 

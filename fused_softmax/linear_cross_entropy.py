@@ -193,8 +193,8 @@ def linear_cross_entropy_fwd(
             torch.addmm(b, xc, w.t(), out=logits)
         z = logits.view(-1, num_classes)
         if compute_grad:
-            loss_c, lse_c = _backend.call(cross_entropy_fwd_inplace,
-                z, target[rows], weight, scalars, *ce_args,
+            loss_c, lse_c = _backend.call(
+                cross_entropy_fwd_inplace, z, target[rows], weight, scalars, *ce_args,
                 row_scale[rows] if row_scale is not None else None)
             if grad_input:
                 torch.mm(logits, w, out=gx[start:end])
@@ -204,8 +204,8 @@ def linear_cross_entropy_fwd(
                 col_sum = logits.sum(0, dtype=acc)
                 gb.copy_(col_sum) if start == 0 else gb.add_(col_sum)
         else:
-            loss_c, lse_c, _ = _backend.call(cross_entropy_fwd,
-                z, target[rows], weight, scalars, *ce_args, False)
+            loss_c, lse_c, _ = _backend.call(
+                cross_entropy_fwd, z, target[rows], weight, scalars, *ce_args, False)
         loss[rows] = loss_c
         lse[rows] = lse_c
     return loss, lse, gx, gw.to(w.dtype), gb.to(w.dtype)
@@ -414,8 +414,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # 'none' needs grad_output per row; fp16 needs it folded in before the logits'
         # gradient is rounded (see CrossEntropyFunction): both form the gradients in backward.
         fused = reduction != "none" and x.dtype != torch.float16
-        loss, lse, gx, gw, gb = _backend.call(linear_cross_entropy_fwd,
-            x, w, b, target, weight, scalars, None, *args, chunk_size,
+        loss, lse, gx, gw, gb = _backend.call(
+            linear_cross_entropy_fwd, x, w, b, target, weight, scalars, None, *args, chunk_size,
             fused and need_x, fused and need_w, fused and need_b)
         if reduction == "sum":
             loss = loss.sum()
@@ -447,8 +447,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 row_scale = dloss.reshape(-1) if dloss.dim() else dloss.expand(target.shape[0])
                 if not ctx.args[5]:  # an ignored row's gradient is 0 whatever its grad_output
                     row_scale = row_scale.masked_fill(target == ctx.args[0], 0.0)
-                _, _, gx, gw, gb = _backend.call(linear_cross_entropy_fwd,
-                    x, w, b, target, weight, scalars, row_scale, *ctx.args, ctx.chunk_size,
+                _, _, gx, gw, gb = _backend.call(
+                    linear_cross_entropy_fwd, x, w, b, target, weight, scalars, row_scale,
+                    *ctx.args, ctx.chunk_size,
                     need_x, need_w, need_b)
         if need_t or need_cw:
             dscale = dloss.reshape(-1) if dloss.dim() else dloss
@@ -486,8 +487,9 @@ class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index, eps, logit_scale, softcap, z_loss, _, C = args
         # On CPU the op raises torch's IndexError for a target outside [0, C); on CUDA
         # that row's loss and gradient are NaN.
-        shift, sums = _backend.call(linear_cross_entropy_stats,
-            x, w, b, target, weight, ignore_index, logit_scale, softcap, eps > 0, vocab_chunk)
+        shift, sums = _backend.call(
+            linear_cross_entropy_stats, x, w, b, target, weight, ignore_index, logit_scale,
+            softcap, eps > 0, vocab_chunk)
         valid, in_range = _vp._valid_rows(target, ignore_index, C)
         need = [n and grad_enabled for n in ctx.needs_input_grad[:3]]
         loss, lse, coef = _vp.sharded_loss(
@@ -504,8 +506,9 @@ class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         x, w, b, target, weight, lse, coef, valid = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         coef = _vp.scale_coefficients(coef, dloss, ctx.logit_scale, valid)
-        gx, gw, gb = _backend.call(linear_cross_entropy_vocab_bwd,
-            x, w, b, target, weight, lse, coef, ctx.logit_scale, ctx.softcap, ctx.vocab_chunk,
+        gx, gw, gb = _backend.call(
+            linear_cross_entropy_vocab_bwd, x, w, b, target, weight, lse, coef, ctx.logit_scale,
+            ctx.softcap, ctx.vocab_chunk,
             need_x, need_w, need_b)
         return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
                 None, None, None, None, None, None)

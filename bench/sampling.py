@@ -10,8 +10,7 @@ A/B rows of the launch choices for few rows (rows are split below 4 x SMs: batch
 too on a 132-SM H100 / H200): ``*_whole`` does not split rows across programs (one
 program walks a row, ``UNROLL`` draw blocks a step: the choice before the split),
 ``ours_min_p_whole`` neither splits nor unrolls (the choice before both), ``*_rounds8``
-runs 8 rejection rounds split instead of ``SPLIT_ROUNDS`` (4); below 256 rows,
-``ours_top_k_top_p_unroll1`` walks a row one draw block a step (``UNROLL_FEW_ROWS = 1``).
+runs 8 rejection rounds split instead of ``SPLIT_ROUNDS`` (4).
 Decoding loops replay such steps from CUDA graphs, so every callable is timed by graph
 replay (``triton.testing.do_bench_cudagraph``); the plain ``do_bench`` time (host launch
 cost included) is recorded too.
@@ -115,10 +114,9 @@ for B in [int(b) for b in os.environ.get("BATCHES", "1,16,64,256").split(",")]:
         "ours_top_p_rounds8": launch_choice(lambda: sample(x, temperature=T, top_p=P), rounds=8),
         "ours_min_p_whole": launch_choice(lambda: sample(x, temperature=T, min_p=MINP),
                                           unroll=1, split=False),  # the earlier choice
+        "ours_top_k_top_p_whole": launch_choice(  # one program per row: radix select alone
+            lambda: sample(x, temperature=T, top_k=K, top_p=P), split=False),
     })
-    if B < 256:  # UNROLL serves rows fewer than SMs
-        fns["ours_top_k_top_p_unroll1"] = launch_choice(
-            lambda: sample(x, temperature=T, top_k=K, top_p=P), unroll=1)
     case = R["cases"][f"B{B}"] = dict(bytes=x.numel() * 2)
     for name, fn in fns.items():
         row = {}

@@ -53,11 +53,11 @@ def launch_config(n_rows: int, vocab: int, device: torch.device, split_ok: bool 
     Whole short rows, several to a tile (a tile of 8192 fp32 values, 16 per thread at 16
     warps); long rows one to a program, in blocks of ``DRAW_BLOCK`` (a block is the unit of
     the two-level draw); a persistent grid of a few programs per SM: ``sample_kernel``.
-    Fewer rows than fill the GPU four times over (``split_ok``: any filters but top-k with
-    top-p, whose search for the k-th largest value walks whole rows) are cut into parts of
-    2048-wide blocks, one program each, one launch per pass: ``split_kernel``. One program walking a 128k row alone took
-    0.075 ms on an H200 (plain, before the two-level draw) and 0.062 ms (min-p, after it);
-    split plain sampling 0.009 ms.
+    Fewer rows than fill the GPU four times over (``split_ok``) are cut into parts of
+    2048-wide blocks, one program each, one launch per pass: ``split_kernel`` (top-k with
+    top-p: four more for the radix select of the k-th largest value). One program walking
+    a 128k row alone took 0.075 ms on an H200 (plain, before the two-level draw) and
+    0.062 ms (min-p, after it); split plain sampling 0.009 ms.
     """
     cfg, n_split, split_cols, grid = _launch_config(
         n_rows, vocab, device.type == "cuda", _backend.num_programs_per_wave(device), split_ok,
@@ -100,17 +100,15 @@ def _launch_config(n_rows, vocab, on_cuda, per_wave, split_ok, draw_block, unrol
                  num_warps=num_warps), 1, vocab, grid)
 
 
-def _split_pays(logits: torch.Tensor, top_k, top_p) -> bool:
-    """Whether few rows may be split across programs (``launch_config``): not for top-k
-    with top-p, and on CUDA only while a CUDA graph is captured or when rows fill the SMs.
-    A split row takes 2 to 6 launches (top-k or top-p: 6), and each costs the host 40-90
+def _split_pays(logits: torch.Tensor) -> bool:
+    """Whether few rows may be split across programs (``launch_config``): on CUDA only
+    while a CUDA graph is captured or when rows fill the SMs. A split row takes 2 to 11
+    launches (top-k or top-p: 6; both: 11, one a memset), and each costs the host 40-90
     us on an H100 machine. Launched eagerly, rows of 128256 with top-k took 0.11 / 0.22 /
     0.28 ms whole at batch 1 / 16 / 64 against 0.46 / 0.30 / 0.48 ms split, and 0.46
     against 0.34 ms at batch 256 (top-p: 0.16 / 0.33 / 0.22 / 0.42 whole against 0.32 /
     0.31 / 0.66 / 0.33 split); replayed from a CUDA graph, split rows were faster at every
     batch (bench/results/sampling-h100-2026-11-26-*.json)."""
-    if top_k is not None and top_p is not None:
-        return False
     if logits.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return True
     return logits.shape[0] >= _backend.num_programs_per_wave(logits.device)
@@ -129,7 +127,7 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
     if n_rows == 0:
         return out
     cfg, n_split, split_cols, grid = config or launch_config(
-        n_rows, vocab, logits.device, split_ok=_split_pays(logits, top_k, top_p))
+        n_rows, vocab, logits.device, split_ok=_split_pays(logits))
     params = (seed, temperature, temperature.stride(0), *_param_args(top_k, seed),
               *_param_args(top_p, temperature), *_param_args(min_p, temperature))
     filters = dict(HAS_TOP_K=top_k is not None, HAS_TOP_P=top_p is not None,
@@ -139,8 +137,8 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
                         logits.stride(0), **filters,
                         **{k: v for k, v in cfg.items() if k != "SPLIT"})
         return out
-    assert top_k is None or top_p is None, "top-k with top-p: rows are not split"
     rounds = top_k is not None or top_p is not None
+    select = top_k is not None and top_p is not None  # top-p after top-k: radix select
     f32, i64 = dict(dtype=torch.float32, device=logits.device), dict(dtype=torch.int64,
                                                                      device=logits.device)
     # each part's (max, sum) (top-p, min-p); the parts' results of a launch, double
@@ -148,6 +146,11 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
     # count and mass above the candidate; each row's candidate and whether it is undecided
     part_mz = torch.empty((n_rows, 2, n_split) if top_p is not None or min_p is not None
                           else (0,), **f32)
+    # top-k with top-p: each row's byte histograms of radix select (added up atomically by
+    # the parts) and each part's share of the top-k set's mass
+    row_hist = torch.zeros((n_rows, 4, 256) if select else (0,), dtype=torch.int32,
+                           device=logits.device)
+    part_top = torch.empty((n_rows, n_split) if select else (0,), **f32)
     part_best = torch.empty((2, 2, n_rows, n_split), **f32)
     part_idx = torch.empty((2, n_rows, n_split), **i64)
     part_cnt = torch.empty((2, n_rows, n_split) if rounds else (0,), **i64)
@@ -155,13 +158,18 @@ def _launch(logits, seed, temperature, top_k, top_p, min_p, config=None) -> torc
     row_cand = torch.empty((2, n_rows) if rounds else (0,), **i64)
     row_active = torch.empty((2, n_rows) if rounds else (0,), dtype=torch.int32,
                              device=logits.device)
-    if min_p is not None:  # min-p's reference point first: the draws need it
-        _backend.launch(_k.split_stats_kernel, grid, logits, temperature, temperature.stride(0),
-                        part_mz, n_rows, vocab, logits.stride(0), n_split, split_cols,
-                        WITH_SUM=top_p is not None, BLOCK_N=cfg["BLOCK_N"], num_warps=4)
+    if min_p is not None or select:
+        # min-p's reference point first, the draws need it; top-k with top-p: the same
+        # launch starts radix select of the k-th largest key, one launch per byte
+        stats_args = (logits, *params[1:7], part_mz, row_hist, n_rows, vocab, logits.stride(0),
+                      n_split, split_cols)
+        for level in range(4 if select else 1):
+            _backend.launch(_k.split_stats_kernel, grid, *stats_args, level, STATS=level == 0,
+                            WITH_SUM=top_p is not None, SELECT=select, BLOCK_N=cfg["BLOCK_N"],
+                            num_warps=4)
     args = (logits, out, *params, part_mz, part_best, part_idx, part_cnt, part_mass, row_cand,
-            row_active, n_rows, vocab, logits.stride(0), n_split, split_cols)
-    meta = dict(**filters, STATS_FIRST=top_p is not None and min_p is None,
+            row_active, row_hist, part_top, n_rows, vocab, logits.stride(0), n_split, split_cols)
+    meta = dict(**filters, STATS_FIRST=top_p is not None and min_p is None and not select,
                 BLOCK_N=cfg["BLOCK_N"], BLOCK_S=triton.next_power_of_2(n_split), num_warps=4)
     _backend.launch(_k.split_kernel, grid, *args, 0, STAGE=0, **meta)
     last = SPLIT_ROUNDS + 1 if rounds else 1

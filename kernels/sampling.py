@@ -46,15 +46,15 @@ HBM passes. Plain temperature sampling: one read of the row, plus the chosen blo
 noise is counter based, Philox of ``(seed, f(draw, row, token // 4))``, and costs no memory
 traffic). min-p alone: two (the row max first). top-k / top-p: the max-and-sum pass (top-p,
 min-p), the first draw, then one pass per round; top-k with top-p 5 more over a long
-row (radix select of the k-th largest value: ``kth_largest_key``), 33 over a tile of
-short ones (bisection). Re-reads of a row of 128k bf16 logits (256 KB) hit L2 on an H100. Draws depend
-only on the seed, so equal seeds give equal draws.
+row (radix select of the k-th largest value: ``kth_largest_key``, then the top-k set's
+mass), 33 over a tile of short ones (bisection). Re-reads of a row of 128k bf16 logits
+(256 KB) hit L2 on an H100. Draws depend only on the seed, so equal seeds give equal draws.
 
 Few rows. One program walking a row alone is bound by its own latency, not by HBM, so
-when rows are too few to fill the GPU (and the filters are not top-k with top-p, whose
-bisection walks whole rows) ``split_kernel`` cuts each row into parts, one program each
-and one launch per pass: a pass's per-part results (the best draw block, the count and
-mass above the candidate, the max and sum) go to global memory, and the next launch
+when rows are too few to fill the GPU ``split_kernel`` cuts each row into parts, one
+program each and one launch per pass: a pass's per-part results (the best draw block, the
+count and mass above the candidate, the max and sum, the radix select's byte histograms
+and the top-k mass: ``split_stats_kernel``) go to global memory, and the next launch
 combines them in part order. The first ``SPLIT_ROUNDS`` rejection rounds (host constant)
 run split; a last launch, one program per row, finishes the rare rows still undecided.
 The noise does not depend on the split, so split and whole rows draw the same tokens
@@ -136,6 +136,35 @@ def kept(s, mask, shift, min_p, floor, HAS_MIN_P: tl.constexpr, HAS_FLOOR: tl.co
 
 
 @triton.jit
+def byte_histogram(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, prefix, shift):
+    """A step of radix select over columns ``[col_lo, col_hi)`` of one row (``rows`` of
+    shape ``[1]``): the 256-bin histogram of the key byte at bit ``shift`` among the keys
+    whose bytes above it equal ``prefix`` (the key read as unsigned, ``key + 2^31``)."""
+    hist = tl.zeros([256], tl.int32)
+    for start in range(col_lo, col_hi, cols.shape[0]):
+        s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+        u = order_key(s).to(tl.int64) + 2147483648  # in [0, 2^32), in key order
+        same = mask & ((u >> (shift + 8)) == prefix[:, None])
+        digit = ((u >> shift) & 255).to(tl.int32)
+        hist += tl.histogram(tl.reshape(digit, (cols.shape[0],)), 256,
+                             mask=tl.reshape(same, (cols.shape[0],)))
+    return hist
+
+
+@triton.jit
+def radix_byte(hist, k_rem, prefix):
+    """The next byte of the k-th largest key from the histogram of that byte
+    (``byte_histogram``): the largest byte whose bin and the bins above it hold ``k_rem``
+    keys. Returns ``(k_rem, prefix)`` with the keys above that bin counted off and the
+    byte appended."""
+    bins = tl.arange(0, 256)
+    from_top = tl.cumsum(hist, 0, reverse=True)
+    byte = tl.max(tl.where(from_top >= k_rem, bins, 0), 0)
+    k_rem -= tl.sum(tl.where(bins > byte, hist, 0), 0)
+    return k_rem, prefix * 256 + byte
+
+
+@triton.jit
 def kth_largest_key(X, rows, rmask, sxm, cols, V, inv_t, k, BLOCK_R: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """Each row's k-th largest int32 key, ties counted: the largest key with at least ``k``
@@ -143,26 +172,15 @@ def kth_largest_key(X, rows, rmask, sxm, cols, V, inv_t, k, BLOCK_R: tl.constexp
     radix select on the key's four bytes, high to low, each pass a 256-bin histogram of
     the next byte among the keys that share the bytes chosen so far: 4 passes over the row
     (which stays in L2). Several rows to a tile (short rows; a histogram serves one row):
-    bisection of the 2^32 keys, 32 counting passes."""
+    bisection of the 2^32 keys, 32 counting passes. (Split rows run the radix passes one
+    launch each, the parts' histograms added up: ``split_stats_kernel``.)"""
     if BLOCK_R == 1:
-        bins = tl.arange(0, 256)
         prefix = tl.zeros([1], tl.int64)  # the bytes chosen so far, as an unsigned number
         k_rem = tl.sum(k, 0)  # keys still to count down from the top
         for level in tl.static_range(4):
-            shift = 24 - 8 * level  # of this byte
-            hist = tl.zeros([256], tl.int32)
-            for start in range(0, V, BLOCK_N):
-                s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-                u = order_key(s).to(tl.int64) + 2147483648  # in [0, 2^32), in key order
-                same = mask & ((u >> (shift + 8)) == prefix[:, None])
-                digit = ((u >> shift) & 255).to(tl.int32)
-                hist += tl.histogram(tl.reshape(digit, (BLOCK_N,)), 256,
-                                     mask=tl.reshape(same, (BLOCK_N,)))
-            # the byte: the largest whose bin and the bins above it hold k_rem keys
-            from_top = tl.cumsum(hist, 0, reverse=True)
-            byte = tl.max(tl.where(from_top >= k_rem, bins, 0), 0)
-            k_rem -= tl.sum(tl.where(bins > byte, hist, 0), 0)
-            prefix = prefix * 256 + byte
+            hist = byte_histogram(X, rows, rmask, sxm, 0, V, cols, V, inv_t, prefix,
+                                  24 - 8 * level)
+            k_rem, prefix = radix_byte(hist, k_rem, prefix)
         key = prefix - 2147483648
     else:
         key = tl.full([BLOCK_R], -2147483648, tl.int64)  # count(key >= lo) = V >= k
@@ -181,25 +199,55 @@ def kth_largest_key(X, rows, rmask, sxm, cols, V, inv_t, k, BLOCK_R: tl.constexp
 
 
 @triton.jit
+def split_kth_key(ROW_HIST, row, k, levels):
+    """Split rows: ``(k_rem, prefix)`` of radix select after ``levels`` bytes, from the
+    row's byte histograms in ``ROW_HIST`` (``n_rows x 4 x 256``, each the sum of the
+    parts' histograms: ``split_stats_kernel``). After 4 levels ``prefix - 2^31`` is the
+    k-th largest key, as ``kth_largest_key`` finds it walking the whole row."""
+    prefix = tl.zeros([1], tl.int64)
+    k_rem = tl.sum(k, 0)
+    for level in range(levels):
+        hist = tl.load(ROW_HIST + (row * 4 + level) * 256 + tl.arange(0, 256))
+        k_rem, prefix = radix_byte(hist, k_rem, prefix)
+    return k_rem, prefix
+
+
+@triton.jit
+def top_k_needed(TOPK, st_k, TOPP, st_p, rows, rmask, V, greedy):
+    """``(k, needed)``: top-k's ``k`` per row and whether top-p after top-k needs the top-k
+    set's mass (``k < V``, ``p < 1``, not greedy): the rows that search the k-th largest."""
+    k = tl.load(TOPK + rows * st_k, mask=rmask, other=1).to(tl.int64)
+    p = tl.load(TOPP + rows * st_p, mask=rmask, other=1.0).to(tl.float32)
+    return k, rmask & (k < V) & (p < 1.0) & ~greedy
+
+
+@triton.jit
+def top_mass(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, shift, kth):
+    """``sum(exp(s - shift))`` over the columns ``[col_lo, col_hi)`` whose key is at least
+    ``kth`` (the top-k set)."""
+    top = tl.zeros([rows.shape[0]], tl.float32)
+    for start in range(col_lo, col_hi, cols.shape[0]):
+        s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
+        inside = mask & (order_key(s).to(tl.int64) >= kth[:, None])
+        top += tl.sum(tl.where(inside, tl.exp(s - shift[:, None]), 0.0), 1)
+    return top
+
+
+@triton.jit
 def top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z, needed,
-               BLOCK_R: tl.constexpr, STEP: tl.constexpr, SELECT_STEP: tl.constexpr):
+               BLOCK_R: tl.constexpr, SELECT_STEP: tl.constexpr):
     """``sum(exp(s - shift))`` over the top-k set (every token tied with the k-th largest
     value included), against which top-p after top-k measures its ``p``; ``z`` (the whole
     row's) where it is not ``needed`` (``k >= V``, ``p >= 1``, greedy). The k-th largest
     key (``kth_largest_key``: 4 passes over a long row, 32 over a tile of short ones, in
     steps of ``SELECT_STEP`` columns: wider ones spill at 8 warps), then one summing pass
-    in steps of ``STEP`` (``cols``); skipped, on the device, by a tile with no row that
-    needs it."""
+    in steps of ``cols``; skipped, on the device, by a tile with no row that needs it."""
     mass = z
     if tl.max(needed.to(tl.int32), 0) > 0:
         kth = kth_largest_key(X, rows, rmask, sxm, tl.arange(0, SELECT_STEP), V, inv_t,
                               tl.minimum(k, V), BLOCK_R, SELECT_STEP)
-        top = tl.zeros([BLOCK_R], tl.float32)
-        for start in range(0, V, STEP):
-            s, mask = scaled_block(X, rows, rmask, sxm, start, cols, V, inv_t)
-            inside = mask & (order_key(s).to(tl.int64) >= kth[:, None])
-            top += tl.sum(tl.where(inside, tl.exp(s - shift[:, None]), 0.0), 1)
-        mass = tl.where(needed, top, z)
+        mass = tl.where(needed, top_mass(X, rows, rmask, sxm, 0, V, cols, V, inv_t, shift, kth),
+                        z)
     return mass
 
 
@@ -499,11 +547,9 @@ def sample_kernel(
         if HAS_TOP_K or HAS_TOP_P:
             z_p = z
             if HAS_TOP_K and HAS_TOP_P:  # top-p after top-k: the top-k set's mass
-                k = tl.load(TOPK + rows * st_k, mask=rmask, other=1).to(tl.int64)
-                p = tl.load(TOPP + rows * st_p, mask=rmask, other=1.0).to(tl.float32)
-                needed = rmask & (k < V) & (p < 1.0) & ~greedy
+                k, needed = top_k_needed(TOPK, st_k, TOPP, st_p, rows, rmask, V, greedy)
                 z_p = top_k_mass(X, rows, rmask, sxm, cols, V, inv_t, shift, k, z, needed,
-                                 BLOCK_R, STEP, BLOCK_N)
+                                 BLOCK_R, BLOCK_N)
             k_target, mass_target = filter_targets(TOPK, st_k, TOPP, st_p, rows, rmask, V, z_p,
                                                    HAS_TOP_K, HAS_TOP_P)
             active = rmask & (best > -float("inf"))  # a row of -inf has no candidate
@@ -521,21 +567,43 @@ def blk_placeholder(rows):
 
 # --------------------------------------------------------------------------- split rows
 @triton.jit
-def split_stats_kernel(X, TEMP, st_t, PART_MZ, n_rows, V, sxm, n_split, split_cols,
-                       WITH_SUM: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The max of ``s = x / T`` over each part of each row and (``WITH_SUM``) the sum of
-    ``exp(s - that max)``, into ``PART_MZ`` (``n_rows x 2 x n_split``): min-p's reference
-    point and top-p's total mass when rows are split (``split_kernel``)."""
+def split_stats_kernel(X, TEMP, st_t, TOPK, st_k, TOPP, st_p, PART_MZ, ROW_HIST, n_rows, V,
+                       sxm, n_split, split_cols, level, STATS: tl.constexpr,
+                       WITH_SUM: tl.constexpr, SELECT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What the draws over split rows (``split_kernel``) need to know of the whole row
+    first, one program per part of each row:
+
+    * ``STATS``: the max of ``s = x / T`` over the part and (``WITH_SUM``) the sum of
+      ``exp(s - that max)``, into ``PART_MZ`` (``n_rows x 2 x n_split``): min-p's
+      reference point and top-p's total mass;
+    * ``SELECT`` (top-k with top-p): byte ``level`` (0 the highest) of radix select for
+      the k-th largest key (``kth_largest_key``), one launch per byte: the histogram of
+      that byte among the part's keys that share the bytes already chosen (from the
+      histograms of the earlier launches), added into the row's ``ROW_HIST[row, level]``
+      (``n_rows x 4 x 256`` int32, zeroed by the host; integer atomics, so the sums do not
+      depend on the order of the parts). Only rows that need the top-k set's mass
+      (``top_k_needed``) take part; ``split_kernel``'s first stage sums it.
+    """
     cols = tl.arange(0, BLOCK_N)
     for work in range(tl.program_id(0), n_rows * n_split, tl.num_programs(0)):
         part = work % n_split
-        rows = tl.zeros([1], tl.int64) + work // n_split
+        row = work // n_split
+        rows = tl.zeros([1], tl.int64) + row
         rmask = rows < n_rows
         inv_t, greedy = inverse_temperature(TEMP, rows, rmask, st_t)
         col_lo = part * split_cols
-        m, z = max_and_sum(X, rows, rmask, sxm, col_lo, tl.minimum(col_lo + split_cols, V),
-                           cols, V, inv_t, WITH_SUM)
-        store_part_stats(PART_MZ, rows, rmask, n_split, part, m, z)
+        col_hi = tl.minimum(col_lo + split_cols, V)
+        if STATS:
+            m, z = max_and_sum(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, WITH_SUM)
+            store_part_stats(PART_MZ, rows, rmask, n_split, part, m, z)
+        if SELECT:
+            k, needed = top_k_needed(TOPK, st_k, TOPP, st_p, rows, rmask, V, greedy)
+            if tl.max(needed.to(tl.int32), 0) > 0:
+                _, prefix = split_kth_key(ROW_HIST, row, k, level)
+                hist = byte_histogram(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t,
+                                      prefix, 24 - 8 * level)
+                tl.atomic_add(ROW_HIST + (row * 4 + level) * 256 + tl.arange(0, 256), hist,
+                              sem="relaxed")
 
 
 @triton.jit
@@ -556,8 +624,8 @@ def row_stats(PART_MZ, rows, rmask, n_split, BLOCK_S: tl.constexpr):
 @triton.jit
 def split_kernel(
     X, OUT, SEED, TEMP, st_t, TOPK, st_k, TOPP, st_p, MINP, st_m,
-    PART_MZ, PART_BEST, PART_IDX, PART_CNT, PART_MASS, ROW_CAND, ROW_ACTIVE,
-    n_rows, V, sxm, n_split, split_cols, rnd,
+    PART_MZ, PART_BEST, PART_IDX, PART_CNT, PART_MASS, ROW_CAND, ROW_ACTIVE, ROW_HIST,
+    PART_TOP, n_rows, V, sxm, n_split, split_cols, rnd,
     HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
     STAGE: tl.constexpr, STATS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -576,7 +644,11 @@ def split_kernel(
 
     * ``STAGE 0`` (``rnd = 0``): the first draw's block scores (noise 0), min-p applied
       against the row max of ``PART_MZ`` (``split_stats_kernel``); ``STATS_FIRST``
-      computes the parts' ``(max, sum)`` here instead (top-p without min-p).
+      computes the parts' ``(max, sum)`` here instead (top-p without min-p). Top-k with
+      top-p: also the part's share of the top-k set's mass into ``PART_TOP``
+      (``n_rows x n_split``), the k-th largest key from ``ROW_HIST``
+      (``split_stats_kernel``'s radix select); later stages add up the shares, in part
+      order, as top-p's reference mass.
     * ``STAGE 1`` (``rnd >= 1``): the candidate (the first draw's token, noise 1, for
       ``rnd = 1``; else the end of round ``rnd - 1``, ``advance``), then round ``rnd``'s
       pass over the part (``round_pass``).
@@ -605,6 +677,13 @@ def split_kernel(
             shift, z = row_stats(PART_MZ, rows, rmask, n_split, BLOCK_S)
         if HAS_MIN_P:
             min_p = tl.load(MINP + rows * st_m, mask=rmask, other=0.0).to(tl.float32)
+        if HAS_TOP_K and HAS_TOP_P:
+            k, needed = top_k_needed(TOPK, st_k, TOPP, st_p, rows, rmask, V, greedy)
+            if STAGE > 0:  # top-p after top-k: the top-k set's mass, from the parts'
+                parts = tl.arange(0, BLOCK_S)
+                shares = tl.load(PART_TOP + row * n_split + parts, mask=parts < n_split,
+                                 other=0.0)
+                z = tl.where(needed, tl.sum(shares, 0), z)
         k_target, mass_target = filter_targets(TOPK, st_k, TOPP, st_p, rows, rmask, V, z,
                                                HAS_TOP_K, HAS_TOP_P)
         pos = rows * n_split + part  # this part's slot in a buffer
@@ -656,6 +735,12 @@ def split_kernel(
                 if STATS_FIRST:  # the parts' max and sum, in this launch, before its draw
                     m, z = max_and_sum(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, True)
                     store_part_stats(PART_MZ, rows, rmask, n_split, part, m, z)
+                if HAS_TOP_K and HAS_TOP_P:  # this part's share of the top-k set's mass
+                    if tl.max(needed.to(tl.int32), 0) > 0:
+                        _, prefix = split_kth_key(ROW_HIST, row, k, 4)
+                        top = top_mass(X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t,
+                                       shift, prefix - 2147483648)
+                        tl.store(PART_TOP + pos, top, mask=rmask)
                 _, _, best, best_lo, blk = round_pass(
                     X, rows, rmask, sxm, col_lo, col_hi, cols, V, inv_t, greedy, seed, 0,
                     n_rows, shift, min_p, blk_placeholder(rows), False, False, HAS_MIN_P,

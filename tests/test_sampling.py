@@ -320,14 +320,18 @@ def _row_params(filters: dict, n_rows: int, device) -> list:
 @pytest.mark.parametrize("n_rows, vocab, filters", [
     (3, 2049, {}), (3, 2049, dict(min_p=0.3)), (3, 2049, dict(top_k=1)),
     (3, 2049, dict(top_k=20)), (3, 2049, dict(top_p=0.05)), (3, 2049, dict(top_p=0.6, min_p=0.1)),
-    (3, 2049, dict(top_k=3, min_p=0.2)), (2, 8192, {}), (2, 8192, dict(top_k=1)),
-    (2, 8192, dict(top_p=0.3)), (1, 5000, dict(min_p=0.3)), (1, 5000, dict(top_k=2, min_p=0.1))],
+    (3, 2049, dict(top_k=3, min_p=0.2)), (3, 2049, dict(top_k=30, top_p=0.6)),
+    (2, 8192, {}), (2, 8192, dict(top_k=1)), (2, 8192, dict(top_p=0.3)),
+    (2, 8192, dict(top_k=1, top_p=0.9)), (1, 5000, dict(min_p=0.3)),
+    (1, 5000, dict(top_k=2, min_p=0.1)), (1, 5000, dict(top_k=700, top_p=0.5, min_p=0.01))],
     ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) or "plain" if isinstance(v, dict) else str(v))
 def test_split_rows_draw_the_same_tokens(n_rows, vocab, filters, device, monkeypatch):
     """Few rows are cut across programs, one launch per pass (``split_kernel``): the noise
     of a token depends only on its row, column and draw, min-p's row max and top-p's total
-    mass come from the parts', and the parts of a rejection round add up to the whole
-    row's count and mass, so split and whole rows draw the same ids, greedy rows and
+    mass come from the parts' (top-p after top-k: the k-th largest value by radix select
+    over the parts' byte histograms, then the parts' top-k mass), and the parts of a
+    rejection round add up to the whole row's count and mass, so split and whole rows
+    draw the same ids, greedy rows and
     first-index ties included, whether the rounds end within the split launches or
     continue one program per row after them (``SPLIT_ROUNDS`` 0, 1 and 4; top-1 of N(0, 1)
     logits takes many rounds)."""
@@ -491,24 +495,59 @@ def test_unroll_only_for_few_long_rows(monkeypatch):
 
 
 def test_split_only_where_the_filters_allow():
-    """The launcher splits few long rows unless told not to (top-k with top-p, whose
-    bisection walks whole rows)."""
+    """The launcher splits few long rows when told it may (``_split_pays``), never rows of
+    one draw block."""
     cfg = sys.modules["fused_softmax.sampling"].launch_config
     assert cfg(2, 128256, torch.device("cpu"), split_ok=True)[0]["SPLIT"]
     assert not cfg(2, 128256, torch.device("cpu"), split_ok=False)[0]["SPLIT"]
     assert not cfg(2, 1000, torch.device("cpu"), split_ok=True)[0]["SPLIT"]  # one block anyway
 
 
-@pytest.mark.parametrize("filters, kernel", [(dict(top_p=0.9), "split_kernel"),
-                                             (dict(top_k=5, min_p=0.1), "split_kernel"),
-                                             (dict(top_k=5, top_p=0.9), "sample_kernel")])
-def test_few_long_rows_launch_the_split_kernel(filters, kernel, device):
+@pytest.mark.parametrize("filters, pre_launches", [
+    (dict(top_p=0.9), 0), (dict(top_k=5, min_p=0.1), 1), (dict(top_k=5, top_p=0.9), 4),
+    (dict(top_k=5, top_p=0.9, min_p=0.1), 4)])
+def test_few_long_rows_launch_the_split_kernel(filters, pre_launches, device):
+    """Few long rows are split for every filter; ``split_stats_kernel`` runs first for
+    min-p (the row max) and, one launch per byte of radix select, for top-k with top-p."""
     x = torch.randn(2, 5000, device=device)
+    if not _backend.use_triton(x) or x.is_cuda:  # CUDA: split eagerly only for many rows
+        pytest.skip("the Triton kernels do not serve this device here, or not split eagerly")
+    counts = _backend.launch_counts
+    before = [counts[k] for k in ("split_kernel", "split_stats_kernel", "sample_kernel")]
+    fused_softmax.sampling.sample(x, **filters)
+    after = [counts[k] for k in ("split_kernel", "split_stats_kernel", "sample_kernel")]
+    assert after[0] > before[0] and after[2] == before[2]
+    assert after[1] - before[1] == pre_launches
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="needs Triton")
+def test_split_top_k_top_p_with_per_row_parameters(device):
+    """Top-p after top-k over split rows with per-row parameters: only the rows whose
+    filters both cut (``k < V``, ``p < 1``, temperature > 0) search the k-th largest value;
+    the others measure top-p against the whole row (``k >= V``), keep the top-k set
+    (``p = 1``) or take the argmax. Split and whole rows draw the same ids."""
+    n_rows, vocab = 5, 3000
+    x = torch.randn(n_rows, vocab, generator=torch.Generator().manual_seed(11)).to(device)
     if not _backend.use_triton(x):
         pytest.skip("the Triton kernels do not serve this device here")
-    before = _backend.launch_counts[kernel]
-    fused_softmax.sampling.sample(x, **filters)
-    assert _backend.launch_counts[kernel] > before
+    smod = sys.modules["fused_softmax.sampling"]
+    split = smod.launch_config(n_rows, vocab, x.device, split_ok=True)
+    assert split[0]["SPLIT"] and split[1] > 1
+    whole = smod.launch_config(n_rows, vocab, x.device)
+    top_k = torch.tensor([40, vocab + 5, 3, 40, 2], device=device)
+    top_p = torch.tensor([0.5, 0.3, 1.0, 0.8, 0.99], device=device)
+    temperature = torch.tensor([1.0, 0.9, 1.1, 0.0, 0.5], device=device)
+    seed = torch.tensor([0], device=device)
+    for seed_value in range(3):
+        seed.fill_(seed_value)
+        a = smod._launch(x, seed, temperature, top_k, top_p, None, config=split)
+        b = smod._launch(x, seed, temperature, top_k, top_p, None, config=whole)
+        assert torch.equal(a, b), (seed_value, a, b)
+        assert int(a[3]) == int(x[3].argmax())
+        for r in (0, 2, 4):
+            probs, _ = reference_probs(x[r].cpu(), temperature=float(temperature[r]),
+                                       top_k=int(top_k[r]), top_p=float(top_p[r]))
+            assert probs[int(a[r])] > 0, (r, int(a[r]))
 
 
 def test_torch_path_support():
@@ -635,7 +674,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     PTRS = {"X": "*bf16", "OUT": "*i64", "SEED": "*i64", "TEMP": "*fp32", "TOPK": "*i64",
             "TOPP": "*fp32", "MINP": "*fp32", "PART_MZ": "*fp32", "PART_BEST": "*fp32",
             "PART_IDX": "*i64", "PART_CNT": "*i64", "PART_MASS": "*fp32", "ROW_CAND": "*i64",
-            "ROW_ACTIVE": "*i32"}
+            "ROW_ACTIVE": "*i32", "ROW_HIST": "*i32", "PART_TOP": "*fp32"}
     H100 = GPUTarget("cuda", 90, 32)
     out = {}
     def compile_one(name, kernel, const, num_warps):
@@ -655,17 +694,18 @@ COMPILE_SCRIPT = textwrap.dedent("""
         # whole rows several to a tile
         compile_one(f"whole {flags}", sample_kernel,
                     dict(filters, BLOCK_R=4, BLOCK_N=2048, UNROLL=1), 16)
-        if not (flags[0] and flags[1]):  # split rows: every stage
-            for stage in (0, 1, 2):
-                compile_one(f"split {flags} stage {stage}", split_kernel,
-                            dict(filters, STAGE=stage, STATS_FIRST=flags[1] and not flags[2],
-                                 BLOCK_N=2048, BLOCK_S=64), 4)
+        for stage in (0, 1, 2):  # split rows: every stage
+            stats_first = flags[1] and not flags[2] and not flags[0]
+            compile_one(f"split {flags} stage {stage}", split_kernel,
+                        dict(filters, STAGE=stage, STATS_FIRST=stats_first, BLOCK_N=2048,
+                             BLOCK_S=64), 4)
     compile_one("unroll", sample_kernel,  # one row walked 8 draw blocks a step
                 dict(HAS_TOP_K=True, HAS_TOP_P=True, HAS_MIN_P=True, BLOCK_R=1,
                      BLOCK_N=2048, UNROLL=8), 8)
-    for with_sum in (False, True):
-        compile_one(f"split stats {with_sum}", split_stats_kernel,
-                    dict(WITH_SUM=with_sum, BLOCK_N=2048), 4)
+    for stats, with_sum, select in [(True, False, False), (True, True, False),
+                                    (True, True, True), (False, True, True)]:
+        compile_one(f"split stats {stats} {with_sum} {select}", split_stats_kernel,
+                    dict(STATS=stats, WITH_SUM=with_sum, SELECT=select, BLOCK_N=2048), 4)
     print(json.dumps(out))
 """)
 
@@ -685,31 +725,26 @@ def test_kernel_compiles_for_sm90():
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "unroll" in results and "split stats True" in results
-    assert len(results) == len(COMPILE_FLAGS) + 3 * 6 + 3, sorted(results)
+    assert "unroll" in results and "split stats False True True" in results
+    assert len(results) == 4 * len(COMPILE_FLAGS) + 1 + 4, sorted(results)
     assert all(v == "ok" for v in results.values()), results
 
 
 def test_split_rows_eagerly_only_where_the_rows_fill_the_sms(monkeypatch):
     """On CUDA (faked here: 132 SMs) few rows are split only while a CUDA graph is captured
     (launches are free there) or when they fill the SMs: eagerly each extra launch costs the
-    host more than the split saves. Never for top-k with top-p; always under the interpreter."""
+    host more than the split saves; always under the interpreter."""
     smod = sys.modules["fused_softmax.sampling"]
     monkeypatch.setattr(_backend, "num_programs_per_wave", lambda device: 132)
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    k, p = torch.tensor([50]), torch.tensor([0.9])
 
     def rows(n, device="cuda"):  # what _split_pays reads of the logits
         return types.SimpleNamespace(shape=(n, 128256), device=torch.device(device))
 
-    assert [smod._split_pays(rows(n), None, p) for n in (1, 64, 131, 132, 256)] == \
+    assert [smod._split_pays(rows(n)) for n in (1, 64, 131, 132, 256)] == \
         [False, False, False, True, True]
-    assert smod._split_pays(rows(256), k, None)
-    assert not smod._split_pays(rows(256), k, p)
     capturing[0] = True
-    assert smod._split_pays(rows(1), None, p) and smod._split_pays(rows(1), k, None)
-    assert smod._split_pays(rows(1), None, None)
-    assert not smod._split_pays(rows(1), k, p)
+    assert smod._split_pays(rows(1))
     capturing[0] = False
-    assert smod._split_pays(rows(1, "cpu"), None, p)
+    assert smod._split_pays(rows(1, "cpu"))

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.overrides import handle_torch_function
 
@@ -365,11 +367,9 @@ def _differentiable_backward(ctx, dscale):
 
 
 def _rescale(ctx, grad_x, dscale):
-    """The forward's gradient times ``grad_output``, with torch's NaN for a non-finite one."""
-    target = ctx.saved_tensors[1]
-    prob_target, smoothing = ctx.args[-1], ctx.args[1]
-    whole_row = prob_target or smoothing > 0
-    _backend.call(cross_entropy_bwd_, grad_x, dscale, None if whole_row else target, whole_row)
+    """The forward's gradient times ``grad_output``, with torch's NaN for a non-finite one
+    (at the target, or across the row: ``ctx.nan_target`` None)."""
+    _backend.call(cross_entropy_bwd_, grad_x, dscale, ctx.nan_target, ctx.nan_target is None)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -410,6 +410,11 @@ class CrossEntropyFunction(torch.autograd.Function):
             # (retain_graph, gradcheck) recomputes it from the saved logits.
             ctx.fused_grad = grad if compute_grad and not deferred else None
             ctx.deferred, ctx.args = deferred, args
+            # A reference, not a saved tensor: the first backward only rescales the fused
+            # gradient, and unpacking the saved logits would fail it where the caller has
+            # changed them in place since (torch's backward, which saves log_softmax's
+            # output, allows that)
+            ctx.nan_target = None if args[-1] or args[1] > 0 else target
             ctx.inplace, ctx.inplace_later = inplace and not deferred, inplace and deferred
             # (the target too when the logits were overwritten: a non-finite grad_output's NaN)
             ctx.save_for_backward(*((None, target, None, None, None) if ctx.inplace
@@ -543,6 +548,25 @@ def smoothing_value(label_smoothing) -> float:
     return float(label_smoothing) if label_smoothing > 0 else 0.0
 
 
+def check_smoothing_type(label_smoothing) -> None:
+    """torch's argument parser for the float ``label_smoothing``: a real number (Python's
+    or numpy's, bool included) or a 0-d tensor without autograd history; anything else
+    (a string, None, a 1-element tensor, a numpy array) is its TypeError."""
+    if isinstance(label_smoothing, torch.Tensor):
+        ok = label_smoothing.dim() == 0 and not label_smoothing.requires_grad
+    else:
+        ok = isinstance(label_smoothing, (numbers.Real, np.number)) and not isinstance(
+            label_smoothing, (complex, np.complexfloating))
+    if not ok:
+        kind = type(label_smoothing)
+        name = kind.__name__ if kind.__module__ == "builtins" else \
+            f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+        if isinstance(label_smoothing, torch.Tensor):
+            name = "Tensor"
+        raise TypeError("cross_entropy_loss(): argument 'label_smoothing' (position 6) must "
+                        f"be float, not {name}")
+
+
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
                 input_dtype=None):
     """torch's checks, torch's error types and messages, in torch's order (the extras'
@@ -554,10 +578,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
     ignore_index = check_ignore_index(ignore_index)
     if reduction not in _REDUCTIONS:  # torch parses the reduction before the dtype
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    if isinstance(label_smoothing, torch.Tensor) and label_smoothing.requires_grad:
-        # torch's argument parser takes a tensor for a float only without autograd history
-        raise TypeError("cross_entropy_loss(): argument 'label_smoothing' (position 6) must "
-                        "be float, not Tensor")
+    check_smoothing_type(label_smoothing)
     check_float("cross_entropy", input)
     if label_smoothing > 1.0:  # torch rejects > 1 and treats a negative value (or NaN) as 0
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")

@@ -82,11 +82,12 @@ from . import _backend
 from . import distributed as _vp
 from ._backend import (acc_dtype, check_float, fp32_if_low, needs_torch_ops,
                        torch_function_dispatch, use_triton)
-from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _prob_target_grads,
+from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _loss_rows,
+                            _prob_target_grads,
                             _reduction_scalars, check_extras, check_ignore_index,
-                            check_targets_on_cpu, cross_entropy, cross_entropy_bwd_,
-                            cross_entropy_fwd, cross_entropy_fwd_inplace, mean_of,
-                            raise_torchs_error, reduction_name, smoothing_value,
+                            check_smoothing_type, check_targets_on_cpu, cross_entropy,
+                            cross_entropy_bwd_, cross_entropy_fwd, cross_entropy_fwd_inplace,
+                            mean_of, raise_torchs_error, reduction_name, smoothing_value,
                             widen_int32_target)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
@@ -394,13 +395,27 @@ def _soft_target_grads(x, w, b, target, weight, scalars, lse, dscale, args, chun
     return grad_target, grad_weight
 
 
-def _no_double_backward():
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "fused_softmax.linear_cross_entropy does not support double backward "
-            "(create_graph=True): its gradients come from a fused kernel. Use "
-            "torch.nn.functional.cross_entropy(torch.nn.functional.linear(...)) where "
-            "second derivatives are needed.")
+def _differentiable_backward(ctx, inputs, dloss, scale, n_outputs):
+    """``create_graph=True`` (double backward, Hessians, gradient penalties): the loss
+    formed again from the saved ``inputs`` ``(x, w, b, target, weight)`` with torch ops,
+    the logits materialised (as torch's ``linear_cross_entropy`` does), and differentiated
+    with a graph, so that the gradients are themselves differentiable. ``scale``: the
+    reduction's factor of the summed rows (``1 / denominator`` for a mean, else 1)."""
+    x, w, b, target, weight = inputs
+    args, acc = ctx.args, acc_dtype(x.dtype)
+    wanted = [(i, t) for i, t in enumerate(inputs) if ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        z = torch.nn.functional.linear(x, w, b).reshape(-1, args[6]).to(acc)
+        t = target.to(acc) if target.is_floating_point() else target
+        rows = _loss_rows(z, t, None if weight is None else weight.to(acc), args[:6])
+        dscale = dloss.reshape(-1) if dloss.dim() else dloss
+        total = (rows * (dscale * scale).to(acc)).sum()
+        grads = torch.autograd.grad(total, [t for _, t in wanted], create_graph=True,
+                                    allow_unused=True)
+    out = [None] * n_outputs
+    for (i, t), g in zip(wanted, grads):
+        out[i] = torch.zeros_like(t) if g is None else g.to(t.dtype)
+    return tuple(out)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -431,9 +446,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
-        _no_double_backward()
         need_x, need_w, need_b, need_t, need_cw = ctx.needs_input_grad[:5]
         x, w, b, target, weight, scalars, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            ctx.fused_grads = None
+            return _differentiable_backward(ctx, (x, w, b, target, weight), dloss, scalars[0], 11)
         gx = gw = gb = gt = gcw = None
         if need_x or need_w or need_b:
             fused, ctx.fused_grads = ctx.fused_grads, None
@@ -498,12 +515,17 @@ class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         if any(need):
             ctx.save_for_backward(x, w, b, target, weight, lse, coef, valid)
             ctx.logit_scale, ctx.softcap, ctx.vocab_chunk = logit_scale, softcap, vocab_chunk
+            ctx.args, ctx.reduction = args, reduction
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        _no_double_backward()
         x, w, b, target, weight, lse, coef, valid = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            ignore_index, eps, *_, C = ctx.args
+            _, scalars = _reduction_scalars(target, weight, ignore_index, ctx.reduction, False, C,
+                                            acc_dtype(x.dtype), eps)
+            return _differentiable_backward(ctx, (x, w, b, target, weight), dloss, scalars[0], 9)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         coef = _vp.scale_coefficients(coef, dloss, ctx.logit_scale, valid)
         gx, gw, gb = _backend.call(
@@ -702,8 +724,9 @@ def linear_cross_entropy(
     grad — with chunks of rows computed during the forward (held from forward to backward;
     under ``reduction='none'`` the backward recomputes the logits instead, one more matmul),
     with chunks of the vocabulary during the backward; of a probability target and of
-    ``weight`` with probability targets, computed in backward from recomputed logits. No
-    double backward.
+    ``weight`` with probability targets, computed in backward from recomputed logits.
+    Double backward (``create_graph=True``) forms the gradients again with torch ops,
+    the logits materialised, as torch's composition.
 
     Memory beyond inputs, outputs and gradients: the chunk's logits, vectors of one value
     per row, and the fp32 accumulator of one gradient when it is fp16/bf16 and several
@@ -738,6 +761,7 @@ def linear_cross_entropy(
         if prob_target and ignore_index is not None:
             raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
         ignore_index = -100 if ignore_index is None else check_ignore_index(ignore_index)
+        check_smoothing_type(label_smoothing)
     except _CHECK_ERRORS as ours:
         _torch_refuses_too(ours, call)
     target = widen_int32_target(target, ignore_index)

@@ -30,6 +30,18 @@ _NAMES = {SOFTMAX: "softmax", LOG_SOFTMAX: "log_softmax", LOGSUMEXP: "logsumexp"
 
 
 # --------------------------------------------------------------------------- launchers
+def merged(sizes, strides):
+    """Consecutive dims ``(sizes, strides)`` collapsed into one ``(size, stride)`` as a view
+    would; None if they do not collapse."""
+    dims = [(s, st) for s, st in zip(sizes, strides) if s != 1]
+    if not dims:
+        return 1, 0
+    for (s0, st0), (s1, st1) in zip(dims, dims[1:]):
+        if st0 != st1 * s1:
+            return None
+    return math.prod(sizes), dims[-1][1]
+
+
 def view3d(t: torch.Tensor, dim: int):
     """View ``t`` as ``(M, N, K)`` around ``dim`` without copying when its strides allow.
 
@@ -37,20 +49,10 @@ def view3d(t: torch.Tensor, dim: int):
     dimensions before or after ``dim`` cannot be merged into one strided dimension.
     """
 
-    def merge(sizes, strides):
-        # Collapse consecutive dims into one (size, stride); None if they don't collapse.
-        dims = [(s, st) for s, st in zip(sizes, strides) if s != 1]
-        if not dims:
-            return 1, 0
-        for (s0, st0), (s1, st1) in zip(dims, dims[1:]):
-            if st0 != st1 * s1:
-                return None
-        return math.prod(sizes), dims[-1][1]
-
     for attempt in range(2):
         sizes, strides = t.shape, t.stride()
-        outer = merge(sizes[:dim], strides[:dim])
-        inner = merge(sizes[dim + 1:], strides[dim + 1:])
+        outer = merged(sizes[:dim], strides[:dim])
+        inner = merged(sizes[dim + 1:], strides[dim + 1:])
         if outer is not None and inner is not None:
             return t, (outer[0], sizes[dim], inner[0]), (outer[1], strides[dim], inner[1])
         t = t.contiguous()
@@ -114,8 +116,8 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None,
-                out_dtype=None) -> torch.Tensor:
+def _launch_fwd(x: torch.Tensor, dim: int, mode: int, t: float, config=None,
+                out_dtype=None, divide: bool = False) -> torch.Tensor:
     if mode == LOGSUMEXP:  # out_dtype: the result's, else the accumulator's
         out_shape = x.shape[:dim] + x.shape[dim + 1:]
         y = torch.empty(out_shape, dtype=out_dtype or acc_dtype(x.dtype), device=x.device)
@@ -131,25 +133,25 @@ def _launch_fwd(x: torch.Tensor, dim: int, mode: int, inv_t: float, config=None,
     M, N, K = shape
     _backend.launch(
         _k.softmax_fwd_kernel, grid,
-        xv, y, M * K, N, K, *sx, *sy, float_bits(inv_t),
+        xv, y, M * K, N, K, *sx, *sy, float_bits(t),
         MODE=mode, ACC=_tl_acc(x.dtype if mode == LOGSUMEXP else y.dtype), **cfg,
-        SCALE=_scale_kind(inv_t, mode, y.dtype),
+        SCALE=_scale_kind(t, mode, y.dtype), DIVIDE=divide,
     )
     return y
 
 
-def _scale_kind(inv_t: float, mode: int, y_dtype: torch.dtype) -> int:
-    """The forward's ``SCALE``: nothing at ``T = 1``; else ``x * (1/T)``, rounded to an
+def _scale_kind(t: float, mode: int, y_dtype: torch.dtype) -> int:
+    """The forward's ``SCALE``: nothing at ``T = 1``; else ``x / T``, rounded to an
     fp16 / bf16 output as torch's ``softmax(x / T)``."""
-    if inv_t == 1.0:
+    if t == 1.0:
         return _k.SCALE_NONE.value
     if mode != LOGSUMEXP and y_dtype in LOW_FLOATS:
         return _k.SCALE_ROUND.value
     return _k.SCALE_MUL.value
 
 
-def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None,
-                dx_dtype=None) -> torch.Tensor:
+def _launch_bwd(saved, grad, lse, dim: int, mode: int, t: float, config=None,
+                dx_dtype=None, divide: bool = False) -> torch.Tensor:
     dx = torch.empty(saved.shape, dtype=dx_dtype or saved.dtype, device=saved.device)
     if dx.numel() == 0:
         return dx
@@ -164,16 +166,16 @@ def _launch_bwd(saved, grad, lse, dim: int, mode: int, inv_t: float, config=None
     M, N, K = shape
     _backend.launch(
         _k.softmax_bwd_kernel, grid,
-        sv, gv, dx, lse, M * K, N, K, *ss, *sg, *sdx, float_bits(inv_t),
-        MODE=mode, ACC=_tl_acc(saved.dtype), **cfg,
+        sv, gv, dx, lse, M * K, N, K, *ss, *sg, *sdx, float_bits(t),
+        MODE=mode, ACC=_tl_acc(saved.dtype), **cfg, DIVIDE=divide,
     )
     return dx
 
 
 # --------------------------------------------------------------------------- torch path
-def _torch_fwd(x, dim, mode, inv_t):
+def _torch_fwd(x, dim, mode, t, divide=False):
     acc = acc_dtype(x.dtype)
-    xs = x if inv_t == 1.0 else _scaled(x, inv_t).to(acc)  # x / T rounded to x's dtype
+    xs = x if t == 1.0 else _scaled(x, t, divide).to(acc)  # x / T rounded to x's dtype
     if mode == SOFTMAX:
         return torch.softmax(xs, dim).to(x.dtype)
     if mode == LOG_SOFTMAX:
@@ -181,7 +183,7 @@ def _torch_fwd(x, dim, mode, inv_t):
     return torch.logsumexp(xs.to(acc), dim)  # the caller rounds to out_dtype
 
 
-def _torch_bwd(saved, grad, lse, dim, mode, inv_t, dx_dtype=None):
+def _torch_bwd(saved, grad, lse, dim, mode, t, dx_dtype=None, divide=False):
     acc = acc_dtype(saved.dtype)
     s, g = saved.to(acc), grad.to(acc)
     if mode == SOFTMAX:
@@ -189,28 +191,31 @@ def _torch_bwd(saved, grad, lse, dim, mode, inv_t, dx_dtype=None):
     elif mode == LOG_SOFTMAX:
         dx = g - torch.exp(s) * g.sum(dim, keepdim=True)
     else:
-        dx = g.unsqueeze(dim) * torch.exp(s * inv_t - lse.unsqueeze(dim))
-    return (dx * inv_t).to(dx_dtype or saved.dtype)
+        dx = g.unsqueeze(dim) * torch.exp(_temper(s, t, divide) - lse.unsqueeze(dim))
+    return _temper(dx, t, divide).to(dx_dtype or saved.dtype)
 
 
 # --------------------------------------------------------------------------- custom ops
 @_backend.custom_op("fused_softmax::softmax_fwd")
 def softmax_fwd(x: torch.Tensor, dim: int, mode: int, inv_temperature: float,
-                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """softmax (mode 0), log_softmax (1) or log-sum-exp (2) of ``x * inv_temperature``.
+                out_dtype: Optional[torch.dtype] = None, divide: bool = False) -> torch.Tensor:
+    """softmax (mode 0), log_softmax (1) or log-sum-exp (2) of ``x * inv_temperature``, or
+    with ``divide`` of ``x / inv_temperature`` (which then holds ``T``: torch's CPU
+    kernels divide by a scalar, its CUDA kernels multiply by the rounded reciprocal).
     ``out_dtype``, modes 0, 1: a wider float dtype than ``x``'s, as ``x.to(out_dtype)``
     first, without the copy; mode 2: the result's dtype (default: fp32, fp64 for fp64),
     computed in fp32 (fp64) and rounded once. The backward uses that result, as torch's
     does: ``exp(x - result)``."""
     if use_triton(x):
-        return _launch_fwd(x, dim, mode, inv_temperature, out_dtype=out_dtype)
+        return _launch_fwd(x, dim, mode, inv_temperature, out_dtype=out_dtype, divide=divide)
     if mode == LOGSUMEXP:
-        return _torch_fwd(x, dim, mode, inv_temperature).to(out_dtype or acc_dtype(x.dtype))
-    return _torch_fwd(x.to(out_dtype) if out_dtype else x, dim, mode, inv_temperature)
+        return _torch_fwd(x, dim, mode, inv_temperature, divide).to(
+            out_dtype or acc_dtype(x.dtype))
+    return _torch_fwd(x.to(out_dtype) if out_dtype else x, dim, mode, inv_temperature, divide)
 
 
 @softmax_fwd.register_fake
-def _(x, dim, mode, inv_temperature, out_dtype=None):
+def _(x, dim, mode, inv_temperature, out_dtype=None, divide=False):
     if mode == LOGSUMEXP:
         return x.new_empty(x.shape[:dim] + x.shape[dim + 1:],
                            dtype=out_dtype or acc_dtype(x.dtype))
@@ -221,23 +226,25 @@ def _(x, dim, mode, inv_temperature, out_dtype=None):
 def softmax_bwd(
     saved: torch.Tensor, grad: torch.Tensor, lse: Optional[torch.Tensor],
     dim: int, mode: int, inv_temperature: float, dx_dtype: Optional[torch.dtype] = None,
+    divide: bool = False,
 ) -> torch.Tensor:
     """Gradient of :func:`softmax_fwd`; ``saved`` is its output (modes 0, 1) or input (2).
     ``dx_dtype``: the input's dtype where the forward widened it."""
     if use_triton(saved):
-        return _launch_bwd(saved, grad, lse, dim, mode, inv_temperature, dx_dtype=dx_dtype)
-    return _torch_bwd(saved, grad, lse, dim, mode, inv_temperature, dx_dtype)
+        return _launch_bwd(saved, grad, lse, dim, mode, inv_temperature, dx_dtype=dx_dtype,
+                           divide=divide)
+    return _torch_bwd(saved, grad, lse, dim, mode, inv_temperature, dx_dtype, divide)
 
 
 @softmax_bwd.register_fake
-def _(saved, grad, lse, dim, mode, inv_temperature, dx_dtype=None):
+def _(saved, grad, lse, dim, mode, inv_temperature, dx_dtype=None, divide=False):
     return torch.empty_like(saved, dtype=dx_dtype or saved.dtype,
                             memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, dim, mode, inv_t, out_dtype = inputs
-    ctx.dim, ctx.mode, ctx.inv_t = dim, mode, inv_t
+    x, dim, mode, t, out_dtype, divide = inputs
+    ctx.dim, ctx.mode, ctx.t, ctx.divide = dim, mode, t, divide
     ctx.dx_dtype = (x.dtype if mode != LOGSUMEXP and out_dtype is not None
                     and out_dtype != x.dtype else None)
     ctx.save_for_backward(*((x, output) if mode == LOGSUMEXP else (output,)))
@@ -249,11 +256,12 @@ def _backward(ctx, grad):
     if torch.is_grad_enabled():
         # create_graph=True: differentiable torch formulas, so double backward is exact
         # (the saved output's own gradient comes back through this op's backward).
-        dx = _torch_bwd(saved[0], grad, lse, ctx.dim, ctx.mode, ctx.inv_t, ctx.dx_dtype)
+        dx = _torch_bwd(saved[0], grad, lse, ctx.dim, ctx.mode, ctx.t, ctx.dx_dtype,
+                        ctx.divide)
     else:
-        dx = _backend.call(softmax_bwd, saved[0], grad, lse, ctx.dim, ctx.mode, ctx.inv_t,
-                           ctx.dx_dtype)
-    return dx, None, None, None, None
+        dx = _backend.call(softmax_bwd, saved[0], grad, lse, ctx.dim, ctx.mode, ctx.t,
+                           ctx.dx_dtype, ctx.divide)
+    return dx, None, None, None, None, None
 
 
 softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -264,20 +272,20 @@ class _SoftmaxFunction(torch.autograd.Function):
     dispatcher (``_backend.dispatch_free``)."""
 
     @staticmethod
-    def forward(ctx, x, dim, mode, inv_t, out_dtype):
-        y = softmax_fwd.eager(x, dim, mode, inv_t, out_dtype)
-        _setup_context(ctx, (x, dim, mode, inv_t, out_dtype), y)
+    def forward(ctx, x, dim, mode, t, out_dtype, divide):
+        y = softmax_fwd.eager(x, dim, mode, t, out_dtype, divide)
+        _setup_context(ctx, (x, dim, mode, t, out_dtype, divide), y)
         return y
 
     backward = staticmethod(_backward)
 
 
-def _apply(x, dim, mode, inv_t, out_dtype=None):
+def _apply(x, dim, mode, t, out_dtype=None, divide=False):
     if not _backend.dispatch_free((x,)):
-        return softmax_fwd(x, dim, mode, inv_t, out_dtype)
+        return softmax_fwd(x, dim, mode, t, out_dtype, divide)
     if x.requires_grad and torch.is_grad_enabled():
-        return _SoftmaxFunction.apply(x, dim, mode, inv_t, out_dtype)
-    return softmax_fwd.eager(x, dim, mode, inv_t, out_dtype)
+        return _SoftmaxFunction.apply(x, dim, mode, t, out_dtype, divide)
+    return softmax_fwd.eager(x, dim, mode, t, out_dtype, divide)
 
 
 # fp16/bf16 -> fp64 still casts first: its backward would round fp64 straight to bf16
@@ -301,19 +309,27 @@ def _legacy_softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
-def _scaled(x: torch.Tensor, inv_t: float) -> torch.Tensor:
-    """``x * inv_t`` in ``x``'s dtype (computed in fp32 and rounded for fp16 / bf16, as
-    torch's ``x / T``), keeping ``-inf`` where ``inv_t`` rounds to 0 (the kernels'
-    ``scale``)."""
-    return torch.where(x == -math.inf, x, x * inv_t)
+def _temper(x: torch.Tensor, t: float, divide: bool) -> torch.Tensor:
+    """``x / T`` as the kernels' ``temper``: ``x * t`` (``t = 1 / T``) or ``x / t``."""
+    return x / t if divide else x * t
 
 
-def _inv_temperature(temperature, dtype: torch.dtype) -> Optional[float]:
-    """``1 / T`` as torch's CUDA kernels multiply by it for ``x / T`` of a ``dtype`` tensor:
-    in fp32 (``1 / fl32(T)`` rounded to fp32) below fp64, in fp64 for fp64. ``None`` where
-    ``T`` or ``1 / T`` overflows that dtype (``T`` beyond fp32's range, or a subnormal
-    ``T``): there ``x * (1 / T)`` is not ``x / T`` (``0 * inf`` is NaN, ``0 / T`` is 0),
-    and the caller divides with torch's own ``x / T``."""
+def _scaled(x: torch.Tensor, t: float, divide: bool = False) -> torch.Tensor:
+    """``x / T`` (``_temper``) in ``x``'s dtype (computed in fp32 and rounded for fp16 /
+    bf16, as torch's ``x / T``), keeping ``-inf`` where ``1 / T`` rounds to 0 (the
+    kernels' ``scale``)."""
+    return torch.where(x == -math.inf, x, _temper(x, t, divide))
+
+
+def _temperature_factor(temperature, dtype: torch.dtype, device: torch.device):
+    """``(t, divide)``: how torch forms ``x / T`` for a ``dtype`` tensor on ``device``.
+    CUDA multiplies by ``t = 1 / T``: in fp32 (``1 / fl32(T)`` rounded to fp32) below
+    fp64, in fp64 for fp64. The CPU divides (``divide``) by ``t = T``, rounded to fp32
+    below fp64 (and the kernels then divide too: the results equal torch's bit for bit
+    before the softmax). ``None`` where ``T`` (or, multiplying, ``1 / T``) overflows fp32
+    (``T`` beyond fp32's range, or a subnormal ``T``): there ``x * (1 / T)`` is not
+    ``x / T`` (``0 * inf`` is NaN, ``0 / T`` is 0), and the caller divides with torch's
+    own ``x / T``."""
     bad_type = isinstance(temperature, (str, bytes, bool)) or temperature is None
     try:
         t = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
@@ -324,18 +340,23 @@ def _inv_temperature(temperature, dtype: torch.dtype) -> Optional[float]:
                         f"{type(temperature).__name__}")
     if not (t > 0.0 and is_finite(t)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    divide = device.type == "cpu"
     if isinstance(t, torch.SymFloat):
-        return 1.0 / t
+        return (t, True) if divide else (1.0 / t, False)
     if dtype == torch.float64:
+        if divide:
+            return t, True
         inv = 1.0 / t
-        return inv if is_finite(inv) else None
+        return (inv, False) if is_finite(inv) else None
     # fl32(T) and 1 / fl32(T) in fp32 (an fp64 quotient of fp32 values, rounded once to
     # fp32, is the fp32 quotient); ranges tested first, so that numpy warns of no overflow
     if t >= _FP32_OVERFLOW:
         return None
     t = float(np.float32(t))
+    if divide:
+        return t, True
     inv = 1.0 / t if t > 0.0 else math.inf
-    return float(np.float32(inv)) if inv < _FP32_OVERFLOW else None
+    return (float(np.float32(inv)), False) if inv < _FP32_OVERFLOW else None
 
 
 #: The smallest fp64 value that rounds to inf in fp32: 2^128 - 2^103.
@@ -363,9 +384,9 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
     requested = dtype
     dtype = _PYTHON_DTYPES.get(dtype, dtype)  # torch takes dtype=float (fp64), int, ...
-    inv_t = _inv_temperature(
-        temperature, dtype if isinstance(dtype, torch.dtype) else input.dtype)
-    if inv_t is None or (temperature != 1 and dtype is None and not input.is_floating_point()
+    factor = _temperature_factor(
+        temperature, dtype if isinstance(dtype, torch.dtype) else input.dtype, input.device)
+    if factor is None or (temperature != 1 and dtype is None and not input.is_floating_point()
                          and not input.is_complex()):
         # softmax(x / T) with torch's x / T: where x * (1 / T) differs from it (T or 1 / T
         # overflows), and for an integer or bool x (x / T promotes it to a float dtype)
@@ -394,12 +415,13 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         out_dtype = dtype
     elif dtype is not None:
         input = input.to(dtype)
-    if torch_ops:
+    if torch_ops:  # torch's own x / T (its value and its derivative, -inf entries too)
         torch_fn = torch.softmax if mode == SOFTMAX else torch.log_softmax
-        return torch_fn(input if inv_t == 1.0 else _scaled(input, inv_t), dim)
+        return torch_fn(input if temperature == 1 else input / temperature, dim)
+    t, divide = factor
     if input.dim() == 0:
-        return _apply(input.reshape(1), 0, mode, inv_t, out_dtype).reshape(())
-    return _apply(input, dim, mode, inv_t, out_dtype)
+        return _apply(input.reshape(1), 0, mode, t, out_dtype, divide).reshape(())
+    return _apply(input, dim, mode, t, out_dtype, divide)
 
 
 def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
@@ -421,7 +443,8 @@ def softmax(input: torch.Tensor, dim: Optional[int] = None, _stacklevel: int = 3
             kernel's read (no copy), and the gradient comes back in ``input``'s dtype.
         temperature (float or Tensor, keyword-only): divide the logits by ``T`` first:
             ``softmax(input / T)``, as torch computes it (``input / T`` rounded to fp16 /
-            bf16 for such inputs, after the ``dtype=`` cast), but in registers, with no
+            bf16 for such inputs, after the ``dtype=`` cast; a true division on the CPU,
+            times the fp32 reciprocal on CUDA, as torch's kernels), but in registers, with no
             extra pass. A number must be finite and ``> 0``; ``T < 1`` sharpens, ``T > 1``
             flattens. A tensor (one value, or any shape that broadcasts against
             ``input``, e.g. one per row) is applied as ``input / T`` with torch ops before
@@ -497,6 +520,8 @@ def _reduced_dims(dim, ndim: int, keepdim: bool):
     ``()``; ``None`` where torch must decide: a bad or repeated dim (its error), a
     one-element tensor (which it takes), and ``()`` without ``keepdim`` (torch 2.13
     reduces everything, then cannot squeeze a non-empty result: its error)."""
+    if not hasattr(type(dim), "__index__") and not isinstance(dim, (tuple, list)):
+        return None  # a set, a generator, ...: torch's TypeError (a tensor: torch decides)
     try:
         dims = [wrap_dim(dim, ndim)] if hasattr(type(dim), "__index__") else \
             [wrap_dim(d, ndim) for d in dim]
@@ -505,6 +530,29 @@ def _reduced_dims(dim, ndim: int, keepdim: bool):
     if len(set(dims)) != len(dims) or (not dims and not keepdim and ndim > 0):
         return None
     return dims or list(range(max(ndim, 1)))
+
+
+def _logsumexp_dims(input: torch.Tensor, dims: list, out_dtype: torch.dtype) -> torch.Tensor:
+    """Log-sum-exp of ``input`` over ``dims`` (distinct, wrapped; the result without them).
+    Several dims that merge into one by a view (contiguous ones, say) take one pass;
+    otherwise one dim at a time, the longest first, each intermediate in fp32 (fp64): no
+    permuted copy of ``input`` (a full read and write), and the op saves ``input`` itself
+    (a view), so that autograd sees it modified in place after the forward, as torch's."""
+    if len(dims) == 1:
+        return _apply(input, dims[0], LOGSUMEXP, 1.0, out_dtype)
+    kept = [i for i in range(input.dim()) if i not in dims]
+    if merged([input.shape[i] for i in dims], [input.stride(i) for i in dims]) is not None:
+        x = input.permute(kept + dims).reshape(  # a view
+            [input.shape[i] for i in kept] + [math.prod([input.shape[i] for i in dims])])
+        return _apply(x, len(kept), LOGSUMEXP, 1.0, out_dtype)
+    out, left = input, sorted(dims)
+    while left:
+        d = left[0]  # the longest (a loop: Dynamo traces no max(key=...))
+        for i in left[1:]:
+            d = i if out.shape[i] > out.shape[d] else d
+        out = _apply(out, d, LOGSUMEXP, 1.0, out_dtype if len(left) == 1 else acc_dtype(out.dtype))
+        left = [i - (i > d) for i in left if i != d]
+    return out
 
 
 def _torch_logsumexp(input, dim, keepdim):
@@ -559,14 +607,7 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     out_dtype = torch.float32 if autocast_to_fp32("logsumexp", input) else input.dtype
     if ndim == 0:
         return _apply(input.reshape(1), 0, LOGSUMEXP, 1.0, out_dtype).reshape(())
-    if len(dims) == 1:
-        x, d = input, dims[0]
-    else:
-        kept = [i for i in range(ndim) if i not in dims]
-        x = input.permute(kept + dims).reshape(
-            [input.shape[i] for i in kept] + [math.prod([input.shape[i] for i in dims])])
-        d = len(kept)
-    out = _apply(x, d, LOGSUMEXP, 1.0, out_dtype)
+    out = _logsumexp_dims(input, dims, out_dtype)
     if keepdim:
         for d in sorted(dims):
             out = out.unsqueeze(d)

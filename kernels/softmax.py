@@ -105,8 +105,20 @@ SCALE_ROUND = tl.constexpr(2)
 
 
 @triton.jit
-def scale(x, inv_temperature, PTR, SCALE: tl.constexpr):
-    """``x / T`` as ``x * (1 / T)``, keeping ``-inf`` (padding lanes, -inf logits) at
+def temper(x, t, DIVIDE: tl.constexpr):
+    """``x / T``: ``x * t`` with ``t = 1 / T`` rounded (torch's CUDA kernels multiply by
+    the reciprocal of a scalar divisor), or ``DIVIDE``, ``x / t`` with ``t = T`` (torch's
+    CPU kernels divide: the interpreter's runs)."""
+    if DIVIDE:
+        y = x / t
+    else:
+        y = x * t
+    return y
+
+
+@triton.jit
+def scale(x, inv_temperature, PTR, SCALE: tl.constexpr, DIVIDE: tl.constexpr):
+    """``x / T`` (``temper``), keeping ``-inf`` (padding lanes, -inf logits) at
     ``-inf`` when ``1 / T`` rounds to 0 (``T`` near fp32's range): ``-inf * 0`` is NaN.
     ``SCALE_ROUND``: the scaled value is rounded to ``PTR``'s dtype (fp16 / bf16), as
     torch's ``softmax(x / T)`` rounds ``x / T`` (an overflow included) before the softmax,
@@ -116,7 +128,7 @@ def scale(x, inv_temperature, PTR, SCALE: tl.constexpr):
     if SCALE == SCALE_NONE:
         y = x
     else:
-        y = tl.where(x == -float("inf"), x, x * inv_temperature)
+        y = tl.where(x == -float("inf"), x, temper(x, inv_temperature, DIVIDE))
         if SCALE == SCALE_ROUND:
             y = out_cast(y, PTR).to(x.dtype)
     return y
@@ -175,12 +187,13 @@ def softmax_fwd_kernel(
     inv_t_bits,
     MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, WIDE: tl.constexpr,
-    SCALE: tl.constexpr,
+    SCALE: tl.constexpr, DIVIDE: tl.constexpr,
 ):
     """``MODE`` SOFTMAX / LOG_SOFTMAX write ``Y`` shaped like ``X``; LOGSUMEXP writes one
     value per position into ``Y`` (``n_pos`` contiguous, in ``Y``'s dtype).
     ``SCALE``: how ``x / T`` is formed (``scale``): not at all for ``T = 1``, rounded to
-    ``Y``'s dtype for fp16 / bf16 output, as torch's ``softmax(x / T)``."""
+    ``Y``'s dtype for fp16 / bf16 output, as torch's ``softmax(x / T)``; ``inv_t_bits``
+    holds ``1 / T``, or ``T`` with ``DIVIDE`` (``temper``)."""
     inv_temperature = float_arg(inv_t_bits, ACC)
     # libdevice exp / log for fp32 results, and for every log-sum-exp computed in fp32
     PRECISE: tl.constexpr = (Y.dtype.element_ty == tl.float32) or (
@@ -196,7 +209,7 @@ def softmax_fwd_kernel(
         if SINGLE_PASS:
             mask = pmask[:, None] & (cols < N)[None, :]
             x = tl.load(xrow + cols[None, :] * sxn, mask=mask, other=-float("inf"))
-            x = scale(x.to(ACC), inv_temperature, Y, SCALE)
+            x = scale(x.to(ACC), inv_temperature, Y, SCALE, DIVIDE)
             m = tl.max(x, 1)
             shift = finite_or_zero(m)
             e = exp_(x - shift[:, None], PRECISE)
@@ -209,7 +222,7 @@ def softmax_fwd_kernel(
                 mask = pmask[:, None] & (c < N)[None, :]
                 x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
                             eviction_policy="evict_last")
-                m, s_vec = online_update(m, s_vec, scale(x.to(ACC), inv_temperature, Y, SCALE), PRECISE)
+                m, s_vec = online_update(m, s_vec, scale(x.to(ACC), inv_temperature, Y, SCALE, DIVIDE), PRECISE)
             shift = finite_or_zero(m)
             s = tl.sum(s_vec, 1)
 
@@ -232,7 +245,7 @@ def softmax_fwd_kernel(
                     mask = pmask[:, None] & (c < N)[None, :]
                     x = tl.load(xrow + c[None, :] * sxn, mask=mask, other=-float("inf"),
                                 eviction_policy="evict_first")
-                    x = scale(x.to(ACC), inv_temperature, Y, SCALE)
+                    x = scale(x.to(ACC), inv_temperature, Y, SCALE, DIVIDE)
                     if MODE == SOFTMAX:
                         y = div_(exp_(x - shift[:, None], PRECISE), s[:, None], PRECISE)
                     else:
@@ -248,8 +261,10 @@ def softmax_bwd_kernel(
     inv_t_bits,
     MODE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, WIDE: tl.constexpr,
+    DIVIDE: tl.constexpr,
 ):
-    """Backward, with ``t = inv_temperature`` and ``S`` the saved tensor:
+    """Backward, with ``t = inv_temperature`` (times ``t``: divided by ``T`` with
+    ``DIVIDE``, as the forward: ``temper``) and ``S`` the saved tensor:
 
     * SOFTMAX (``S`` = y):      ``dx = t * y * (dy - sum(dy * y))``
     * LOG_SOFTMAX (``S`` = y):  ``dx = t * (dy - exp(y) * sum(dy))``
@@ -274,7 +289,8 @@ def softmax_bwd_kernel(
                 c = start + cols
                 mask = pmask[:, None] & (c < N)[None, :]
                 x = tl.load(srow + c[None, :] * ssn, mask=mask, other=0.0).to(ACC)
-                dx = (dy * inv_temperature)[:, None] * exp_(x * inv_temperature - lse[:, None], PRECISE)
+                dx = temper(dy, inv_temperature, DIVIDE)[:, None] * exp_(
+                    temper(x, inv_temperature, DIVIDE) - lse[:, None], PRECISE)
                 tl.store(dxrow + c[None, :] * sgn, out_cast(dx, DX), mask=mask)
         else:
             if SINGLE_PASS:
@@ -286,7 +302,7 @@ def softmax_bwd_kernel(
                     dx = y * (dy - dot[:, None])
                 else:
                     dx = dy - exp_(y, PRECISE) * tl.sum(dy, 1)[:, None]
-                dx = dx * inv_temperature
+                dx = temper(dx, inv_temperature, DIVIDE)
                 tl.store(dxrow + cols[None, :] * sgn, out_cast(dx, DX), mask=mask)
             else:
                 acc = tl.zeros([BLOCK_R, BLOCK_N], ACC)
@@ -313,6 +329,6 @@ def softmax_bwd_kernel(
                         dx = y * (dy - red[:, None])
                     else:
                         dx = dy - exp_(y, PRECISE) * red[:, None]
-                    dx = dx * inv_temperature
+                    dx = temper(dx, inv_temperature, DIVIDE)
                     tl.store(dxrow + c[None, :] * sgn, out_cast(dx, DX), mask=mask,
                              eviction_policy="evict_first")

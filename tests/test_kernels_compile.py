@@ -45,6 +45,8 @@ SCRIPT = textwrap.dedent("""
         constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
         if "SCALE" in kernel.arg_names:
             constexprs.setdefault("SCALE", 0)
+        if "DIVIDE" in kernel.arg_names:  # x * (1 / T) on a GPU, as torch's CUDA kernels
+            constexprs.setdefault("DIVIDE", False)
         acc = "fp64" if constexprs.get("ACC") == tl.float64 else "fp32"
         sig = {}
         for name in kernel.arg_names:

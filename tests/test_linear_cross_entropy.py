@@ -336,12 +336,25 @@ def test_gradcheck_fp64(name, kind, kw, weighted, full, path, device):
 
 
 @both_paths
-def test_double_backward_raises(path, device):
-    x, W, t, _, _ = make(device, torch.float64)
-    x.requires_grad_(True)
-    loss = lce(x, W.requires_grad_(True), t, **PATHS[path])
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, x, create_graph=True)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_double_backward_is_torchs(reduction, path, device):
+    """create_graph=True: the gradients are formed again with torch ops from the saved
+    inputs (logits materialised), so second derivatives (a gradient penalty through
+    grad_input, a Hessian-vector product) are torch's composition's, for input, weight and
+    bias, with smoothing, class weights and ignored rows."""
+    x, W, t, b, w = make(device, torch.float64, bias=True, weighted=True)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=0.2, **PATHS[path])
+    up = torch.randn(t.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    up = up.to(device) if reduction == "none" else None
+    results = []
+    for f in (lce, torch_loss):
+        xs, Ws, bs = (a.clone().requires_grad_(True) for a in (x, W, b))
+        loss = f(xs, Ws, t, linear_bias=bs, **kw)
+        gx, gW = torch.autograd.grad(loss, (xs, Ws), up, create_graph=True)
+        penalty = (gx ** 2).sum() + (gW * Ws).sum()
+        results.append(torch.autograd.grad(penalty, (xs, Ws, bs)))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs)
 
 
 @both_paths

@@ -36,6 +36,48 @@ def same_error(theirs_fn, ours_fn, *args, **kwargs):
 
 
 # --------------------------------------------------------------------------- cross_entropy
+@pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
+def test_label_smoothing_types_as_torchs_argument_parser(fn, device):
+    """``label_smoothing`` is a float to torch's parser: a Python or numpy number or a 0-d
+    tensor without autograd history; a string, None, a complex, a 1-element tensor or a
+    numpy array is its TypeError, with its message."""
+    if not hasattr(F, fn):
+        pytest.skip(f"torch {torch.__version__} has no {fn}")
+    x = torch.randn(2, 5, device=device)
+    t = torch.tensor([1, 2], device=device)
+    args = (x, t) if fn == "cross_entropy" else (x, torch.randn(5, 5, device=device), t)
+    for ls in (0, 1, True, np.float32(0.1), np.int64(0), torch.tensor(0.1)):
+        torch.testing.assert_close(getattr(fs, fn)(*args, label_smoothing=ls),
+                                   getattr(F, fn)(*args, label_smoothing=ls))
+    for ls in (torch.tensor([0.1]), np.array(0.1), "0.1", None, 0.1 + 0j,
+               torch.tensor(0.1, requires_grad=True)):
+        theirs = raised(getattr(F, fn), *args, label_smoothing=ls)
+        ours = raised(getattr(fs, fn), *args, label_smoothing=ls)
+        assert type(ours) is type(theirs) is TypeError and str(ours) == str(theirs), (ls, ours)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(label_smoothing=0.1), dict(prob=True)])
+def test_logits_changed_in_place_after_the_forward(kw, device):
+    """torch's cross_entropy saves log_softmax's output, so the caller may change the
+    logits in place after the forward; so may ours (the first backward only rescales the
+    gradient formed in the forward, and reads no saved logits)."""
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(3, 5, generator=gen).to(device)
+    t = torch.tensor([0, 2, 4], device=device)
+    kw = dict(kw)
+    if kw.pop("prob", False):
+        t = torch.softmax(torch.randn(3, 5, generator=gen), 1).to(device)
+    grads = []
+    for f in (fs.cross_entropy, F.cross_entropy):
+        a = base.clone().requires_grad_(True)
+        y = a * 2
+        loss = f(y, t, **kw)
+        y.add_(1.0)
+        loss.backward(torch.tensor(3.0, device=device))
+        grads.append(a.grad)
+    torch.testing.assert_close(*grads)
+
+
 def test_uint8_target_is_compared_with_ignore_index_as_an_integer(device):
     """-100 is not the byte 156: class 156 is a real class."""
     x = torch.randn(2, 200, device=device)
@@ -361,6 +403,38 @@ def test_logsumexp_arguments_like_torch(device):
     same_error(F.softmax, fs.softmax, x, 1, dtype="float32")
 
 
+def test_logsumexp_dim_must_be_an_int_or_a_tuple(device):
+    """torch takes an int, a tuple or a list of ints as ``dim``; a set, a range or a
+    generator is its TypeError (an iterable was once accepted)."""
+    x = torch.randn(2, 3, 4, device=device)
+    for dim in ({0, 2}, range(0, 3, 2), (d for d in (0, 2)), {0: 1}):
+        same_error(torch.logsumexp, fs.logsumexp, x, dim)
+    torch.testing.assert_close(fs.logsumexp(x, [0, 2]), torch.logsumexp(x, [0, 2]))
+
+
+@pytest.mark.parametrize("dims", [(0, 2), (2, 0, 1), (1, 2), (0, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_logsumexp_several_dims_saves_the_input_itself(dims, layout, device):
+    """Several dims: one pass over a view where they merge, else one dim at a time (no
+    permuted copy): values and gradients as torch's, and an in-place change of the input
+    after the forward is autograd's error, as torch's (a saved copy hid it)."""
+    gen = torch.Generator().manual_seed(len(dims))
+    base = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64).to(device)
+    if layout == "transposed":
+        base = base.transpose(0, 2).contiguous().transpose(0, 2)
+    a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    got, exp = fs.logsumexp(a, dims, keepdim=True), torch.logsumexp(b, dims, keepdim=True)
+    torch.testing.assert_close(got, exp)
+    up = torch.randn(exp.shape, generator=gen, dtype=torch.float64).to(device)
+    torch.testing.assert_close(torch.autograd.grad(got, a, up)[0],
+                               torch.autograd.grad(exp, b, up)[0])
+    z = a * 1
+    out = fs.logsumexp(z, dims)
+    z.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 # --------------------------------------------------------------------------- linear_cross_entropy
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13 has no linear_cross_entropy")
 def test_linear_cross_entropy_edges_like_torch(device):
@@ -631,6 +705,39 @@ def test_temperature_rounds_x_over_t_as_torch(dtype, path, device):
         torch.testing.assert_close(got, ref, equal_nan=True, msg=f"{name} T={T}")
         if T == 0.5:
             assert got[-1].isnan().all()  # x / T overflowed: torch's NaN row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_x_over_t_formed_as_torch_forms_it_on_the_device(dtype, device):
+    """torch's ``x / T`` divides on the CPU and multiplies by the rounded reciprocal on
+    CUDA; at logits near 1e4 (fp32) the two differ by an ulp of ``x / T``, which the
+    softmax turns into a relative error of 1e-4 (out of fp32's tolerance). The kernels
+    form ``x / T`` as torch does on the tensor's device: the exact softmax of torch's
+    ``x / T`` to the dtype's tolerance, where a multiply on the CPU was 2.8e-4 off."""
+    gen = torch.Generator().manual_seed(21)
+    scale = {torch.float32: 1e4, torch.float16: 30.0, torch.float64: 1e12}[dtype]
+    x = (scale + torch.randn(16, 40, generator=gen, dtype=torch.float64) * 3).to(dtype)
+    x = x.to(device)
+    for name, T in itertools.product(("softmax", "log_softmax"), (0.03, 0.7, 1.3, 3.0)):
+        # torch's x / T, the rest in fp64 (torch's own fp16 log_softmax is 1e-3 off near 0)
+        ref = getattr(F, name)((x / T).double(), -1).to(dtype)
+        got = getattr(fs, name)(x, -1, temperature=T)
+        torch.testing.assert_close(got, ref, msg=f"{name} T={T}")
+
+
+def test_temperature_derivative_at_minus_inf_under_torch_func(device):
+    """Under torch.func (and forward-mode AD) the temperature is torch's own ``x / T``, so
+    the derivative at a ``-inf`` logit is torch's (``1 / T`` of the tangent), not 1."""
+    x = torch.tensor([1.0, -math.inf, 0.5], dtype=torch.float64, device=device)
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, device=device)
+    for name in ("softmax", "log_softmax"):
+        ours = torch.func.grad(lambda v: (getattr(fs, name)(v, 0, temperature=2.0) * w).sum())(x)
+        ref = torch.func.grad(lambda v: (getattr(F, name)(v / 2.0, 0) * w).sum())(x)
+        torch.testing.assert_close(ours, ref, equal_nan=True)
+        tangent = torch.ones_like(x)
+        jo = torch.func.jvp(lambda v: getattr(fs, name)(v, 0, temperature=2.0), (x,), (tangent,))
+        jr = torch.func.jvp(lambda v: getattr(F, name)(v / 2.0, 0), (x,), (tangent,))
+        torch.testing.assert_close(jo, jr, equal_nan=True)
 
 
 def assert_same_nonfinite(a, b):

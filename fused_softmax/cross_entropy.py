@@ -97,7 +97,7 @@ def _launch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
 
 
 def _launch_bwd(grad: torch.Tensor, dloss: torch.Tensor, target=None,
-                nonfinite_row: bool = False) -> None:
+                nonfinite_row: bool = False, ignore_index=None) -> None:
     n_rows, C = grad.shape
     if grad.numel() == 0:
         return
@@ -106,7 +106,9 @@ def _launch_bwd(grad: torch.Tensor, dloss: torch.Tensor, target=None,
         _k.cross_entropy_bwd_kernel, grid,
         grad, dloss, target if target is not None else dloss,
         n_rows, C, grad.stride(0), dloss.stride(0) if dloss.dim() else 0,
+        ignore_index if ignore_index is not None else 0,
         NONFINITE_ROW=nonfinite_row, HAS_TARGET=target is not None,
+        SKIP_IGNORED=ignore_index is not None,
         ACC=_tl_acc(grad.dtype), BLOCK_N=block_n, num_warps=num_warps,
     )
 
@@ -232,18 +234,22 @@ def _(x, target, weight, scalars, ignore_index, label_smoothing, logit_scale, so
 
 @_backend.custom_op("fused_softmax::cross_entropy_bwd_", mutates_args=("grad",))
 def cross_entropy_bwd_(grad: torch.Tensor, dloss: torch.Tensor, target: Optional[torch.Tensor] = None,
-                       nonfinite_row: bool = False) -> None:
+                       nonfinite_row: bool = False, ignore_index: Optional[int] = None) -> None:
     """``grad *= dloss`` row-wise in place (``dloss`` a scalar or one value per row). Where
-    ``dloss`` is inf or NaN, torch's NaN: at ``target[row]`` (class indices) if given, or
-    across the row if ``nonfinite_row`` (label smoothing, probability targets)."""
+    ``dloss`` is inf or NaN, torch's NaN: across the row if ``nonfinite_row`` (label
+    smoothing, probability targets), else at ``target[row]`` (class indices) if given.
+    ``ignore_index`` (with ``target``): rows of that target are left as they are (an
+    ignored row's gradient, 0 whatever ``dloss`` holds, as torch's)."""
     if use_triton(grad):
-        _launch_bwd(grad, dloss, target, nonfinite_row)
+        _launch_bwd(grad, dloss, target, nonfinite_row, ignore_index)
         return
     # in fp32, as the kernel: a grad_output of 65536 (GradScaler's) is inf in fp16
     scale = (dloss[:, None] if dloss.dim() else dloss).to(acc_dtype(grad.dtype))
     scaled = grad.to(scale.dtype) * scale
     if nonfinite_row or target is not None:
         scaled = _nan_for_nonfinite(scaled, scale, None if nonfinite_row else target)
+    if ignore_index is not None and target is not None:
+        scaled = torch.where((target == ignore_index)[:, None], grad.to(scaled.dtype), scaled)
     grad.copy_(scaled)
 
 
@@ -260,7 +266,7 @@ def _nan_for_nonfinite(grad: torch.Tensor, scale: torch.Tensor, target=None) -> 
 
 
 @cross_entropy_bwd_.register_fake
-def _(grad, dloss, target=None, nonfinite_row=False):
+def _(grad, dloss, target=None, nonfinite_row=False, ignore_index=None):
     return None
 
 
@@ -368,8 +374,21 @@ def _differentiable_backward(ctx, dscale):
 
 def _rescale(ctx, grad_x, dscale):
     """The forward's gradient times ``grad_output``, with torch's NaN for a non-finite one
-    (at the target, or across the row: ``ctx.nan_target`` None)."""
-    _backend.call(cross_entropy_bwd_, grad_x, dscale, ctx.nan_target, ctx.nan_target is None)
+    (at the target, or across the row), ignored rows left at 0 (on the device: no mask
+    formed on the host)."""
+    target = ctx.rescale_target
+    _backend.call(cross_entropy_bwd_, grad_x, dscale, target, ctx.nonfinite_row,
+                  None if target is None else ctx.args[0])
+
+
+def _ignored_rows_zeroed(ctx, dscale):
+    """``dscale`` per row, 0 on ignored rows (class-index targets): an ignored row's
+    gradient is 0 whatever ``grad_output`` holds (NaN, inf), as torch's. For the backward
+    paths other than the fused rescale (which skips those rows on the device)."""
+    if ctx.rescale_target is None:
+        return dscale
+    target = ctx.saved_tensors[1]
+    return dscale.expand(target.shape).masked_fill(target == ctx.args[0], 0.0)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -402,8 +421,6 @@ class CrossEntropyFunction(torch.autograd.Function):
             loss = mean_of(loss, denom, args[1])
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # no zeros for lse's gradient (one op less)
-        # An ignored row's gradient is 0 whatever grad_output holds (NaN, inf), as torch's.
-        ctx.ignored = (target == args[0]) if compute_grad and not args[-1] else None
         if compute_grad or target_grad:
             # The gradient is kept outside save_for_backward: the first backward rescales
             # it in place and hands it on; a later backward through the same graph
@@ -414,7 +431,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             # gradient, and unpacking the saved logits would fail it where the caller has
             # changed them in place since (torch's backward, which saves log_softmax's
             # output, allows that)
-            ctx.nan_target = None if args[-1] or args[1] > 0 else target
+            ctx.rescale_target = None if args[-1] else target
+            ctx.nonfinite_row = args[-1] or args[1] > 0
             ctx.inplace, ctx.inplace_later = inplace and not deferred, inplace and deferred
             # (the target too when the logits were overwritten: a non-finite grad_output's NaN)
             ctx.save_for_backward(*((None, target, None, None, None) if ctx.inplace
@@ -426,10 +444,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         if dloss is None:  # not materialised (set_materialize_grads): nothing flows back
             return (None,) * 9
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
-        if ctx.ignored is not None:  # a per-row scale, 0 on ignored rows
-            dscale = dscale.expand(ctx.ignored.shape).masked_fill(ctx.ignored, 0.0)
         if torch.is_grad_enabled():
-            return _differentiable_backward(ctx, dscale)
+            return _differentiable_backward(ctx, _ignored_rows_zeroed(ctx, dscale))
         grad_x = grad_target = None
         if ctx.needs_input_grad[0]:
             grad_x, ctx.fused_grad = ctx.fused_grad, None
@@ -440,6 +456,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                         "overwritten by the gradient, so the graph can be backpropagated only once")
                 x, target, weight, scalars, _ = ctx.saved_tensors
                 if ctx.deferred:  # fp16: one pass from the saved logits, grad_output folded in
+                    dscale = _ignored_rows_zeroed(ctx, dscale)
                     if ctx.inplace_later:
                         _backend.call(
                             cross_entropy_fwd_inplace, x, target, weight, scalars, *ctx.args,

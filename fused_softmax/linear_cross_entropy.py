@@ -457,9 +457,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if fused is not None:
                 gx, gw, gb = fused
                 dx, dw = _infinite_grad_output_scales(dloss, target, ctx.args, x.shape[0])
-                for g, d in ((gx, dx), (gw, dw), (gb.view(1, -1), dloss)):
+                for g, d in ((gx, dx), (gw, dw)):
                     if g.numel():
                         _backend.call(cross_entropy_bwd_, g, d)
+                # the bias: V values, out of place (the in-place op on a view of it broke
+                # Inductor's decomposition under dynamic shapes)
+                gb = gb * dloss
             else:
                 row_scale = dloss.reshape(-1) if dloss.dim() else dloss.expand(target.shape[0])
                 if not ctx.args[5]:  # an ignored row's gradient is 0 whatever its grad_output

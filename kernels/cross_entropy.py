@@ -246,26 +246,33 @@ def cross_entropy_fwd_kernel(
 
 
 @triton.jit
-def cross_entropy_bwd_kernel(GRAD, DLOSS, TARGET, n_rows, C, sg, sd, NONFINITE_ROW: tl.constexpr,
-                             HAS_TARGET: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+def cross_entropy_bwd_kernel(GRAD, DLOSS, TARGET, n_rows, C, sg, sd, ignore_index,
+                             NONFINITE_ROW: tl.constexpr, HAS_TARGET: tl.constexpr,
+                             SKIP_IGNORED: tl.constexpr, ACC: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
     """Scale each row of the forward's gradient by ``grad_output`` in place.
 
     ``sd`` is 0 for a scalar ``grad_output`` (mean / sum). A row whose scale is exactly 1
-    (``loss.backward()``) is skipped on the device: a launch, not a pass over HBM.
+    (``loss.backward()``) is skipped on the device: a launch, not a pass over HBM; so is,
+    with ``SKIP_IGNORED``, a row whose target is ``ignore_index`` (its gradient is 0 from
+    the forward and stays 0 whatever ``grad_output`` holds, as torch's).
 
     A non-finite ``grad_output`` (inf, NaN) gives NaN where torch's backward through
-    ``log_softmax`` forms ``inf - inf``: at the row's target (``HAS_TARGET``: class-index
-    targets), or across the row (``NONFINITE_ROW``: label smoothing, probability targets).
-    Ignored rows arrive with a scale of 0.
+    ``log_softmax`` forms ``inf - inf``: across the row (``NONFINITE_ROW``: label
+    smoothing, probability targets), else at the row's target (``HAS_TARGET``: class-index
+    targets).
     """
     cols = tl.arange(0, BLOCK_N)
     for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         r = tl.cast(row, tl.int64)
         g = tl.load(DLOSS + r * sd).to(ACC)
-        if g != 1.0:
+        scale_row = g != 1.0
+        if SKIP_IGNORED:
+            scale_row = scale_row & (tl.load(TARGET + r).to(tl.int64) != ignore_index)
+        if scale_row:
             nonfinite = is_nonfinite(g)
             t_nan = -1  # the column made NaN (none: -1)
-            if HAS_TARGET:
+            if HAS_TARGET and not NONFINITE_ROW:
                 t_nan = tl.where(nonfinite, tl.load(TARGET + r).to(tl.int64), -1)
             for start in range(0, C, BLOCK_N):
                 c = start + cols

@@ -1294,6 +1294,27 @@ def test_opcheck_bwd(dloss_shape, device):
         assert torch.equal(g1.isnan(), nan_at | (g0 == 0))
 
 
+@pytest.mark.parametrize("whole_row", [False, True])
+def test_bwd_leaves_ignored_rows_alone(whole_row, device):
+    """With ``ignore_index`` the rescale leaves the rows of that target as they are (their
+    gradient is 0 from the forward and stays 0 whatever grad_output holds, as torch's):
+    the backward forms no host-side mask for them."""
+    g0 = torch.randn(4, 10, device=device)
+    g0[1] = 0.0  # an ignored row's gradient from the forward
+    target = torch.tensor([1, -100, 9, 3], device=device)
+    dloss = torch.tensor([2.0, math.nan, math.inf, 1.0], device=device)
+    grad = g0.clone()
+    torch.library.opcheck(torch.ops.fused_softmax.cross_entropy_bwd_.default,
+                          (grad.clone(), dloss, target, whole_row, -100))
+    torch.ops.fused_softmax.cross_entropy_bwd_.default(grad, dloss, target, whole_row, -100)
+    assert torch.equal(grad[1], torch.zeros(10, device=device))
+    torch.testing.assert_close(grad[0], g0[0] * 2)
+    torch.testing.assert_close(grad[3], g0[3])
+    nan_at = torch.ones(10, dtype=torch.bool, device=device) if whole_row else \
+        torch.arange(10, device=device) == 9
+    assert torch.equal(grad[2].isnan(), nan_at | (g0[2] == 0))
+
+
 @pytest.mark.parametrize("scale", [1 + 2**-8, 3.0, 1 - 2**-9, 2.0**-130, 2.0**100])
 def test_bf16_stores_round_to_nearest_even(scale, device):
     """Every bf16 value times ``scale`` in fp32 (exact but for under/overflow), stored in

@@ -26,7 +26,9 @@ CE_CASES = {
     "ce prob plain grad": (True, False, True),
     "ce prob all-features grad": (True, True, True),
 }
-CE_BWD_CASES = [(False, False), (False, True), (True, False)]  # (NONFINITE_ROW, HAS_TARGET)
+#: (NONFINITE_ROW, HAS_TARGET, SKIP_IGNORED): linear CE's rescale, class indices without
+#: and with smoothing (ignored rows skipped), probability targets
+CE_BWD_CASES = [(False, False, False), (False, True, True), (True, True, True), (True, False, False)]
 
 SCRIPT = textwrap.dedent("""
     import importlib, json, sys
@@ -129,10 +131,11 @@ SCRIPT = textwrap.dedent("""
         PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False,
         HAS_Z_LOSS=False, COMPUTE_GRAD=True, HAS_DSCALE=True, ACC=tl.float32, BLOCK_N=4096),
         "fp16"))
-    for row, tgt in ce_bwd_cases:
-        attempt(f"ce bwd row={row} target={tgt}", lambda: compile_for_h100(
+    for row, tgt, skip in ce_bwd_cases:
+        attempt(f"ce bwd row={row} target={tgt} skip={skip}", lambda: compile_for_h100(
             kce.cross_entropy_bwd_kernel,
-            dict(NONFINITE_ROW=row, HAS_TARGET=tgt, ACC=tl.float32, BLOCK_N=4096)))
+            dict(NONFINITE_ROW=row, HAS_TARGET=tgt, SKIP_IGNORED=skip, ACC=tl.float32,
+                 BLOCK_N=4096)))
     print(json.dumps(out))
 """)
 
@@ -156,6 +159,6 @@ def compiled():
                             "softmax temperature fp32 fwd", "softmax rounded temperature bf16 fwd",
                             "softmax rounded temperature fp16 fwd", "ce index deferred fp16"]
                          + [f"{n} {t}" for n in CE_CASES for t in ("bf16", "fp32")]
-                         + [f"ce bwd row={r} target={t}" for r, t in CE_BWD_CASES])
+                         + [f"ce bwd row={r} target={t} skip={k}" for r, t, k in CE_BWD_CASES])
 def test_kernel_compiles_for_sm90(compiled, name):
     assert compiled[name] == "ok", compiled[name]

@@ -566,6 +566,25 @@ def test_torch_compile_fullgraph(path, device):
         torch.testing.assert_close(a.grad, e.grad)
 
 
+def test_torch_compile_dynamic_shapes_with_a_bias(device):
+    """dynamic=True with a bias that requires grad: the bias gradient is rescaled out of
+    place (the in-place op on a view of it failed Inductor's decomposition of mutating
+    custom ops under symbolic shapes)."""
+    x, W, t, b, _ = make(device, bias=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x_, W_, b_: lce(x_, W_, t, linear_bias=b_, chunk_size=4),
+                             fullgraph=True, dynamic=True)
+    leaves = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    out = compiled(*leaves)
+    out.backward()
+    ref = [a.clone().requires_grad_(True) for a in (x, W, b)]
+    expected = torch_loss(*ref[:2], t, linear_bias=ref[2])
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    for a, e in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
 def test_default_chunk_fits_64_mib():
     """At M=8192, H=4096, V=128256 bf16 the default chunk's logits take <= 64 MiB."""
     V = 128256

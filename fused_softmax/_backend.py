@@ -225,9 +225,14 @@ def needs_torch_ops(*tensors) -> bool:
     ``jacfwd``, ...), forward-mode AD dual tensors, tensor subclasses with their own
     dispatch (DTensor, nested tensors) and sparse layouts. The custom ops define reverse-mode
     autograd only (no batching or forward-AD rule, where torch would silently give a zero
-    tangent), so such calls go through torch's own ops: same semantics, every transform."""
+    tangent), so such calls go through torch's own ops: same semantics, every transform.
+    Likewise under ``torch.jit.trace``: a TorchScript graph of torch's ops, which loads
+    without this package, and whose trace check passes (an autograd.Function's arguments,
+    grad mode included, would be baked into the graph)."""
     if torch.compiler.is_compiling():
         return False
+    if torch.jit.is_tracing():
+        return True
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue

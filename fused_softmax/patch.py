@@ -65,6 +65,13 @@ _TORCH_LOG_SOFTMAX = F.log_softmax
 _TORCH_CROSS_ENTROPY = F.cross_entropy
 
 
+def _past_patch(stacklevel):
+    """The caller's ``_stacklevel`` past this module's three frames. torch reads it only
+    for the legacy ``dim=None`` warning, so any other value (None, say) passes as is."""
+    return stacklevel + 3 if isinstance(stacklevel, int) and not isinstance(stacklevel, bool) \
+        else stacklevel
+
+
 def _fall_through(name: str, args: tuple, kwargs: dict, tensors: tuple):
     """torch's function for ``name``. A ``__torch_function__`` override (a subclass,
     ``torch.fx`` tracing) sees torch's own function object, called as torch calls it
@@ -75,7 +82,7 @@ def _fall_through(name: str, args: tuple, kwargs: dict, tensors: tuple):
     if has_torch_function(present):
         return handle_torch_function(original, present, *args, **kwargs)
     if "_stacklevel" in kwargs:  # the warning points past this module's three frames
-        kwargs = dict(kwargs, _stacklevel=kwargs["_stacklevel"] + 3)
+        kwargs = dict(kwargs, _stacklevel=_past_patch(kwargs["_stacklevel"]))
     return original(*args, **kwargs)
 
 
@@ -83,7 +90,7 @@ def _fall_through(name: str, args: tuple, kwargs: dict, tensors: tuple):
 def _softmax_eager(input: torch.Tensor, dim: Optional[int], _stacklevel: int,
                    dtype: Optional[int]) -> torch.Tensor:
     if _kernels_serve(input) and _float_after_cast(input, dtype):
-        return _routed(_fused_softmax, input, dim, _stacklevel + 3, dtype)
+        return _routed(_fused_softmax, input, dim, _past_patch(_stacklevel), dtype)
     return _fall_through("softmax", (input,), dict(dim=dim, _stacklevel=_stacklevel, dtype=dtype),
                          (input,))
 
@@ -92,7 +99,7 @@ def _softmax_eager(input: torch.Tensor, dim: Optional[int], _stacklevel: int,
 def _log_softmax_eager(input: torch.Tensor, dim: Optional[int], _stacklevel: int,
                        dtype: Optional[int]) -> torch.Tensor:
     if _kernels_serve(input) and _float_after_cast(input, dtype):
-        return _routed(_fused_log_softmax, input, dim, _stacklevel + 3, dtype)
+        return _routed(_fused_log_softmax, input, dim, _past_patch(_stacklevel), dtype)
     return _fall_through("log_softmax", (input,),
                          dict(dim=dim, _stacklevel=_stacklevel, dtype=dtype), (input,))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -1153,3 +1154,34 @@ def test_torchs_kernel_dispatch_error_keeps_our_words():
 
     with pytest.raises(NotImplementedError, match="log_softmax_lastdim_kernel_impl"):
         raise_torchs_error(NotImplementedError("ours"), input_dispatch_error)
+
+
+# --------------------------------------------------------------------------- torch.jit.trace
+def test_jit_trace_records_torchs_ops(device):
+    """Under torch.jit.trace every function takes torch's own ops (as under torch.func):
+    the trace check passes (an autograd.Function's arguments, grad mode included, were
+    baked into the graph and differed between the trace and its check), the graph holds
+    no fused_softmax op (it loads without this package), and it computes torch's values
+    on new inputs."""
+    gen = torch.Generator().manual_seed(30)
+    x = torch.randn(4, 6, generator=gen).to(device)
+    W = torch.randn(5, 6, generator=gen).to(device)
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    cases = [
+        (lambda a: fs.softmax(a, -1), lambda a: F.softmax(a, -1), (x,)),
+        (lambda a: fs.log_softmax(a, 0, temperature=0.7), lambda a: F.log_softmax(a / 0.7, 0), (x,)),
+        (lambda a: fs.logsumexp(a, (0, 1)), lambda a: torch.logsumexp(a, (0, 1)), (x,)),
+        (lambda a, b: fs.cross_entropy(a, b, label_smoothing=0.1),
+         lambda a, b: F.cross_entropy(a, b, label_smoothing=0.1), (x, t)),
+        (fs.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(), (x, t)),
+    ]
+    if hasattr(F, "linear_cross_entropy"):
+        cases.append((lambda a, w: fs.linear_cross_entropy(a, w, t),
+                      lambda a, w: F.linear_cross_entropy(a, w, t), (x, W)))
+    for ours, theirs, args in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(ours, args)
+        assert "fused_softmax::" not in str(traced.graph)
+        new = tuple(a * 1.5 if a.is_floating_point() else a for a in args)
+        torch.testing.assert_close(traced(*new), theirs(*new))

@@ -144,6 +144,16 @@ def test_uncovered_arguments_fall_through_to_torch(device):
     torch.testing.assert_close(cast, torch.softmax(ints.float(), -1))
 
 
+def test_any_stacklevel_passes_as_torchs(device):
+    """torch reads ``_stacklevel`` only for the ``dim=None`` warning: a dim given with a
+    ``_stacklevel`` of None (or of another type) works patched as unpatched."""
+    x = torch.randn(2, 3, device=device)
+    with patch():
+        got = [F.softmax(x, -1, None), F.log_softmax(x, 1, "x"), F.softmax(x, 0, 5)]
+    torch.testing.assert_close(got, [torch.softmax(x, -1), torch.log_softmax(x, 1),
+                                     torch.softmax(x, 0)])
+
+
 def test_tensor_subclasses_keep_their_torch_function(device):
     class Tagged(torch.Tensor):
         """A subclass with torch's default ``__torch_function__``."""

@@ -376,6 +376,8 @@ def _rescale(ctx, grad_x, dscale):
     """The forward's gradient times ``grad_output``, with torch's NaN for a non-finite one
     (at the target, or across the row), ignored rows left at 0 (on the device: no mask
     formed on the host)."""
+    if any(t._version != v for t, v in ctx.versions):
+        ctx.saved_tensors  # noqa: B018 -- autograd's error: changed in place since the forward
     target = ctx.rescale_target
     _backend.call(cross_entropy_bwd_, grad_x, dscale, target, ctx.nonfinite_row,
                   None if target is None else ctx.args[0])
@@ -435,8 +437,12 @@ class CrossEntropyFunction(torch.autograd.Function):
             ctx.nonfinite_row = args[-1] or args[1] > 0
             ctx.inplace, ctx.inplace_later = inplace and not deferred, inplace and deferred
             # (the target too when the logits were overwritten: a non-finite grad_output's NaN)
-            ctx.save_for_backward(*((None, target, None, None, None) if ctx.inplace
+            ctx.save_for_backward(*((None, target, weight, None, None) if ctx.inplace
                                     else (x, target, weight, scalars, lse)))
+            # ... but the target and the class weights changed in place since are autograd's
+            # error there too, as torch's (its backward saves them)
+            ctx.versions = () if torch.compiler.is_compiling() else tuple(
+                (t, t._version) for t in (target, weight) if t is not None)
         return loss, lse
 
     @staticmethod
@@ -565,15 +571,23 @@ def smoothing_value(label_smoothing) -> float:
     return float(label_smoothing) if label_smoothing > 0 else 0.0
 
 
-def check_smoothing_type(label_smoothing) -> None:
-    """torch's argument parser for the float ``label_smoothing``: a real number (Python's
-    or numpy's, bool included) or a 0-d tensor without autograd history; anything else
-    (a string, None, a 1-element tensor, a numpy array) is its TypeError."""
+def check_smoothing_type(label_smoothing):
+    """torch's argument parser for the float ``label_smoothing``: a Python int, float or
+    bool, a numpy scalar (bool and complex included: the real part, with numpy's
+    ``ComplexWarning``), or a 0-d tensor without autograd history (complex only with a
+    zero imaginary part); anything else (a string, None, a ``Fraction``, a Python complex,
+    a 1-element tensor, a numpy array) is its TypeError. Returns the value, real."""
     if isinstance(label_smoothing, torch.Tensor):
         ok = label_smoothing.dim() == 0 and not label_smoothing.requires_grad
+        if ok and label_smoothing.is_complex():
+            if label_smoothing.imag != 0:
+                raise RuntimeError("value cannot be converted to type double without overflow")
+            label_smoothing = label_smoothing.real
     else:
-        ok = isinstance(label_smoothing, (numbers.Real, np.number)) and not isinstance(
-            label_smoothing, (complex, np.complexfloating))
+        ok = isinstance(label_smoothing, (np.number, np.bool_)) or (
+            isinstance(label_smoothing, (int, float)) and not isinstance(label_smoothing, complex))
+        if isinstance(label_smoothing, np.complexfloating):
+            label_smoothing = np.float64(label_smoothing)  # numpy's warning, as torch's
     if not ok:
         kind = type(label_smoothing)
         name = kind.__name__ if kind.__module__ == "builtins" else \
@@ -582,20 +596,22 @@ def check_smoothing_type(label_smoothing) -> None:
             name = "Tensor"
         raise TypeError("cross_entropy_loss(): argument 'label_smoothing' (position 6) must "
                         f"be float, not {name}")
+    return label_smoothing
 
 
 def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
                 input_dtype=None):
     """torch's checks, torch's error types and messages, in torch's order (the extras'
     are ``check_extras``). ``input_dtype``: the dtype torch computes ``input`` in (fp32 for
-    fp16 / bf16 under autocast)."""
+    fp16 / bf16 under autocast). Returns ``(C, prob_target, label_smoothing)``, the last
+    as ``check_smoothing_type`` parses it."""
     if not all(isinstance(a, torch.Tensor) for a in (input, target)) or not (
             weight is None or isinstance(weight, torch.Tensor)):
         raise TypeError("cross_entropy(): input, target and weight must be Tensors")
     ignore_index = check_ignore_index(ignore_index)
     if reduction not in _REDUCTIONS:  # torch parses the reduction before the dtype
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    check_smoothing_type(label_smoothing)
+    label_smoothing = check_smoothing_type(label_smoothing)
     check_float("cross_entropy", input)
     if label_smoothing > 1.0:  # torch rejects > 1 and treats a negative value (or NaN) as 0
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
@@ -658,7 +674,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found {name} on {t.device} "
                 f"and input on {input.device}")
-    return C, prob_target
+    return C, prob_target, label_smoothing
 
 
 def check_extras(logit_scale, softcap) -> None:
@@ -819,8 +835,8 @@ def cross_entropy(
         input_dtype = torch.float32 if input.dtype in LOW_FLOATS else None
     check_extras(logit_scale, softcap)
     try:
-        C, prob_target = _check_args(input, target, weight, ignore_index, reduction,
-                                     label_smoothing, input_dtype)
+        C, prob_target, label_smoothing = _check_args(
+            input, target, weight, ignore_index, reduction, label_smoothing, input_dtype)
     except CHECK_ERRORS as ours:
         raise_torchs_error(ours, torch_cross_entropy, input=input, target=target, weight=weight,
                            ignore_index=ignore_index, reduction=reduction,

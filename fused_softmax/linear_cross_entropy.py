@@ -764,7 +764,7 @@ def linear_cross_entropy(
         if prob_target and ignore_index is not None:
             raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
         ignore_index = -100 if ignore_index is None else check_ignore_index(ignore_index)
-        check_smoothing_type(label_smoothing)
+        label_smoothing = check_smoothing_type(label_smoothing)
     except _CHECK_ERRORS as ours:
         _torch_refuses_too(ours, call)
     target = widen_int32_target(target, ignore_index)

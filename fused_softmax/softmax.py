@@ -326,10 +326,10 @@ def _temperature_factor(temperature, dtype: torch.dtype, device: torch.device):
     CUDA multiplies by ``t = 1 / T``: in fp32 (``1 / fl32(T)`` rounded to fp32) below
     fp64, in fp64 for fp64. The CPU divides (``divide``) by ``t = T``, rounded to fp32
     below fp64 (and the kernels then divide too: the results equal torch's bit for bit
-    before the softmax). ``None`` where ``T`` (or, multiplying, ``1 / T``) overflows fp32
-    (``T`` beyond fp32's range, or a subnormal ``T``): there ``x * (1 / T)`` is not
-    ``x / T`` (``0 * inf`` is NaN, ``0 / T`` is 0), and the caller divides with torch's
-    own ``x / T``."""
+    before the softmax). ``None`` where ``T`` overflows fp32, or, multiplying (CUDA),
+    where ``1 / T`` does (a subnormal ``T``): there ``x * (1 / T)`` is not ``x / T``
+    (``0 * inf`` is NaN, ``0 / T`` is 0), and the caller divides with torch's own
+    ``x / T``; dividing (CPU), a subnormal ``T`` is ``(T, True)``."""
     bad_type = isinstance(temperature, (str, bytes, bool)) or temperature is None
     try:
         t = temperature if isinstance(temperature, torch.SymFloat) else float(temperature)
@@ -532,27 +532,46 @@ def _reduced_dims(dim, ndim: int, keepdim: bool):
     return dims or list(range(max(ndim, 1)))
 
 
+class _MovedCopy(torch.autograd.Function):
+    """``x.permute(perm).reshape(shape)`` where that is a copy, saving ``x``, so that
+    autograd reports ``x`` changed in place after the forward, as torch's logsumexp (which
+    saves its input) does; the copy would hide it."""
+
+    @staticmethod
+    def forward(ctx, x, perm, shape):
+        ctx.save_for_backward(x)
+        ctx.perm, ctx.moved = perm, [x.shape[i] for i in perm]
+        return x.permute(perm).reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.saved_tensors  # noqa: B018 -- autograd's version check, the only use
+        inverse = [0] * len(ctx.perm)
+        for i, p in enumerate(ctx.perm):
+            inverse[p] = i
+        return grad.reshape(ctx.moved).permute(inverse), None, None
+
+
 def _logsumexp_dims(input: torch.Tensor, dims: list, out_dtype: torch.dtype) -> torch.Tensor:
-    """Log-sum-exp of ``input`` over ``dims`` (distinct, wrapped; the result without them).
-    Several dims that merge into one by a view (contiguous ones, say) take one pass;
-    otherwise one dim at a time, the longest first, each intermediate in fp32 (fp64): no
-    permuted copy of ``input`` (a full read and write), and the op saves ``input`` itself
-    (a view), so that autograd sees it modified in place after the forward, as torch's."""
+    """Log-sum-exp of ``input`` over ``dims`` (distinct, wrapped; the result without them)
+    in one pass over each reduced group, as torch's: the dims, taken in memory order
+    (largest stride first), are moved last and merged into one, by a view where their
+    strides allow (contiguous dims, in any order), else by a copy (``_MovedCopy``).
+    (Reducing one dim at a time instead gives NaN gradients where one slice of a group is
+    all ``-inf`` and the group is not.)"""
     if len(dims) == 1:
         return _apply(input, dims[0], LOGSUMEXP, 1.0, out_dtype)
     kept = [i for i in range(input.dim()) if i not in dims]
-    if merged([input.shape[i] for i in dims], [input.stride(i) for i in dims]) is not None:
-        x = input.permute(kept + dims).reshape(  # a view
-            [input.shape[i] for i in kept] + [math.prod([input.shape[i] for i in dims])])
-        return _apply(x, len(kept), LOGSUMEXP, 1.0, out_dtype)
-    out, left = input, sorted(dims)
-    while left:
-        d = left[0]  # the longest (a loop: Dynamo traces no max(key=...))
-        for i in left[1:]:
-            d = i if out.shape[i] > out.shape[d] else d
-        out = _apply(out, d, LOGSUMEXP, 1.0, out_dtype if len(left) == 1 else acc_dtype(out.dtype))
-        left = [i - (i > d) for i in left if i != d]
-    return out
+    perm = kept + [i for _, i in sorted((-input.stride(i), i) for i in dims)]
+    shape = [input.shape[i] for i in kept] + [math.prod([input.shape[i] for i in dims])]
+    x = input.permute(perm)
+    if merged(x.shape[len(kept):], x.stride()[len(kept):]) is not None:
+        x = x.reshape(shape)  # a view: the op saves input itself
+    elif input.requires_grad and torch.is_grad_enabled():
+        x = _MovedCopy.apply(input, perm, shape)
+    else:
+        x = x.reshape(shape)
+    return _apply(x, len(kept), LOGSUMEXP, 1.0, out_dtype)
 
 
 def _torch_logsumexp(input, dim, keepdim):

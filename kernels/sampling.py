@@ -55,7 +55,7 @@ when rows are too few to fill the GPU ``split_kernel`` cuts each row into parts,
 program each and one launch per pass: a pass's per-part results (the best draw block, the
 count and mass above the candidate, the max and sum, the radix select's byte histograms
 and the top-k mass: ``split_stats_kernel``) go to global memory, and the next launch
-combines them in part order. The first ``SPLIT_ROUNDS`` rejection rounds (host constant)
+combines them (the best draw in part order, sums by one fixed-shape reduction). The first ``SPLIT_ROUNDS`` rejection rounds (host constant)
 run split; a last launch, one program per row, finishes the rare rows still undecided.
 The noise does not depend on the split, so split and whole rows draw the same tokens
 (but where a mass sits within rounding of a top-p cut: the parts add it in another order).
@@ -647,8 +647,8 @@ def split_kernel(
       computes the parts' ``(max, sum)`` here instead (top-p without min-p). Top-k with
       top-p: also the part's share of the top-k set's mass into ``PART_TOP``
       (``n_rows x n_split``), the k-th largest key from ``ROW_HIST``
-      (``split_stats_kernel``'s radix select); later stages add up the shares, in part
-      order, as top-p's reference mass.
+      (``split_stats_kernel``'s radix select); later stages add up the shares (one
+      ``tl.sum``: the same order in every program of the row) as top-p's reference mass.
     * ``STAGE 1`` (``rnd >= 1``): the candidate (the first draw's token, noise 1, for
       ``rnd = 1``; else the end of round ``rnd - 1``, ``advance``), then round ``rnd``'s
       pass over the part (``round_pass``).

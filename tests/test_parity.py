@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -40,17 +41,25 @@ def same_error(theirs_fn, ours_fn, *args, **kwargs):
 @pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
 def test_label_smoothing_types_as_torchs_argument_parser(fn, device):
     """``label_smoothing`` is a float to torch's parser: a Python or numpy number or a 0-d
-    tensor without autograd history; a string, None, a complex, a 1-element tensor or a
-    numpy array is its TypeError, with its message."""
+    tensor without autograd history (numpy's bool and complex scalars included, a complex
+    as its real part); a string, None, a Python complex, a ``Fraction``, a 1-element
+    tensor or a numpy array is its TypeError, with its message."""
     if not hasattr(F, fn):
         pytest.skip(f"torch {torch.__version__} has no {fn}")
     x = torch.randn(2, 5, device=device)
     t = torch.tensor([1, 2], device=device)
     args = (x, t) if fn == "cross_entropy" else (x, torch.randn(5, 5, device=device), t)
-    for ls in (0, 1, True, np.float32(0.1), np.int64(0), torch.tensor(0.1)):
-        torch.testing.assert_close(getattr(fs, fn)(*args, label_smoothing=ls),
-                                   getattr(F, fn)(*args, label_smoothing=ls))
-    for ls in (torch.tensor([0.1]), np.array(0.1), "0.1", None, 0.1 + 0j,
+    for ls in (0, 1, True, np.float32(0.1), np.int64(0), np.bool_(True), np.complex64(0.1),
+               torch.tensor(0.1), torch.tensor(0.1 + 0j), torch.tensor(1, dtype=torch.uint8)):
+        with warnings.catch_warnings(record=True) as theirs:  # numpy's complex -> real
+            warnings.simplefilter("always")
+            expected = getattr(F, fn)(*args, label_smoothing=ls)
+        with warnings.catch_warnings(record=True) as ours:
+            warnings.simplefilter("always")
+            got = getattr(fs, fn)(*args, label_smoothing=ls)
+        torch.testing.assert_close(got, expected)
+        assert [type(w.message) for w in ours] == [type(w.message) for w in theirs], ls
+    for ls in (torch.tensor([0.1]), np.array(0.1), "0.1", None, 0.1 + 0j, Fraction(1, 10),
                torch.tensor(0.1, requires_grad=True)):
         theirs = raised(getattr(F, fn), *args, label_smoothing=ls)
         ours = raised(getattr(fs, fn), *args, label_smoothing=ls)
@@ -77,6 +86,26 @@ def test_logits_changed_in_place_after_the_forward(kw, device):
         loss.backward(torch.tensor(3.0, device=device))
         grads.append(a.grad)
     torch.testing.assert_close(*grads)
+
+
+@pytest.mark.parametrize("changed", ["target", "weight"])
+@pytest.mark.parametrize("prob", [False, True])
+def test_target_or_weight_changed_in_place_after_the_forward(changed, prob, device):
+    """torch's backward saves the target and the class weights: changing either in place
+    after the forward is autograd's error there, and ours (the first backward, which only
+    rescales the gradient formed in the forward, would silently use the new target)."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 5, generator=gen).to(device)
+    t = torch.tensor([0, 2, 4], device=device)
+    if prob:
+        t = torch.softmax(torch.randn(3, 5, generator=gen), 1).to(device)
+    w = torch.rand(5, generator=gen).to(device)
+    for f in (F.cross_entropy, fs.cross_entropy):
+        a, tc, wc = x.clone().requires_grad_(True), t.clone(), w.clone()
+        loss = f(a, tc, wc)
+        (tc if changed == "target" else wc).mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 def test_uint8_target_is_compared_with_ignore_index_as_an_integer(device):
@@ -413,14 +442,18 @@ def test_logsumexp_dim_must_be_an_int_or_a_tuple(device):
     torch.testing.assert_close(fs.logsumexp(x, [0, 2]), torch.logsumexp(x, [0, 2]))
 
 
-@pytest.mark.parametrize("dims", [(0, 2), (2, 0, 1), (1, 2), (0, 1)])
+@pytest.mark.parametrize("dims", [(0, 2), (2, 0, 1), (1, 2), (0, 1), (2, 1), (-1, -2)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_logsumexp_several_dims_saves_the_input_itself(dims, layout, device):
-    """Several dims: one pass over a view where they merge, else one dim at a time (no
-    permuted copy): values and gradients as torch's, and an in-place change of the input
-    after the forward is autograd's error, as torch's (a saved copy hid it)."""
+    """Several dims, in any order: one pass over a view where they merge (in memory order),
+    else over a permuted copy: values and gradients as torch's (one dim at a time gave NaN
+    gradients where one slice of a group is all -inf), and an in-place change of the
+    input after the forward is autograd's error, as torch's (the copy hid it)."""
     gen = torch.Generator().manual_seed(len(dims))
     base = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64).to(device)
+    base[0, 1, :] = -math.inf
+    base[1, :, 2] = -math.inf
+    base[2, 3, 4] = -math.inf
     if layout == "transposed":
         base = base.transpose(0, 2).contiguous().transpose(0, 2)
     a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)

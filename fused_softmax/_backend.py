@@ -222,7 +222,8 @@ def _foreign_subclass(t: torch.Tensor) -> bool:
 
 def needs_torch_ops(*tensors) -> bool:
     """True for inputs of ``torch.func`` transforms (``grad``, ``vmap``, ``jvp``,
-    ``jacfwd``, ...), forward-mode AD dual tensors, tensor subclasses with their own
+    ``jacfwd``, ...) and of autograd's own vmap (``autograd.grad(..., is_grads_batched=True)``,
+    a vectorized jacobian), forward-mode AD dual tensors, tensor subclasses with their own
     dispatch (DTensor, nested tensors) and sparse layouts. The custom ops define reverse-mode
     autograd only (no batching or forward-AD rule, where torch would silently give a zero
     tangent), so such calls go through torch's own ops: same semantics, every transform.
@@ -239,6 +240,8 @@ def needs_torch_ops(*tensors) -> bool:
         if _foreign_subclass(t) or t.layout != torch.strided or t.is_nested:  # DTensor, sparse, ...
             return True
         if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+        if torch._C._functorch.is_legacy_batchedtensor(t):  # is_grads_batched's vmap
             return True
         if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
             return True

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import re
 from typing import Optional
 
@@ -243,14 +242,31 @@ def cross_entropy_bwd_(grad: torch.Tensor, dloss: torch.Tensor, target: Optional
     if use_triton(grad):
         _launch_bwd(grad, dloss, target, nonfinite_row, ignore_index)
         return
-    # in fp32, as the kernel: a grad_output of 65536 (GradScaler's) is inf in fp16
+    grad.copy_(_rescaled(grad, dloss, target, nonfinite_row, ignore_index))
+
+
+def _rescaled(grad, dloss, target=None, nonfinite_row=False, ignore_index=None):
+    """``cross_entropy_bwd_``'s result with torch ops, out of place (in ``grad``'s dtype
+    once copied back: computed in fp32, as the kernel, for a grad_output of 65536,
+    GradScaler's, is inf in fp16)."""
     scale = (dloss[:, None] if dloss.dim() else dloss).to(acc_dtype(grad.dtype))
     scaled = grad.to(scale.dtype) * scale
     if nonfinite_row or target is not None:
         scaled = _nan_for_nonfinite(scaled, scale, None if nonfinite_row else target)
     if ignore_index is not None and target is not None:
         scaled = torch.where((target == ignore_index)[:, None], grad.to(scaled.dtype), scaled)
-    grad.copy_(scaled)
+    return scaled
+
+
+def rescale_(grad, dloss, target=None, nonfinite_row=False, ignore_index=None):
+    """``cross_entropy_bwd_(grad, ...)``, returning ``grad``; where ``dloss`` is batched
+    (``autograd.grad(..., is_grads_batched=True)``, a vectorized jacobian: vmap over the
+    backward, which an op mutating an unbatched ``grad`` cannot take) the same result out
+    of place with torch ops."""
+    if needs_torch_ops(dloss):
+        return _rescaled(grad, dloss, target, nonfinite_row, ignore_index).to(grad.dtype)
+    _backend.call(cross_entropy_bwd_, grad, dloss, target, nonfinite_row, ignore_index)
+    return grad
 
 
 def _nan_for_nonfinite(grad: torch.Tensor, scale: torch.Tensor, target=None) -> torch.Tensor:
@@ -372,15 +388,57 @@ def _differentiable_backward(ctx, dscale):
     return tuple(out)
 
 
+def track_versions(output: torch.Tensor, *tensors) -> None:
+    """Note the versions of ``tensors`` (the caller's, not the kernels' copies; those not
+    None) on ``output``'s autograd node (an ``autograd.Function``'s ``grad_fn`` is its
+    ctx) for ``check_versions``: a backward that reads no saved tensor still raises
+    autograd's error where torch's (whose backward saves them) would. Eager only (Dynamo
+    traces no ``grad_fn``; nothing changes in place within a compiled graph)."""
+    if torch.compiler.is_compiling() or output.grad_fn is None:
+        return
+    output.grad_fn.versions = tuple((t, t._version) for t in tensors
+                                    if t is not None and not t.is_inference())
+
+
+def watched_by_torch(ndim: int, target, weight, prob_target, smoothing):
+    """The caller's tensors that torch's backward saves, so that changing them in place
+    after the forward is autograd's error (``ndim``: the logits'): the class weight, and
+    the target, but not a smoothed probability target (torch saves its smoothed copy) nor
+    a non-contiguous class-index target of 3-d or over 4-d logits (``nll_loss_nd`` saves
+    a contiguous copy)."""
+    if prob_target and smoothing > 0:
+        return (weight,)
+    if not prob_target and (ndim == 3 or ndim > 4) and not target.is_contiguous():
+        return (weight,)
+    return (target, weight)
+
+
+def check_versions(ctx) -> None:
+    """autograd's error where a tensor noted by ``track_versions`` has changed in place
+    since the forward."""
+    for t, version in ctx.versions:
+        check_version(t, version)
+
+
+def check_version(t: torch.Tensor, version: int) -> None:
+    """autograd's error, in its words, where ``t`` is no longer at ``version``."""
+    if t._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+            f"expected version {version} instead. Hint: enable anomaly detection to find the "
+            "operation that failed to compute its gradient, with "
+            "torch.autograd.set_detect_anomaly(True, check_nan=False).")
+
+
 def _rescale(ctx, grad_x, dscale):
     """The forward's gradient times ``grad_output``, with torch's NaN for a non-finite one
     (at the target, or across the row), ignored rows left at 0 (on the device: no mask
     formed on the host)."""
-    if any(t._version != v for t, v in ctx.versions):
-        ctx.saved_tensors  # noqa: B018 -- autograd's error: changed in place since the forward
+    check_versions(ctx)
     target = ctx.rescale_target
-    _backend.call(cross_entropy_bwd_, grad_x, dscale, target, ctx.nonfinite_row,
-                  None if target is None else ctx.args[0])
+    return rescale_(grad_x, dscale, target, ctx.nonfinite_row,
+                    None if target is None else ctx.args[0])
 
 
 def _ignored_rows_zeroed(ctx, dscale):
@@ -439,10 +497,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             # (the target too when the logits were overwritten: a non-finite grad_output's NaN)
             ctx.save_for_backward(*((None, target, weight, None, None) if ctx.inplace
                                     else (x, target, weight, scalars, lse)))
-            # ... but the target and the class weights changed in place since are autograd's
-            # error there too, as torch's (its backward saves them)
-            ctx.versions = () if torch.compiler.is_compiling() else tuple(
-                (t, t._version) for t in (target, weight) if t is not None)
+            ctx.versions = ()  # ... but the caller's target and class weight are watched
+            # (``track_versions``: changed in place, autograd's error there too, as torch's)
         return loss, lse
 
     @staticmethod
@@ -463,7 +519,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 x, target, weight, scalars, _ = ctx.saved_tensors
                 if ctx.deferred:  # fp16: one pass from the saved logits, grad_output folded in
                     dscale = _ignored_rows_zeroed(ctx, dscale)
-                    if ctx.inplace_later:
+                    if ctx.inplace_later and not needs_torch_ops(dscale):
                         _backend.call(
                             cross_entropy_fwd_inplace, x, target, weight, scalars, *ctx.args,
                             dscale)
@@ -475,9 +531,9 @@ class CrossEntropyFunction(torch.autograd.Function):
                 else:  # a later backward (retain_graph, gradcheck): as the first, bit for bit
                     grad_x = _backend.call(
                         cross_entropy_fwd, x, target, weight, scalars, *ctx.args, True)[2]
-                    _rescale(ctx, grad_x, dscale)
+                    grad_x = _rescale(ctx, grad_x, dscale)
             else:
-                _rescale(ctx, grad_x, dscale)
+                grad_x = _rescale(ctx, grad_x, dscale)
         grad_weight = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             x, target, weight, scalars, lse = ctx.saved_tensors
@@ -631,30 +687,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
         if ignore_index >= 0:
             raise RuntimeError("ignore_index is not supported for floating point target")
     else:
-        if input.dim() >= 2 and target.dim() == 0:  # torch checks the batch size first
-            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match "
-                             "target batch_size (0).")
-        if input.dim() >= 2 and target.shape[0] != input.shape[0]:
-            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match "
-                             f"target batch_size ({target.shape[0]}).")
-        if target.dtype not in _INDEX_DTYPES:
-            raise _target_dtype_error(input, target)
-        if input.dim() == 1:
-            if target.dim() > 1:
-                raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-            if target.dim() == 1 and target.shape[0] != 1:
-                raise ValueError(
-                    f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
-        else:
-            if input.dim() == 2 and target.dim() != 1:
-                raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-            expected = [input.shape[0]] + list(input.shape[2:])
-            if input.dim() > 2 and list(target.shape) != expected:
-                raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
-            if input.dim() > 2 and target.dtype == torch.uint8 and (target.numel() or (
-                    reduction == "none" and input.device.type == "cpu")):
-                # torch takes an empty one to reduce, and on CUDA any empty one
-                raise RuntimeError("expected scalar type Long but found Byte")
+        check_index_target(input, target, reduction)
     if weight is not None:
         # torch's nll_loss takes any weight of C elements for (N, C, d...) inputs
         if weight.numel() != C or (weight.dim() != 1 and (input.dim() <= 2 or prob_target)):
@@ -675,6 +708,35 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
                 f"Expected all tensors to be on the same device, but found {name} on {t.device} "
                 f"and input on {input.device}")
     return C, prob_target, label_smoothing
+
+
+def check_index_target(input, target, reduction) -> None:
+    """torch's checks of a class-index ``target`` against ``input`` (at least 1-D): its
+    error types and messages, in its order."""
+    if input.dim() >= 2 and target.dim() == 0:  # torch checks the batch size first
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match "
+                         "target batch_size (0).")
+    if input.dim() >= 2 and target.shape[0] != input.shape[0]:
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match "
+                         f"target batch_size ({target.shape[0]}).")
+    if target.dtype not in _INDEX_DTYPES:
+        raise _target_dtype_error(input, target)
+    if input.dim() == 1:
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(
+                f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+        return
+    if input.dim() == 2 and target.dim() != 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    expected = [input.shape[0]] + list(input.shape[2:])
+    if input.dim() > 2 and list(target.shape) != expected:
+        raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+    if input.dim() > 2 and target.dtype == torch.uint8 and (target.numel() or (
+            reduction == "none" and input.device.type == "cpu")):
+        # torch takes an empty one to reduce, and on CUDA any empty one
+        raise RuntimeError("expected scalar type Long but found Byte")
 
 
 def check_extras(logit_scale, softcap) -> None:
@@ -842,8 +904,9 @@ def cross_entropy(
                            ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
     ignore_index = as_index(ignore_index)
-    target = widen_int32_target(target, ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
+    watched = watched_by_torch(input.dim(), target, weight, prob_target, label_smoothing)
+    target = widen_int32_target(target, ignore_index)
     if C == 0:  # nothing to fuse: torch's own answers (zeros, NaN, or its IndexError)
         loss = _no_classes_loss(input, target, weight, ignore_index, reduction,
                                 label_smoothing, prob_target)
@@ -891,6 +954,7 @@ def cross_entropy(
             float(softcap) if softcap is not None else 0.0, float(z_loss), prob_target)
     loss, lse = CrossEntropyFunction.apply(x, t, weight, scalars, denom, reduction,
                                            inplace_backward, args, torch.is_grad_enabled())
+    track_versions(loss, *watched)
     loss = loss.to(out_dtype)
     if input.dim() == 1:
         lead = ()

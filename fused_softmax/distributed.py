@@ -34,10 +34,10 @@ import torch.distributed as dist
 
 from . import _backend
 from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
-                       float_bits, fp32_if_low, is_finite, use_triton)
-from .cross_entropy import (_INDEX_DTYPES, _REDUCTIONS, _scaled_logits, _target_dtype_error,
-                            _type_name, check_ignore_index, grad_scale_of, mean_of, reduction_name,
-                            smoothing_value, widen_int32_target)
+                       float_bits, fp32_if_low, is_finite, needs_torch_ops, use_triton)
+from .cross_entropy import (_REDUCTIONS, _scaled_logits, _type_name, check_ignore_index,
+                            check_index_target, cross_entropy, grad_scale_of, mean_of,
+                            reduction_name, smoothing_value, widen_int32_target)
 
 if _backend.HAS_TRITON:
     from .cross_entropy import _block_and_grid
@@ -401,17 +401,7 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
         raise RuntimeError(
             f"{name}: target must hold class indices (global, in [0, V)); class-probability "
             "targets are not supported")
-    if target.dtype not in _INDEX_DTYPES:
-        raise _target_dtype_error(input, target)
-    if input.dim() > 2 and target.dtype == torch.uint8:
-        raise RuntimeError("expected scalar type Long but found Byte")  # as cross_entropy
-    if input.dim() == 1:
-        if target.numel() != 1 or target.dim() > 1:
-            raise ValueError(f"For 1D input, target must have one element, got shape {list(target.shape)}")
-    else:
-        expected = [input.shape[0]] + list(input.shape[2:])
-        if list(target.shape) != expected:
-            raise ValueError(f"Expected target size {expected}, got {list(target.shape)}")
+    check_index_target(input, target, reduction)  # torch's shape and dtype checks
     C = input.shape[0 if input.dim() == 1 else 1]
     if vocab_start_index is not None:
         if isinstance(vocab_start_index, bool) or not isinstance(vocab_start_index, int) \
@@ -424,6 +414,11 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
     if weight is not None:
         if weight.dim() != 1:
             raise RuntimeError(f"weight must be the 1-D class weight (V,), got shape {list(weight.shape)}")
+        if world == 1 and weight.numel() != C:  # torch's words (V is unknown before the
+            # forward's all-reduce in a larger world: checked there)
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {C} classes or no classes "
+                f"but got weight tensor of shape: {list(weight.shape)}")
         if weight.dtype != input_dtype:
             raise RuntimeError(
                 f"expected scalar type {_type_name(input_dtype)} but found {_type_name(weight.dtype)}")
@@ -519,6 +514,16 @@ def vocab_parallel_cross_entropy(
     label_smoothing = smoothing_value(label_smoothing)
 
     input = local_logits
+    if needs_torch_ops(input, target, weight) or (world == 1 and C == 0):
+        # torch.func transforms, forward-mode AD, tensor subclasses (no rules for the custom
+        # ops), or no classes at all: in a world of 1, cross_entropy's own answers
+        if world != 1:
+            raise NotImplementedError(
+                "vocab_parallel_cross_entropy: torch.func transforms, forward-mode AD and "
+                "tensor subclasses are supported in a world of 1 only")
+        return cross_entropy(input, target, weight, ignore_index=ignore_index,
+                             reduction=reduction, label_smoothing=label_smoothing,
+                             logit_scale=logit_scale, z_loss=z_loss)
     if input.dim() > 1 and target.numel() == 0:
         # No rows anywhere (no batch, or an empty extra dim: the target, hence the rows, is
         # the same on every rank): torch's answers (mean NaN, sum 0, none empty),

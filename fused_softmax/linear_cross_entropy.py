@@ -83,12 +83,12 @@ from . import distributed as _vp
 from ._backend import (acc_dtype, check_float, fp32_if_low, needs_torch_ops,
                        torch_function_dispatch, use_triton)
 from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _loss_rows,
-                            _prob_target_grads,
-                            _reduction_scalars, check_extras, check_ignore_index,
-                            check_smoothing_type, check_targets_on_cpu, cross_entropy,
-                            cross_entropy_bwd_, cross_entropy_fwd, cross_entropy_fwd_inplace,
-                            mean_of, raise_torchs_error, reduction_name, smoothing_value,
-                            widen_int32_target)
+                            _prob_target_grads, _reduction_scalars, check_extras,
+                            check_ignore_index, check_smoothing_type, check_targets_on_cpu,
+                            check_version, check_versions, cross_entropy, cross_entropy_fwd,
+                            cross_entropy_fwd_inplace, mean_of, raise_torchs_error,
+                            reduction_name, rescale_, smoothing_value, track_versions,
+                            watched_by_torch, widen_int32_target)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -441,25 +441,31 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # hands them on; a later backward (retain_graph) recomputes them.
             ctx.fused_grads = (gx, gw, gb) if fused and (need_x or need_w or need_b) else None
             ctx.args, ctx.chunk_size = args, chunk_size
-            ctx.save_for_backward(x, w, b, target, weight, scalars, lse)
+            ctx.save_for_backward(x, w, target, weight, scalars, lse)
+            # The bias outside: torch's addmm saves none, so it may change in place after the
+            # forward; the fused first backward does not read it (the others, autograd's
+            # error where they read it: see saved_bias). The caller's target and class
+            # weight are watched too (track_versions).
+            ctx.bias, ctx.versions = _watched_bias(b), ()
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         need_x, need_w, need_b, need_t, need_cw = ctx.needs_input_grad[:5]
-        x, w, b, target, weight, scalars, lse = ctx.saved_tensors
+        x, w, target, weight, scalars, lse = ctx.saved_tensors
+        check_versions(ctx)
         if torch.is_grad_enabled():
             ctx.fused_grads = None
-            return _differentiable_backward(ctx, (x, w, b, target, weight), dloss, scalars[0], 11)
+            return _differentiable_backward(ctx, (x, w, saved_bias(ctx), target, weight), dloss,
+                                            scalars[0], 11)
         gx = gw = gb = gt = gcw = None
         if need_x or need_w or need_b:
             fused, ctx.fused_grads = ctx.fused_grads, None
             if fused is not None:
                 gx, gw, gb = fused
                 dx, dw = _infinite_grad_output_scales(dloss, target, ctx.args, x.shape[0])
-                for g, d in ((gx, dx), (gw, dw)):
-                    if g.numel():
-                        _backend.call(cross_entropy_bwd_, g, d)
+                gx = rescale_(gx, dx) if gx.numel() else gx
+                gw = rescale_(gw, dw) if gw.numel() else gw
                 # the bias: V values, out of place (the in-place op on a view of it broke
                 # Inductor's decomposition under dynamic shapes)
                 gb = gb * dloss
@@ -468,16 +474,33 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if not ctx.args[5]:  # an ignored row's gradient is 0 whatever its grad_output
                     row_scale = row_scale.masked_fill(target == ctx.args[0], 0.0)
                 _, _, gx, gw, gb = _backend.call(
-                    linear_cross_entropy_fwd, x, w, b, target, weight, scalars, row_scale,
+                    linear_cross_entropy_fwd, x, w, saved_bias(ctx), target, weight, scalars, row_scale,
                     *ctx.args, ctx.chunk_size,
                     need_x, need_w, need_b)
         if need_t or need_cw:
             dscale = dloss.reshape(-1) if dloss.dim() else dloss
-            gt, gcw = _soft_target_grads(x, w, b, target, weight, scalars, lse, dscale,
+            gt, gcw = _soft_target_grads(x, w, saved_bias(ctx), target, weight, scalars, lse, dscale,
                                          ctx.args, ctx.chunk_size)
         return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
                 gt if need_t else None, gcw.to(weight.dtype) if need_cw else None,
                 None, None, None, None, None, None)
+
+
+def _watched_bias(b):
+    """``(b, its version)`` for ``saved_bias`` (no version under Dynamo, or for an
+    inference tensor)."""
+    if b is None or torch.compiler.is_compiling() or b.is_inference():
+        return b, None
+    return b, b._version
+
+
+def saved_bias(ctx):
+    """The bias kept by the forward (outside save_for_backward), with autograd's error, in
+    its words, where it has changed in place since and this backward reads it."""
+    b, version = ctx.bias
+    if version is not None:
+        check_version(b, version)
+    return b
 
 
 def _infinite_grad_output_scales(dloss, target, args, n_rows):
@@ -518,12 +541,13 @@ class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
         if any(need):
             ctx.save_for_backward(x, w, b, target, weight, lse, coef, valid)
             ctx.logit_scale, ctx.softcap, ctx.vocab_chunk = logit_scale, softcap, vocab_chunk
-            ctx.args, ctx.reduction = args, reduction
+            ctx.args, ctx.reduction, ctx.versions = args, reduction, ()
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         x, w, b, target, weight, lse, coef, valid = ctx.saved_tensors
+        check_versions(ctx)
         if torch.is_grad_enabled():
             ignore_index, eps, *_, C = ctx.args
             _, scalars = _reduction_scalars(target, weight, ignore_index, ctx.reduction, False, C,
@@ -767,8 +791,8 @@ def linear_cross_entropy(
         label_smoothing = check_smoothing_type(label_smoothing)
     except _CHECK_ERRORS as ours:
         _torch_refuses_too(ours, call)
-    target = widen_int32_target(target, ignore_index)
     label_smoothing_applied = smoothing_value(label_smoothing)
+    target = widen_int32_target(target, ignore_index)
     if C == 0 or needs_torch_ops(input, linear_weight, target, linear_bias, weight):
         # No logits to fuse (torch's zeros, NaN or IndexError), or torch.func transforms /
         # forward-mode AD, which the custom op has no rules for: torch's composition.
@@ -789,6 +813,8 @@ def linear_cross_entropy(
                 f"{_c10_name(input.dtype)} != {_c10_name(linear_weight.dtype)}"), call)
         # and cross_entropy casts its fp16 / bf16 class weight and probabilities to fp32
         weight, target = fp32_if_low(weight), fp32_if_low(target)
+    watched = watched_by_torch(len(lead) + 1 + len(out), target, weight, prob_target,
+                               label_smoothing_applied)
     ce_dtype = torch.float32 if autocast and input.dtype != torch.float64 else input.dtype
 
     # cross_entropy's own checks, on (rows, C, d...)-shaped stand-ins of the logits/target.
@@ -848,6 +874,7 @@ def linear_cross_entropy(
             loss = LinearCrossEntropyFunction.apply(
                 x, w, b, t, weight, scalars, denom, reduction, args, max(1, min(chunk_size, M)),
                 torch.is_grad_enabled())
+    track_versions(loss, *watched)
     loss = loss.to(out_dtype)
     if reduction == "none":
         loss = loss.reshape((*lead, *out))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -368,10 +369,23 @@ _PYTHON_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool,
 _INTEGRAL = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
+def _deeper(stacklevel):
+    """``stacklevel`` one frame deeper (an int, or anything with ``__index__``: a numpy
+    integer, a 0-d integer tensor); anything else as it is, for ``warnings.warn`` to refuse
+    with torch's TypeError (and only where torch warns)."""
+    try:
+        return operator.index(stacklevel) + 1
+    except TypeError:
+        return stacklevel
+
+
 def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
     name = _NAMES[mode]
-    if not isinstance(input, torch.Tensor):  # torch calls input.softmax(...): AttributeError
-        raise AttributeError(f"'{type(input).__name__}' object has no attribute '{name}'")
+    if not isinstance(input, torch.Tensor):  # as torch: input.dim(), then input.softmax(...)
+        if dim is None:
+            dim = _legacy_softmax_dim(name, input.dim(), _deeper(stacklevel))
+        method = getattr(input, name)
+        return method(dim) if dtype is None else method(dim, dtype=dtype)
     if isinstance(temperature, torch.Tensor):
         # input / T with torch ops, then the softmax: broadcasting and type promotion (the
         # result in dtype= where given; dtype= casts first, as for a number), T's gradient,
@@ -379,9 +393,9 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         # synchronise with a GPU)
         cast = _PYTHON_DTYPES.get(dtype, dtype)
         x = input.to(cast) if isinstance(cast, torch.dtype) else input
-        return _softmax_like(mode, x / temperature, dim, stacklevel + 1, dtype, 1.0)
+        return _softmax_like(mode, x / temperature, dim, _deeper(stacklevel), dtype, 1.0)
     if dim is None:  # torch warns first, whatever is wrong with the rest
-        dim = _legacy_softmax_dim(name, input.dim(), stacklevel + 1)
+        dim = _legacy_softmax_dim(name, input.dim(), _deeper(stacklevel))
     requested = dtype
     dtype = _PYTHON_DTYPES.get(dtype, dtype)  # torch takes dtype=float (fp64), int, ...
     factor = _temperature_factor(
@@ -392,7 +406,7 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         # overflows), and for an integer or bool x (x / T promotes it to a float dtype)
         cast = dtype if isinstance(dtype, torch.dtype) else None
         x = input.to(cast) if cast is not None else input
-        return _softmax_like(mode, x / temperature, dim, stacklevel + 1, requested, 1.0)
+        return _softmax_like(mode, x / temperature, dim, _deeper(stacklevel), requested, 1.0)
     if dtype is None and autocast_to_fp32(name, input):  # torch: dtype=float32 under autocast
         dtype = torch.float32
     try:
@@ -562,13 +576,19 @@ def _logsumexp_dims(input: torch.Tensor, dims: list, out_dtype: torch.dtype) -> 
     if len(dims) == 1:
         return _apply(input, dims[0], LOGSUMEXP, 1.0, out_dtype)
     kept = [i for i in range(input.dim()) if i not in dims]
-    perm = kept + [i for _, i in sorted((-input.stride(i), i) for i in dims)]
+    order = []  # by stride, largest first (ties as given): an insertion sort, as Dynamo
+    for i in dims:  # sorts no symbolic strides
+        k = len(order)
+        while k > 0 and input.stride(order[k - 1]) < input.stride(i):
+            k -= 1
+        order.insert(k, i)
+    perm = kept + order
     shape = [input.shape[i] for i in kept] + [math.prod([input.shape[i] for i in dims])]
     x = input.permute(perm)
     if merged(x.shape[len(kept):], x.stride()[len(kept):]) is not None:
         x = x.reshape(shape)  # a view: the op saves input itself
-    elif input.requires_grad and torch.is_grad_enabled():
-        x = _MovedCopy.apply(input, perm, shape)
+    elif input.requires_grad and torch.is_grad_enabled() and _backend.dispatch_free((input,)):
+        x = _MovedCopy.apply(input, perm, shape)  # (eager only: strict export drops its grad)
     else:
         x = x.reshape(shape)
     return _apply(x, len(kept), LOGSUMEXP, 1.0, out_dtype)

@@ -413,6 +413,31 @@ def test_compile_with_dynamic_shapes_and_implicit_dim(device):
 
 
 # --------------------------------------------------------------------------- softmax, logsumexp
+@pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
+def test_odd_stacklevel_and_non_tensor_input_as_torch(fn, device):
+    """torch hands ``_stacklevel`` to ``warnings.warn`` only when it warns (dim=None), and
+    calls ``input.dim()`` / ``input.softmax(dim)`` on whatever it is given: its errors,
+    word for word (ours added 1 to a None stacklevel, and named a numpy array 'ndarray')."""
+    ours, theirs = getattr(fs, fn), getattr(F, fn)
+    x = torch.randn(2, 3, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+    for level in (3, np.int64(3), torch.tensor(3)):  # the warning points at this line
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ours(x, _stacklevel=level)
+        assert seen and seen[0].filename == __file__, (level, seen[0].filename)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for level in (None, "a", 3.0):
+            torch.testing.assert_close(ours(x, 1, _stacklevel=level), theirs(x, 1, _stacklevel=level))
+            t, o = raised(theirs, x, _stacklevel=level), raised(ours, x, _stacklevel=level)
+            assert type(o) is type(t) is TypeError and str(o) == str(t), (level, o)
+        for args in ((np.ones(3), 0), ([1.0], 0), (np.ones(3),)):
+            t, o = raised(theirs, *args), raised(ours, *args)
+            assert type(o) is type(t) is AttributeError and str(o) == str(t), (args, o)
+
+
 def test_integer_like_dims(device):
     x = torch.randn(3, 4, device=device)
     for dim in (np.int64(1), torch.tensor(1)):
@@ -442,6 +467,54 @@ def test_logsumexp_dim_must_be_an_int_or_a_tuple(device):
     torch.testing.assert_close(fs.logsumexp(x, [0, 2]), torch.logsumexp(x, [0, 2]))
 
 
+def _inplace_error(loss_fn, change):
+    """Whether backpropagating ``loss_fn()`` after ``change()`` is autograd's error."""
+    loss = loss_fn()
+    change()
+    try:
+        loss.sum().backward()
+    except RuntimeError as e:
+        assert "modified by an inplace operation" in str(e), e
+        return True
+    return False
+
+
+# (torch's linear_cross_entropy: (N, H) input and int64 targets only)
+@pytest.mark.parametrize("fn, case", [
+    *(("cross_entropy", c) for c in ("strided target", "uint8 target", "strided weight",
+                                      "3-d strided target", "3-d target")),
+    ("linear_cross_entropy", "strided target"), ("linear_cross_entropy", "strided weight")])
+def test_caller_tensors_changed_in_place_as_torch(fn, case, device):
+    """The caller's target and class weight are watched, not the kernels' copies of them
+    (a strided or uint8 target, a strided weight, all copied, went unnoticed); torch's own
+    copy (a strided target of 3-d logits, which nll_loss_nd saves contiguous) is not."""
+    gen = torch.Generator().manual_seed(17)
+    three_d = case.startswith("3-d")
+    C = 5
+    x = torch.randn(*((4, C, 3) if three_d else (4, C)), generator=gen).to(device)
+    h, W = torch.randn(4, 6, generator=gen).to(device), torch.randn(C, 6, generator=gen).to(device)
+    results = []
+    for ours in (True, False):
+        if three_d:
+            t = torch.randint(0, C, (3, 4), generator=gen).to(device).t() if "strided" in case \
+                else torch.randint(0, C, (4, 3), generator=gen).to(device)
+        elif case == "strided target":
+            t = torch.randint(0, C, (4, 2), generator=gen).to(device)[:, 0]
+        else:
+            t = torch.tensor([0, 1, 2, 3], device=device, dtype=torch.uint8 if "uint8" in case else torch.long)
+        w = torch.rand(C, 2, generator=gen).to(device)[:, 0] if "weight" in case else None
+        if fn == "cross_entropy":
+            a = x.clone().requires_grad_(True)
+            f = (fs.cross_entropy if ours else F.cross_entropy)
+            loss_fn = lambda: f(a, t, w)  # noqa: E731
+        else:
+            a = h.clone().requires_grad_(True)
+            loss_fn = (lambda: fs.linear_cross_entropy(a, W, t, weight=w)) if ours else \
+                (lambda: F.cross_entropy(F.linear(a, W), t, w))
+        results.append(_inplace_error(loss_fn, (lambda: w.mul_(2)) if w is not None else (lambda: t.fill_(4))))
+    assert results[0] == results[1], results
+
+
 @pytest.mark.parametrize("dims", [(0, 2), (2, 0, 1), (1, 2), (0, 1), (2, 1), (-1, -2)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_logsumexp_several_dims_saves_the_input_itself(dims, layout, device):
@@ -467,6 +540,23 @@ def test_logsumexp_several_dims_saves_the_input_itself(dims, layout, device):
     z.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_logsumexp_several_dims_exports_with_its_gradient(device):
+    """Strict torch.export of logsumexp over dims that do not merge (a permuted copy): the
+    exported program still backpropagates (an autograd.Function around the copy lost its
+    gradient under Dynamo's export)."""
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return fs.logsumexp(x, (0, 2))
+
+    x = torch.randn(3, 4, 5, device=device)
+    ep = torch.export.export(M(), (x,), strict=True)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = ep.module()(a)
+    assert out.requires_grad
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), a)[0],
+                               torch.autograd.grad(torch.logsumexp(b, (0, 2)).sum(), b)[0])
 
 
 # --------------------------------------------------------------------------- linear_cross_entropy
@@ -614,6 +704,104 @@ def test_vocab_parallel_edges_in_a_world_of_one(device):
         vp(torch.randn(2, 5, 3, device=device), torch.zeros(2, 3, dtype=torch.uint8, device=device))
     with pytest.raises(RuntimeError):
         vp(torch.randn(2, 5, device=device), torch.tensor([0, 1], device=device), weight=torch.ones(4, device=device))
+
+
+def test_vocab_parallel_in_a_world_of_one_is_cross_entropy_under_transforms(device):
+    """torch.func transforms (no rules for the custom ops) and no classes at all: in a
+    world of 1, cross_entropy's own answers (an autograd.Function error and a loss of 0
+    where torch's is NaN before)."""
+    from fused_softmax.distributed import vocab_parallel_cross_entropy as vp
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 5, generator=gen).to(device)
+    t = torch.tensor([1, 4, -100], device=device)
+    for ls in (0.0, 0.2):
+        torch.testing.assert_close(torch.func.grad(lambda z: vp(z, t, label_smoothing=ls))(x),
+                                   torch.func.grad(lambda z: F.cross_entropy(z, t, label_smoothing=ls))(x))
+    xb = torch.randn(2, 3, 5, generator=gen).to(device)
+    torch.testing.assert_close(torch.vmap(lambda z: vp(z, t))(xb),
+                               torch.vmap(lambda z: F.cross_entropy(z, t))(xb))
+    empty, ignored = torch.randn(3, 0, device=device), torch.full((3,), -100, device=device)
+    for reduction in ("mean", "sum", "none"):
+        torch.testing.assert_close(
+            vp(empty, ignored, reduction=reduction, label_smoothing=0.2),
+            F.cross_entropy(empty, ignored, reduction=reduction, label_smoothing=0.2), equal_nan=True)
+
+
+LOSSES = {
+    "cross_entropy": (lambda x, w, b, t, **kw: fs.cross_entropy(x @ w.T + b, t, **kw),
+                      lambda x, w, b, t, **kw: F.cross_entropy(x @ w.T + b, t, **kw)),
+    "cross_entropy inplace_backward": (
+        lambda x, w, b, t, **kw: fs.cross_entropy(x @ w.T + b, t, inplace_backward=True, **kw),
+        lambda x, w, b, t, **kw: F.cross_entropy(x @ w.T + b, t, **kw)),
+    "linear_cross_entropy": (
+        lambda x, w, b, t, **kw: fs.linear_cross_entropy(x, w, t, linear_bias=b, **kw),
+        lambda x, w, b, t, **kw: F.cross_entropy(F.linear(x, w, b), t, **kw)),
+}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kw", [{}, dict(reduction="none"), dict(label_smoothing=0.2, reduction="sum")])
+def test_batched_grad_outputs(loss, dtype, kw, device):
+    """``autograd.grad(..., is_grads_batched=True)`` (autograd's vmap over the backward: a
+    vectorized jacobian, ``gradcheck(check_batched_grad=True)``): the in-place rescale of
+    the fused gradient cannot take a batched grad_output, so the backward forms it out of
+    place there (it raised a batching-rule error)."""
+    gen = torch.Generator().manual_seed(13)
+    x, w, b = (torch.randn(*s, generator=gen, dtype=torch.float64).to(device) for s in ((4, 6), (5, 6), (5,)))
+    t = torch.tensor([0, 4, -100, 2], device=device)
+    ours, theirs = LOSSES[loss]
+    grads = []
+    for f in (ours, theirs):
+        ins = [a.to(dtype).requires_grad_(True) for a in (x, w, b)]
+        out = f(*ins, t, **kw)
+        v = torch.randn((3, *out.shape), generator=gen.manual_seed(14), dtype=torch.float64).to(device)
+        grads.append(torch.autograd.grad(out, ins, v.to(dtype), is_grads_batched=True))
+    eps = torch.finfo(dtype).eps
+    for g, e in zip(*grads):
+        torch.testing.assert_close(g, e, rtol=16 * eps, atol=16 * eps * float(e.abs().max()))
+
+
+def test_smoothed_probability_target_may_change_in_place_after_the_forward(device):
+    """torch saves the smoothed copy of a probability target, not the target: changing it
+    after the forward is allowed there, and here (the class weight is still checked)."""
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(3, 5, generator=gen).to(device)
+    p = torch.softmax(torch.randn(3, 5, generator=gen), 1).to(device)
+    grads = []
+    for f in (fs.cross_entropy, F.cross_entropy):
+        a, pc = x.clone().requires_grad_(True), p.clone()
+        loss = f(a, pc, label_smoothing=0.1)
+        pc.zero_()
+        grads.append(torch.autograd.grad(loss, a)[0])
+    torch.testing.assert_close(*grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_bias_may_change_in_place_after_the_forward(dtype, device):
+    """torch's addmm saves no bias: changing it after the forward is allowed there, and in
+    the fused path here (its first backward reads no saved tensor); the input's and the
+    head's change is autograd's error in both."""
+    gen = torch.Generator().manual_seed(16)
+    x, w, b = (torch.randn(*s, generator=gen).to(dtype).to(device) for s in ((4, 6), (5, 6), (5,)))
+    t = torch.tensor([1, 2, 3, 0], device=device)
+    grads = []
+    for f in (lambda x, w, b: fs.linear_cross_entropy(x, w, t, linear_bias=b),
+              lambda x, w, b: F.cross_entropy(F.linear(x, w, b), t)):
+        leaves = [a.clone().requires_grad_(True) for a in (x, w, b)]
+        xs, ws, bs = (a * 1 for a in leaves)
+        loss = f(xs, ws, bs)
+        bs.add_(1.0)
+        grads.append(torch.autograd.grad(loss, leaves))
+        for changed in ("x", "w"):
+            xs, ws, bs = (a * 1 for a in leaves)
+            loss = f(xs, ws, bs)
+            (xs if changed == "x" else ws).add_(1.0)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                torch.autograd.grad(loss, leaves)
+    eps = torch.finfo(dtype).eps
+    for g, e in zip(*grads):
+        torch.testing.assert_close(g, e, rtol=8 * eps, atol=8 * eps)
 
 
 def test_class_weight_shapes_like_torch(device):

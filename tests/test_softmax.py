@@ -1045,14 +1045,22 @@ def test_torch_compile_fullgraph_all_ops(device):
         assert _backend.launch_counts["softmax_bwd_kernel"] > before.get("softmax_bwd_kernel", 0)
 
 
-def test_torch_compile_fullgraph_logsumexp_tuple_dims(device):
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("dims", [(0, 2), (2, 1)])
+def test_torch_compile_fullgraph_logsumexp_tuple_dims(dims, dynamic, device):
+    """Static shapes, and symbolic ones (dynamic=True, or a second shape): the dims' order
+    by stride is taken without sorting symbolic strides, which Dynamo refuses."""
     def f(x):
-        return fs.logsumexp(x, (0, 2), keepdim=True)
+        return fs.logsumexp(x, dims, keepdim=True)
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
-    x = torch.randn(3, 4, 5, device=device)
-    torch.testing.assert_close(compiled(x), torch.logsumexp(x, (0, 2), keepdim=True))
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for shape in ((3, 4, 5), (4, 5, 6)):
+        x = torch.randn(shape, device=device, requires_grad=True)
+        out = compiled(x)
+        torch.testing.assert_close(out, torch.logsumexp(x, dims, keepdim=True))
+        expected = torch.autograd.grad(torch.logsumexp(x, dims, keepdim=True).sum(), x)[0]
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], expected)
 
 
 # ============================================================================ 64-bit offsets

@@ -13,6 +13,7 @@ import math
 import numbers
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from . import _backend
@@ -250,7 +251,9 @@ def _(logits, seed, temperature, top_k, top_p, min_p):
 
 # --------------------------------------------------------------------------- public API
 def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    """A Python or numpy int or float (not a bool, nor another ``numbers.Real`` such as a
+    ``Fraction``, which torch takes as no number)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 def _in_bounds(v, low, low_excluded: bool, high):
@@ -296,6 +299,8 @@ def _row_param(value: Param, name: str, dtype: torch.dtype, logits: torch.Tensor
     if value.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(_in_bounds(value.double(), *bounds).all()):
             raise ValueError(f"sample(): every entry of {name} must be {valid_text}")
+    if value.dtype == torch.uint64:  # 2^63 and beyond would wrap casting to int64
+        value = value.double().clamp(max=2.0 ** 62)  # (a top_k >= V anyway)
     value = value.to(dtype)  # valid values only move where fp32 rounding left the range
     if value.is_floating_point():
         value = torch.nan_to_num(value, nan=clamp["nan"], posinf=high, neginf=low)
@@ -330,8 +335,9 @@ def sample(
             drawn from it (on the device, no host synchronisation), so equal generator
             states give equal draws and successive calls give fresh ones.
 
-    The filters apply in Hugging Face's and vLLM's order (FlashInfer's ``top_k_first``):
-    top-k, then top-p on the distribution renormalised over the top-k set, and min-p
+    The filters apply in Hugging Face's order (FlashInfer's ``top_k_first``; vLLM's V1
+    sampler applies min-p first): top-k, then top-p on the distribution renormalised
+    over the top-k set, and min-p
     (a ratio to the largest probability, which renormalising leaves alone); a token is
     drawn from ``softmax(x / T)`` renormalised over the tokens that all of them keep.
     Per-row tensors are validated on the CPU (outside :func:`torch.compile`); on CUDA

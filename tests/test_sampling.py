@@ -7,6 +7,7 @@ compared with a chi-square test at a fixed seed; supports are compared exactly.
 
 import json
 import math
+from fractions import Fraction
 import os
 import subprocess
 import sys
@@ -595,6 +596,11 @@ BAD_ARGS = [
 BAD_ARGS += [
     (dict(generator="seed"), TypeError, "generator"),
     (dict(temperature=1e39), ValueError, "temperature"),
+    # a Fraction is a numbers.Real but no number to torch: our TypeError, naming it (it
+    # failed inside torch.full before)
+    (dict(top_p=Fraction(1, 2)), TypeError, "top_p must be a number or a tensor"),
+    (dict(min_p=Fraction(1, 2)), TypeError, "min_p must be a number or a tensor"),
+    (dict(temperature=Fraction(1, 2)), TypeError, "temperature must be a number or a tensor"),
 ]
 
 
@@ -633,6 +639,17 @@ def test_nan_parameters_in_compiled_code_disable_their_filter():
         assert torch.equal(f(x, t, p, m), torch.full((8,), 6))
     with pytest.raises(ValueError, match="temperature"):  # eager CPU: checked
         sample(x, temperature=nan)
+
+
+def test_huge_unsigned_top_k_keeps_every_token(device):
+    """A uint64 top_k of 2^63 or more (>= V: no filter) wrapped to a negative int64, then
+    clamped to 1: only the argmax was drawn."""
+    x = torch.tensor([1.0, 2.0, 3.0, 2.5], device=device).expand(512, 4)
+    k = torch.tensor([2 ** 63], dtype=torch.uint64, device=device)
+    draws = [sample(x, top_k=top_k, generator=torch.Generator(device).manual_seed(3))
+             for top_k in (k, None)]
+    assert torch.equal(draws[0], draws[1])
+    assert len(torch.unique(draws[0])) == 4
 
 
 def test_bad_logits():

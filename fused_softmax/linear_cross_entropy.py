@@ -474,13 +474,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if not ctx.args[5]:  # an ignored row's gradient is 0 whatever its grad_output
                     row_scale = row_scale.masked_fill(target == ctx.args[0], 0.0)
                 _, _, gx, gw, gb = _backend.call(
-                    linear_cross_entropy_fwd, x, w, saved_bias(ctx), target, weight, scalars, row_scale,
-                    *ctx.args, ctx.chunk_size,
-                    need_x, need_w, need_b)
+                    linear_cross_entropy_fwd, x, w, saved_bias(ctx), target, weight, scalars,
+                    row_scale, *ctx.args, ctx.chunk_size, need_x, need_w, need_b)
         if need_t or need_cw:
             dscale = dloss.reshape(-1) if dloss.dim() else dloss
-            gt, gcw = _soft_target_grads(x, w, saved_bias(ctx), target, weight, scalars, lse, dscale,
-                                         ctx.args, ctx.chunk_size)
+            gt, gcw = _soft_target_grads(x, w, saved_bias(ctx), target, weight, scalars, lse,
+                                         dscale, ctx.args, ctx.chunk_size)
         return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
                 gt if need_t else None, gcw.to(weight.dtype) if need_cw else None,
                 None, None, None, None, None, None)

@@ -55,8 +55,9 @@ when rows are too few to fill the GPU ``split_kernel`` cuts each row into parts,
 program each and one launch per pass: a pass's per-part results (the best draw block, the
 count and mass above the candidate, the max and sum, the radix select's byte histograms
 and the top-k mass: ``split_stats_kernel``) go to global memory, and the next launch
-combines them (the best draw in part order, sums by one fixed-shape reduction). The first ``SPLIT_ROUNDS`` rejection rounds (host constant)
-run split; a last launch, one program per row, finishes the rare rows still undecided.
+combines them (the best draw in part order, sums by one fixed-shape reduction). The
+first ``SPLIT_ROUNDS`` rejection rounds (host constant) run split; a last launch, one
+program per row, finishes the rare rows still undecided.
 The noise does not depend on the split, so split and whole rows draw the same tokens
 (but where a mass sits within rounding of a top-p cut: the parts add it in another order).
 

@@ -58,8 +58,9 @@ def _launch_params(elem, on_cuda, per_wave, C, n_rows, grad):
     max_block = {2: 16384, 4: 8192}.get(elem, 4096)
     if not grad:
         block_n = min(triton.next_power_of_2(max(C, 1)), 4096)
-        # one program per row on CUDA; a persistent grid under the interpreter
-        grid = n_rows if on_cuda else min(n_rows, per_wave * 2)
+        # one program per row on CUDA (up to 2^24 programs: the launcher's grid is an int32,
+        # and the kernels loop over the rest); a persistent grid under the interpreter
+        grid = min(n_rows, 1 << 24) if on_cuda else min(n_rows, per_wave * 2)
     else:
         block_n = min(triton.next_power_of_2(max(C, 1)), max_block)
         waves = max(2, min(32, 32768 // block_n))

@@ -109,7 +109,8 @@ def _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, sof
     cols = torch.arange(x.shape[1], device=x.device)
     dx = dx - torch.where(cols == (target.long() - vocab_start)[:, None], b, 0.0)
     if coef.shape[1] == 3:
-        dx = dx - coef[:, 2:3] * (weight.to(dx.dtype) if weight is not None else 1.0)
+        c_w = coef[:, 2:3]  # where, not times, as the kernel: an ignored row's c_w is 0
+        dx = dx - (c_w if weight is None else torch.where(c_w == 0, 0.0, c_w * weight.to(dx.dtype)))
     if softcap > 0:  # dz / d(x * logit_scale) = 1 / cosh^2; logit_scale itself is in coef
         dx = torch.where(a == 0, 0.0, dx / torch.cosh(x.to(coef.dtype) * logit_scale / softcap) ** 2)
     grad.copy_(dx)

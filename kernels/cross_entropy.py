@@ -142,8 +142,8 @@ def cross_entropy_fwd_kernel(
     grad_scale = tl.load(SCALARS).to(ACC)
     w_sum = tl.load(SCALARS + 1).to(ACC)
     eps_c = smoothing / C
-    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        r = tl.cast(row, tl.int64)
+    # an int64 counter: row + num_programs must not wrap when n_rows is near 2^31
+    for r in range(tl.cast(tl.program_id(0), tl.int64), n_rows, tl.num_programs(0)):
         xrow = X + r * sx
         if not PROB_TARGET:
             t = tl.load(TARGET + r).to(tl.int64)
@@ -178,9 +178,9 @@ def cross_entropy_fwd_kernel(
                 lin_vec, wq_vec = linear_sum_update(lin_vec, wq_vec, z, w, mask, m, m_new)
             m = m_new
         shift = finite_or_zero(m)
-        s = tl.sum(s_vec, 0)
+        s_all = tl.sum(s_vec, 0)  # NaN when the row holds a NaN
         # torch: a +inf logit makes log_softmax NaN (inf - inf), so the loss is NaN too.
-        s = tl.where(m == float("inf"), float("nan"), s)
+        s = tl.where(m == float("inf"), float("nan"), s_all)
         log_s = log_(s, PRECISE)  # lse - shift
         lse = shift + log_s
 
@@ -199,7 +199,8 @@ def cross_entropy_fwd_kernel(
         if not PROB_TARGET:
             loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
         tl.store(LOSS + r, loss)
-        tl.store(LSE + r, tl.where(m == float("inf"), float("inf"), lse))  # torch.logsumexp's +inf
+        # torch.logsumexp's +inf, unless the row also holds a NaN: the GPU's max skips NaN
+        tl.store(LSE + r, tl.where((m == float("inf")) & (s_all == s_all), float("inf"), lse))
 
         # ---- pass 2 (L2-resident re-read): gradient of the row's loss
         if COMPUTE_GRAD:
@@ -263,8 +264,8 @@ def cross_entropy_bwd_kernel(GRAD, DLOSS, TARGET, n_rows, C, sg, sd, ignore_inde
     targets).
     """
     cols = tl.arange(0, BLOCK_N)
-    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        r = tl.cast(row, tl.int64)
+    # an int64 counter: row + num_programs must not wrap when n_rows is near 2^31
+    for r in range(tl.cast(tl.program_id(0), tl.int64), n_rows, tl.num_programs(0)):
         g = tl.load(DLOSS + r * sd).to(ACC)
         scale_row = g != 1.0
         if SKIP_IGNORED:

@@ -51,8 +51,8 @@ def vocab_parallel_stats_kernel(
     softcap = float_arg(softcap_bits, ACC)
     PRECISE: tl.constexpr = X.dtype.element_ty == tl.float32  # libm exp for fp32 logits
     cols = tl.arange(0, BLOCK_N)
-    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        r = tl.cast(row, tl.int64)
+    # an int64 counter: row + num_programs must not wrap when n_rows is near 2^31
+    for r in range(tl.cast(tl.program_id(0), tl.int64), n_rows, tl.num_programs(0)):
         xrow = X + r * sx
         t_local = tl.load(TARGET + r).to(tl.int64) - vocab_start
         owned = (t_local >= 0) & (t_local < C)
@@ -104,8 +104,8 @@ def vocab_parallel_bwd_kernel(
     softcap = float_arg(softcap_bits, ACC)
     PRECISE: tl.constexpr = X.dtype.element_ty == tl.float32
     cols = tl.arange(0, BLOCK_N)
-    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        r = tl.cast(row, tl.int64)
+    # an int64 counter: row + num_programs must not wrap when n_rows is near 2^31
+    for r in range(tl.cast(tl.program_id(0), tl.int64), n_rows, tl.num_programs(0)):
         xrow = X + r * sx
         t_local = tl.load(TARGET + r).to(tl.int64) - vocab_start
         # the log-sum-exp as (shift, log of the sum): z - shift is exact near the max, so
@@ -127,8 +127,9 @@ def vocab_parallel_bwd_kernel(
             dx = tl.where(a == 0.0, 0.0, a * exp_((z - shift) - log_s, PRECISE))
             dx -= tl.where(c == t_local, b, 0.0)
             if HAS_SMOOTHING:
-                if HAS_WEIGHT:
-                    dx -= c_w * tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
+                if HAS_WEIGHT:  # where, not times: an ignored row (c_w = 0) and an inf weight
+                    w = tl.load(WEIGHT + c, mask=mask, other=0.0).to(ACC)
+                    dx -= tl.where(c_w == 0.0, 0.0, c_w * w)
                 else:
                     dx -= c_w
             if HAS_SOFTCAP:  # an ignored row (a == 0) stays 0 even where sech^2 is NaN

@@ -1406,3 +1406,46 @@ def test_jit_trace_records_torchs_ops(device):
         assert "fused_softmax::" not in str(traced.graph)
         new = tuple(a * 1.5 if a.is_floating_point() else a for a in args)
         torch.testing.assert_close(traced(*new), theirs(*new))
+
+
+# --------------------------------------------------------------------------- kernel review
+def test_return_lse_of_a_row_with_inf_and_nan_is_nan(device):
+    """torch.logsumexp of a row holding +inf and NaN is NaN. The kernel's +inf rule now also
+    asks the row's sum (NaN): the GPU's max skips NaN, so it saw only the +inf."""
+    x = torch.tensor([[math.inf, math.nan, 1.0], [math.inf, 0.0, 1.0], [1.0, 2.0, 3.0]],
+                     device=device)
+    t = torch.tensor([0, 1, 2], device=device)
+    loss, lse = fs.cross_entropy(x, t, reduction="none", return_lse=True)
+    torch.testing.assert_close(lse, torch.logsumexp(x, -1), equal_nan=True)
+    torch.testing.assert_close(loss, F.cross_entropy(x, t, reduction="none"), equal_nan=True)
+
+
+@pytest.mark.parametrize("path", ["vocab_parallel", "linear_vocab_chunks", "linear_rows"])
+def test_ignored_rows_keep_a_zero_gradient_with_an_inf_class_weight(path, device):
+    """Label smoothing with an inf class weight: an ignored row's gradient is 0, as
+    cross_entropy's (its smoothing coefficient is 0, and 0 * inf was NaN in the
+    vocab-parallel backward, which also serves linear_cross_entropy's vocabulary chunks).
+    Kept rows are inf / NaN, as torch's."""
+    gen = torch.Generator().manual_seed(31)
+    C, H = 10, 8
+    w = torch.ones(C, device=device)
+    w[4] = math.inf
+    t = torch.tensor([-100, 3, -100], device=device)
+    kw = dict(weight=w, label_smoothing=0.1, reduction="none")
+    if path == "vocab_parallel":
+        x = torch.randn(3, C, generator=gen).to(device).requires_grad_()
+        loss = fs.distributed.vocab_parallel_cross_entropy(x, t, **kw)
+        loss.sum().backward()
+        grads = [x.grad]
+    else:
+        h = torch.randn(3, H, generator=gen).to(device).requires_grad_()
+        W = torch.randn(C, H, generator=gen).to(device).requires_grad_()
+        if path == "linear_vocab_chunks":
+            kw["vocab_chunk_size"] = 4
+        loss = fs.linear_cross_entropy(h, W, t, **kw)
+        loss.sum().backward()
+        grads = [h.grad]
+    assert loss[0] == 0 and loss[2] == 0 and loss[1] == math.inf
+    for g in grads:
+        assert torch.equal(g[0], torch.zeros_like(g[0])) and torch.equal(g[2], torch.zeros_like(g[2]))
+        assert not g[1].isfinite().all()

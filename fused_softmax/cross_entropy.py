@@ -363,15 +363,16 @@ def _loss_rows(x, target, weight, args):
     return rows
 
 
-def _differentiable_backward(ctx, dscale):
+def _differentiable_backward(ctx, dscale, saved):
     """``create_graph=True`` (double backward, gradient penalties, Hessians): the gradient
-    recomputed from the saved logits with torch ops, so that it is itself differentiable."""
+    recomputed from the saved logits (``saved``: ``ctx.saved_tensors``) with torch ops, so
+    that it is itself differentiable."""
     if ctx.inplace:
         raise RuntimeError(
             "fused_softmax.cross_entropy(inplace_backward=True): the logits were overwritten "
             "by the gradient, so no gradient of the gradient can be formed")
     ctx.fused_grad = None
-    x, target, weight, scalars, _ = ctx.saved_tensors
+    x, target, weight, scalars, _ = saved
     wanted = [(i, t) for i, t in enumerate((x, target, weight)) if ctx.needs_input_grad[i]]
     with torch.enable_grad():
         # In the accumulation dtype, as the kernels: grad_output (GradScaler's 2^16) is inf
@@ -442,13 +443,14 @@ def _rescale(ctx, grad_x, dscale):
                     None if target is None else ctx.args[0])
 
 
-def _ignored_rows_zeroed(ctx, dscale):
+def _ignored_rows_zeroed(ctx, dscale, target):
     """``dscale`` per row, 0 on ignored rows (class-index targets): an ignored row's
     gradient is 0 whatever ``grad_output`` holds (NaN, inf), as torch's. For the backward
-    paths other than the fused rescale (which skips those rows on the device)."""
+    paths other than the fused rescale (which skips those rows on the device). ``target``:
+    the saved one (``ctx.saved_tensors`` is unpacked once per backward: non-reentrant
+    checkpointing allows no second unpack)."""
     if ctx.rescale_target is None:
         return dscale
-    target = ctx.saved_tensors[1]
     return dscale.expand(target.shape).masked_fill(target == ctx.args[0], 0.0)
 
 
@@ -508,8 +510,10 @@ class CrossEntropyFunction(torch.autograd.Function):
             return (None,) * 9
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
         if torch.is_grad_enabled():
-            return _differentiable_backward(ctx, _ignored_rows_zeroed(ctx, dscale))
+            saved = ctx.saved_tensors
+            return _differentiable_backward(ctx, _ignored_rows_zeroed(ctx, dscale, saved[1]), saved)
         grad_x = grad_target = None
+        saved = None  # ctx.saved_tensors, unpacked at most once (non-reentrant checkpointing)
         if ctx.needs_input_grad[0]:
             grad_x, ctx.fused_grad = ctx.fused_grad, None
             if grad_x is None:
@@ -517,9 +521,10 @@ class CrossEntropyFunction(torch.autograd.Function):
                     raise RuntimeError(
                         "fused_softmax.cross_entropy(inplace_backward=True): the logits were "
                         "overwritten by the gradient, so the graph can be backpropagated only once")
-                x, target, weight, scalars, _ = ctx.saved_tensors
+                saved = ctx.saved_tensors
+                x, target, weight, scalars, _ = saved
                 if ctx.deferred:  # fp16: one pass from the saved logits, grad_output folded in
-                    dscale = _ignored_rows_zeroed(ctx, dscale)
+                    dscale = _ignored_rows_zeroed(ctx, dscale, target)
                     if ctx.inplace_later and not needs_torch_ops(dscale):
                         _backend.call(
                             cross_entropy_fwd_inplace, x, target, weight, scalars, *ctx.args,
@@ -537,7 +542,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad_x = _rescale(ctx, grad_x, dscale)
         grad_weight = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            x, target, weight, scalars, lse = ctx.saved_tensors
+            x, target, weight, scalars, lse = saved if saved is not None else ctx.saved_tensors
             grad_target, grad_weight = _prob_target_grads(x, target, weight, scalars, lse, dscale, ctx.args)
             grad_target = grad_target.to(target.dtype) if ctx.needs_input_grad[1] else None
             grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[2] else None

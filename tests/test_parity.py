@@ -1449,3 +1449,44 @@ def test_ignored_rows_keep_a_zero_gradient_with_an_inf_class_weight(path, device
     for g in grads:
         assert torch.equal(g[0], torch.zeros_like(g[0])) and torch.equal(g[2], torch.zeros_like(g[2]))
         assert not g[1].isfinite().all()
+
+
+# --------------------------------------------------------------------------- checkpointing
+@pytest.mark.parametrize("case", ["fp16", "fp16_prob_target_grad", "create_graph", "fp32",
+                                  "softmax", "linear", "linear_vocab_chunks"])
+def test_non_reentrant_checkpoint(case, device):
+    """torch.utils.checkpoint(use_reentrant=False) unpacks each saved tensor once per
+    backward; cross_entropy's fp16, probability-target and create_graph backwards read
+    ctx.saved_tensors twice (CheckpointError). Gradients equal torch's under the same
+    checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+    gen = torch.Generator().manual_seed(32)
+    x = torch.randn(5, 9, generator=gen).to(device)
+    t = torch.tensor([1, 8, 0, 3, -100], device=device)
+    if case.startswith("fp16"):
+        x = x.half()
+    if case == "fp16_prob_target_grad":
+        t = torch.softmax(torch.randn(5, 9, generator=gen), -1).to(device).half()
+    if case == "softmax":
+        ours, theirs = (lambda a, _t: fs.log_softmax(a, -1).square().sum(),
+                        lambda a, _t: F.log_softmax(a, -1).square().sum())
+    elif case.startswith("linear"):
+        W = torch.randn(9, 9, generator=gen).to(device)
+        kw = dict(vocab_chunk_size=4) if case == "linear_vocab_chunks" else {}
+        ours = lambda a, b: fs.linear_cross_entropy(a, W, b, **kw)  # noqa: E731
+        theirs = lambda a, b: F.cross_entropy(F.linear(a, W), b)  # noqa: E731
+    else:
+        ours, theirs = fs.cross_entropy, F.cross_entropy
+    results = []
+    for fn in (ours, theirs):
+        a = x.clone().requires_grad_()
+        b = t.clone().requires_grad_() if t.is_floating_point() else t
+        loss = checkpoint(fn, a, b, use_reentrant=False)
+        if case == "create_graph":
+            g, = torch.autograd.grad(loss, a, create_graph=True)
+            g.square().sum().backward()
+        else:
+            loss.backward()
+        results.append([loss.detach(), a.grad] + ([b.grad] if b is not t else []))
+    for o, r in zip(*results):
+        torch.testing.assert_close(o, r, atol=2e-3 if x.dtype == torch.half else 1e-5, rtol=1e-3)

@@ -16,8 +16,11 @@ class _TemperatureMixin:
 
     _LOG = False  # log_softmax rather than softmax
 
-    def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
-        super().__init__(dim)
+    def _init(self, dim: Optional[int], temperature: float) -> None:
+        # called by each class's own __init__, so that argument errors name the class
+        # ("Softmax.__init__() takes ..."), as torch's
+        torch.nn.Module.__init__(self)
+        self.dim = dim
         self.temperature = temperature
         self._log = type(self)._LOG  # an instance attribute: torch.jit.script copies it
 
@@ -53,6 +56,8 @@ class Softmax(_TemperatureMixin, torch.nn.Softmax):
         tensor([1.0000, 1.0000])
     """
 
+    def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
+        self._init(dim, temperature)
 
 
 class LogSoftmax(_TemperatureMixin, torch.nn.LogSoftmax):
@@ -60,6 +65,9 @@ class LogSoftmax(_TemperatureMixin, torch.nn.LogSoftmax):
     ``temperature``)."""
 
     _LOG = True
+
+    def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
+        self._init(dim, temperature)
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

@@ -1490,3 +1490,17 @@ def test_non_reentrant_checkpoint(case, device):
         results.append([loss.detach(), a.grad] + ([b.grad] if b is not t else []))
     for o, r in zip(*results):
         torch.testing.assert_close(o, r, atol=2e-3 if x.dtype == torch.half else 1e-5, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- nn modules
+@pytest.mark.parametrize("name", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("args, kwargs", [((1, 2), {}), ((), {"foo": 1}), ((0, None), {})])
+def test_module_constructor_errors_name_the_class(name, args, kwargs):
+    """A bad constructor call is torch's TypeError in torch's words (it named the shared
+    _TemperatureMixin.__init__)."""
+    errors = []
+    for cls in (getattr(torch.nn, name), getattr(fs.nn, name)):
+        e = raised(cls, *args, **kwargs)
+        assert isinstance(e, TypeError)
+        errors.append(str(e))
+    assert errors[0] == errors[1]

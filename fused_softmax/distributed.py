@@ -251,7 +251,10 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
     loss = (1.0 - eps) * w_t * ((shift - sums[:, 1]) + log_s)  # lse - z_t, no cancellation
     coef = (1.0 - eps) * w_t
     if eps > 0:  # relative to shift: no cancellation of large terms
-        loss = loss + eps_v * (w_sum * log_s - sums[:, 2])
+        # (log_s is 0 where one logit dominates: an inf weight of another class gives no
+        # 0 * inf there, as the cross_entropy kernel's times_log_s)
+        far_inf = (log_s == 0) & sums[:, 2].isinf()
+        loss = loss + eps_v * (torch.where(far_inf, 0.0, w_sum * log_s) - sums[:, 2])
         coef = coef + eps_v * w_sum
     if z_loss != 0:
         loss = loss + z_loss * lse * lse

@@ -100,6 +100,16 @@ def linear_sum_update(lin_vec, w_vec, z, w, mask, m_run, m_new):
 
 
 @triton.jit
+def times_log_s(coef, log_s, lin):
+    """``coef * log_s`` of the loss ``coef * log_s - lin``, as torch's ``-sum(w * log p)``.
+    Where one logit dominates the row, ``log_s`` is 0: an inf weight (or probability) of
+    another class makes ``lin`` -inf and torch's loss +inf, and 0 is the term here (not
+    ``0 * inf`` = NaN); an inf at the dominant class itself (``lin`` finite) keeps torch's
+    NaN (its ``inf * log p`` with ``log p = 0``)."""
+    return tl.where((log_s == 0.0) & (tl.abs(lin) == float("inf")), 0.0, coef * log_s)
+
+
+@triton.jit
 def is_nonfinite(g):
     return (tl.abs(g) == float("inf")) | (g != g)
 
@@ -116,11 +126,12 @@ def nan_for_nonfinite(v, nonfinite, c, t_nan, WHOLE_ROW: tl.constexpr):
         return tl.where(c == t_nan, float("nan"), v)
 
 
-@triton.jit(do_not_specialize=["smoothing_bits", "scale_bits", "softcap_bits", "z_loss_bits"])
+@triton.jit(do_not_specialize=["keep_bits", "eps_c_bits", "scale_bits", "softcap_bits",
+                             "z_loss_bits"])
 def cross_entropy_fwd_kernel(
     X, TARGET, WEIGHT, SCALARS, LOSS, LSE, GRAD,
     n_rows, C, sx, st, sg, DSCALE, sd,
-    ignore_index, smoothing_bits, scale_bits, softcap_bits, z_loss_bits,
+    ignore_index, keep_bits, eps_c_bits, scale_bits, softcap_bits, z_loss_bits,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_Z_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     HAS_DSCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -133,7 +144,10 @@ def cross_entropy_fwd_kernel(
     ``sd = 0``, one for all), in fp32 before the store, as torch orders it (a backward that
     recomputes the gradient).
     """
-    smoothing = float_arg(smoothing_bits, ACC)
+    # 1 - label_smoothing and label_smoothing / C formed in fp64 on the host, rounded once
+    # (as torch's scalars; 1 - an fp32 label_smoothing cancels near 1)
+    keep = float_arg(keep_bits, ACC)
+    eps_c = float_arg(eps_c_bits, ACC)
     logit_scale = float_arg(scale_bits, ACC)
     softcap = float_arg(softcap_bits, ACC)
     z_loss = float_arg(z_loss_bits, ACC)
@@ -141,7 +155,6 @@ def cross_entropy_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     grad_scale = tl.load(SCALARS).to(ACC)
     w_sum = tl.load(SCALARS + 1).to(ACC)
-    eps_c = smoothing / C
     # an int64 counter: row + num_programs must not wrap when n_rows is near 2^31
     for r in range(tl.cast(tl.program_id(0), tl.int64), n_rows, tl.num_programs(0)):
         xrow = X + r * sx
@@ -174,7 +187,7 @@ def cross_entropy_fwd_kernel(
                     w = tl.where(mask, 1.0, 0.0).to(ACC)
                 if PROB_TARGET:
                     q = tl.load(TARGET + r * st + c, mask=mask, other=0.0).to(ACC)
-                    w = w * (q * (1.0 - smoothing) + eps_c)
+                    w = w * (q * keep + eps_c)
                 lin_vec, wq_vec = linear_sum_update(lin_vec, wq_vec, z, w, mask, m, m_new)
             m = m_new
         shift = finite_or_zero(m)
@@ -184,14 +197,15 @@ def cross_entropy_fwd_kernel(
         log_s = log_(s, PRECISE)  # lse - shift
         lse = shift + log_s
 
+        lin = tl.sum(lin_vec, 0)
         if PROB_TARGET:
             coef = tl.sum(wq_vec, 0)
-            loss = coef * log_s - tl.sum(lin_vec, 0)
+            loss = times_log_s(coef, log_s, lin) - lin
         else:
-            loss = (1.0 - smoothing) * w_t * ((shift - z_t) + log_s)
-            coef = (1.0 - smoothing) * w_t
+            loss = keep * w_t * ((shift - z_t) + log_s)
+            coef = keep * w_t
             if HAS_SMOOTHING:
-                loss += eps_c * (w_sum * log_s - tl.sum(lin_vec, 0))
+                loss += eps_c * (times_log_s(w_sum, log_s, lin) - lin)
                 coef += eps_c * w_sum
         if HAS_Z_LOSS:
             loss += z_loss * lse * lse
@@ -240,9 +254,9 @@ def cross_entropy_fwd_kernel(
                     w = 1.0
                 if PROB_TARGET:
                     q = tl.load(TARGET + r * st + c, mask=mask, other=0.0).to(ACC)
-                    dz = g_coef * p - row_scale * w * (q * (1.0 - smoothing) + eps_c)
+                    dz = g_coef * p - row_scale * w * (q * keep + eps_c)
                 else:
-                    dz = g_coef * p - tl.where(c == t, row_scale * (1.0 - smoothing) * w_t, 0.0)
+                    dz = g_coef * p - tl.where(c == t, row_scale * keep * w_t, 0.0)
                     if HAS_SMOOTHING:
                         dz -= row_scale * eps_c * w
                 dz = dz * dzdx

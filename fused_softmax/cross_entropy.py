@@ -726,7 +726,18 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found {name} on {t.device} "
                 f"and input on {input.device}")
+    if not prob_target:
+        check_uint8_smoothed_mean(target, weight, label_smoothing, reduction)
     return C, prob_target, label_smoothing
+
+
+def check_uint8_smoothed_mean(target, weight, label_smoothing, reduction) -> None:
+    """torch's error for a uint8 class-index target with a class weight, label smoothing
+    and a mean: its smoothing term gathers the targets' weights with the bytes as indices
+    (not for an empty batch)."""
+    if (target.dtype == torch.uint8 and weight is not None and label_smoothing > 0
+            and reduction == "mean" and target.numel()):
+        raise RuntimeError("gather(): Expected dtype int32/int64 for index")
 
 
 def check_index_target(input, target, reduction) -> None:

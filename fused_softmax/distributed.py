@@ -36,8 +36,9 @@ from . import _backend
 from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
                        float_bits, fp32_if_low, is_finite, needs_torch_ops, use_triton)
 from .cross_entropy import (_REDUCTIONS, _scaled_logits, _type_name, check_ignore_index,
-                            check_index_target, cross_entropy, grad_scale_of, ignored_grad,
-                            mean_of, reduction_name, smoothing_value, widen_int32_target)
+                            check_index_target, check_uint8_smoothed_mean, cross_entropy,
+                            grad_scale_of, ignored_grad, mean_of, reduction_name,
+                            smoothing_value, widen_int32_target)
 
 if _backend.HAS_TRITON:
     from .cross_entropy import _block_and_grid
@@ -438,6 +439,7 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found {arg} on {t.device} "
                 f"and local_logits on {input.device}")
+    check_uint8_smoothed_mean(target, weight, label_smoothing, reduction)
     return C
 
 

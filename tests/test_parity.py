@@ -1565,3 +1565,26 @@ def test_inf_weight_of_a_far_class_with_one_dominant_logit_is_inf(fn, case, devi
             theirs = F.cross_entropy(*args[0], reduction=reduction, **args[1])
             torch.testing.assert_close(ours(*args[0], reduction=reduction, **args[1]), theirs,
                                        equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n", [3, 0])
+def test_uint8_target_with_weight_and_smoothing_is_torchs_error(reduction, n, device):
+    """torch's mean with label smoothing gathers the class weights with a uint8 target as
+    the index: its RuntimeError (not for 'sum' / 'none' or an empty batch: their values)."""
+    x = torch.randn(n, 5, device=device)
+    h = torch.randn(n, 4, device=device)
+    W = torch.randn(5, 4, device=device)
+    t = torch.tensor([0, 4, 2][:n], dtype=torch.uint8, device=device)
+    kw = dict(weight=torch.ones(5, device=device), label_smoothing=0.1, reduction=reduction)
+    pairs = [(lambda: F.cross_entropy(x, t, **kw), lambda: fs.cross_entropy(x, t, **kw)),
+             (lambda: F.cross_entropy(x, t, **kw),
+              lambda: fs.distributed.vocab_parallel_cross_entropy(x, t, **kw))]
+    if hasattr(F, "linear_cross_entropy"):
+        pairs.append((lambda: F.linear_cross_entropy(h, W, t, **kw),
+                      lambda: fs.linear_cross_entropy(h, W, t, **kw)))
+    for theirs, ours in pairs:
+        e_theirs, e_ours = raised(theirs), raised(ours)
+        assert type(e_theirs) is type(e_ours) and str(e_theirs) == str(e_ours)
+        if e_theirs is None:  # (an empty mean is NaN)
+            torch.testing.assert_close(ours(), theirs(), equal_nan=True)

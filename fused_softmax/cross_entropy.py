@@ -165,22 +165,10 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     if not prob_target:
         # After the scaling, as in the kernel: all rows ignored makes grad_scale 1/0.
         loss = torch.where(ignored, 0.0, loss)
-        dz = torch.where(ignored[:, None], ignored_grad(lse, w_sum if weight is not None and eps > 0
-                                                       else None)[:, None], dz)
+        dz = torch.where(ignored[:, None], 0.0, dz)
     if grad is not None:
         grad.copy_(dz)
     return loss, lse
-
-
-def ignored_grad(lse: torch.Tensor, w_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per row, the gradient of an ignored row's logits, as torch's: 0, but NaN where the
-    row's log-softmax is NaN (its log-sum-exp ``lse`` not finite: a +inf or NaN logit, or
-    all -inf) and, with label smoothing (give the class weights' sum ``w_sum``), where a
-    class weight is not finite (``0 * inf`` in torch's backward)."""
-    bad = ~lse.isfinite()
-    if w_sum is not None:
-        bad = bad | ~w_sum.isfinite()
-    return torch.where(bad, math.nan, 0.0).to(lse.dtype)
 
 
 def check_targets_on_cpu(target: torch.Tensor, ignore_index: int, n_classes: int) -> None:
@@ -865,9 +853,9 @@ def cross_entropy(
         size_average, reduce: deprecated, as in torch.
         ignore_index (int): target value that contributes neither loss nor gradient (any
             value, also one in ``[0, C)``); index targets only. An ignored row's gradient is
-            torch's: 0 whatever ``grad_output`` holds, but NaN for a row holding a +inf or
-            NaN logit, for an all ``-inf`` row, and, with label smoothing, for an inf or
-            NaN class weight.
+            0 whatever its logits, the class weights or ``grad_output`` hold (torch gives
+            NaN for an ignored row holding +inf or NaN logits, for an all ``-inf`` row, and,
+            with label smoothing, for an inf or NaN class weight).
         reduction (str): ``'none'`` | ``'mean'`` | ``'sum'``. ``'mean'`` divides by the sum of
             the target weights of non-ignored elements (by their count without ``weight``;
             by the number of rows for probability targets); all ignored gives NaN.

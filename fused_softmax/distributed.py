@@ -37,8 +37,8 @@ from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, ch
                        float_bits, fp32_if_low, is_finite, needs_torch_ops, use_triton)
 from .cross_entropy import (_REDUCTIONS, _scaled_logits, _type_name, check_ignore_index,
                             check_index_target, check_uint8_smoothed_mean, cross_entropy,
-                            grad_scale_of, ignored_grad, mean_of, reduction_name,
-                            smoothing_value, widen_int32_target)
+                            grad_scale_of, mean_of, reduction_name, smoothing_value,
+                            widen_int32_target)
 
 if _backend.HAS_TRITON:
     from .cross_entropy import _block_and_grid
@@ -233,8 +233,7 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
     sum is the log-sum-exp; the backward subtracts them one at a time, exact near the max)
     and, with
     ``coefficients``, the backward's per-row ``[a, b(, c)]`` (``vocab_parallel_bwd_kernel``)
-    already holding the reduction's scale: 0 for ignored rows (NaN where torch's gradient
-    of the row is NaN: ``ignored_grad``), NaN for out-of-range targets
+    already holding the reduction's scale: 0 for ignored rows, NaN for out-of-range targets
     (loud, with no host synchronisation), else None.
     """
     acc = sums.dtype
@@ -280,21 +279,19 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
     # softmax: NaN coefficients, so that even a zero grad_output gives NaN, as torch's.
     row_scale = torch.where(valid, torch.where(in_range & lse.isfinite(), grad_scale, math.nan), 0.0)
     cols = [coef, (1.0 - eps) * w_t] + ([eps_v.expand(n_rows)] if eps > 0 else [])
-    # (where, not times, for ignored rows: an inf weight of their class times 0 is NaN;
-    # their coefficients are 0, or NaN where torch's gradient of the row is: ignored_grad)
-    ignored = ignored_grad(lse, w_sum if weight is not None and eps > 0 else None)
+    # (where, not times, for ignored rows: an inf weight of their class times 0 is NaN)
     return out, lse_parts, torch.where(valid[:, None], torch.stack(cols, 1) * row_scale[:, None],
-                                       ignored[:, None])
+                                       0.0)
 
 
 def scale_coefficients(coef, dloss, logit_scale, valid):
     """The backward's coefficients times ``grad_output`` (per row or scalar) and
-    ``logit_scale``; ignored rows (not ``valid``) keep their coefficients (0, or NaN where
-    torch's gradient of the row is NaN) whatever ``grad_output`` holds (NaN, inf), as
-    torch's, while a kept row of zero class weight takes torch's ``0 * NaN``."""
+    ``logit_scale``; ignored rows (not ``valid``) keep all-zero coefficients whatever
+    ``grad_output`` holds (NaN, inf), so their gradient stays 0, as torch's, while a kept
+    row of zero class weight takes torch's ``0 * NaN``."""
     dloss = dloss.to(coef.dtype)
     return torch.where(valid[:, None],
-                       coef * ((dloss[:, None] if dloss.dim() else dloss) * logit_scale), coef)
+                       coef * ((dloss[:, None] if dloss.dim() else dloss) * logit_scale), 0.0)
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):

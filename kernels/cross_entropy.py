@@ -228,14 +228,6 @@ def cross_entropy_fwd_kernel(
                 if not PROB_TARGET:
                     t_nan = tl.where(nonfinite, t, -1)
             g_coef = coef * row_scale
-            if not PROB_TARGET:
-                # an ignored row's gradient, as torch's: 0, but NaN where its log-softmax is
-                # (a +inf or NaN logit, or all -inf: lse not finite) and, with label
-                # smoothing, where a class weight is not finite (0 * inf in torch's backward)
-                bad = (lse != lse) | (tl.abs(lse) == float("inf"))
-                if HAS_SMOOTHING and HAS_WEIGHT:
-                    bad = bad | (w_sum != w_sum) | (tl.abs(w_sum) == float("inf"))
-                ignored_grad = tl.where(bad, float("nan"), 0.0)
             for start in range(0, C, BLOCK_N):
                 c = start + cols
                 mask = c < C
@@ -263,7 +255,7 @@ def cross_entropy_fwd_kernel(
                 if HAS_DSCALE:
                     dz = nan_for_nonfinite(dz, nonfinite, c, t_nan, PROB_TARGET or HAS_SMOOTHING)
                 if not PROB_TARGET:  # after dzdx: softcap's sech^2 of a NaN logit is NaN
-                    dz = tl.where(ignored, ignored_grad, tl.where(in_range, dz, float("nan")))
+                    dz = tl.where(ignored, 0.0, tl.where(in_range, dz, float("nan")))
                 tl.store(GRAD + r * sg + c, out_cast(dz, GRAD), mask=mask,
                          eviction_policy="evict_first")
 

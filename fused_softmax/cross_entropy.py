@@ -715,17 +715,22 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
                 f"Expected all tensors to be on the same device, but found {name} on {t.device} "
                 f"and input on {input.device}")
     if not prob_target:
-        check_uint8_smoothed_mean(target, weight, label_smoothing, reduction)
+        check_uint8_smoothed_mean(target, weight, label_smoothing, reduction, ignore_index)
     return C, prob_target, label_smoothing
 
 
-def check_uint8_smoothed_mean(target, weight, label_smoothing, reduction) -> None:
+def check_uint8_smoothed_mean(target, weight, label_smoothing, reduction, ignore_index) -> None:
     """torch's error for a uint8 class-index target with a class weight, label smoothing
-    and a mean: its smoothing term gathers the targets' weights with the bytes as indices
-    (not for an empty batch)."""
-    if (target.dtype == torch.uint8 and weight is not None and label_smoothing > 0
+    and a mean: its smoothing term gathers the kept targets' weights with the bytes as
+    indices (no error where no target is kept: an empty batch, or every target ignored)."""
+    if not (target.dtype == torch.uint8 and weight is not None and label_smoothing > 0
             and reduction == "mean" and target.numel()):
-        raise RuntimeError("gather(): Expected dtype int32/int64 for index")
+        return
+    if 0 <= ignore_index < 256:  # some targets may be ignored: ask the values (a host
+        # synchronisation, on this rare combination only; a compiled graph goes on)
+        if torch.compiler.is_compiling() or not bool((target != ignore_index).any()):
+            return
+    raise RuntimeError("gather(): Expected dtype int32/int64 for index")
 
 
 def check_index_target(input, target, reduction) -> None:

@@ -251,10 +251,7 @@ def sharded_loss(shift, sums, vocab, target, weight, valid, in_range, reduction,
     loss = (1.0 - eps) * w_t * ((shift - sums[:, 1]) + log_s)  # lse - z_t, no cancellation
     coef = (1.0 - eps) * w_t
     if eps > 0:  # relative to shift: no cancellation of large terms
-        # (log_s is 0 where one logit dominates: an inf weight of another class gives no
-        # 0 * inf there, as the cross_entropy kernel's times_log_s)
-        far_inf = (log_s == 0) & sums[:, 2].isinf()
-        loss = loss + eps_v * (torch.where(far_inf, 0.0, w_sum * log_s) - sums[:, 2])
+        loss = loss + eps_v * (w_sum * log_s - sums[:, 2])
         coef = coef + eps_v * w_sum
     if z_loss != 0:
         loss = loss + z_loss * lse * lse
@@ -391,7 +388,7 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
     input_dtype = input_dtype or input.dtype
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError(f"{name}(): local_logits and target must be Tensors")
-    check_ignore_index(ignore_index, name)
+    ignore_index = check_ignore_index(ignore_index, name)
     check_float(name, input)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
@@ -436,7 +433,7 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found {arg} on {t.device} "
                 f"and local_logits on {input.device}")
-    check_uint8_smoothed_mean(target, weight, label_smoothing, reduction)
+    check_uint8_smoothed_mean(target, weight, label_smoothing, reduction, ignore_index)
     return C
 
 

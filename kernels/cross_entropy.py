@@ -100,16 +100,6 @@ def linear_sum_update(lin_vec, w_vec, z, w, mask, m_run, m_new):
 
 
 @triton.jit
-def times_log_s(coef, log_s, lin):
-    """``coef * log_s`` of the loss ``coef * log_s - lin``, as torch's ``-sum(w * log p)``.
-    Where one logit dominates the row, ``log_s`` is 0: an inf weight (or probability) of
-    another class makes ``lin`` -inf and torch's loss +inf, and 0 is the term here (not
-    ``0 * inf`` = NaN); an inf at the dominant class itself (``lin`` finite) keeps torch's
-    NaN (its ``inf * log p`` with ``log p = 0``)."""
-    return tl.where((log_s == 0.0) & (tl.abs(lin) == float("inf")), 0.0, coef * log_s)
-
-
-@triton.jit
 def is_nonfinite(g):
     return (tl.abs(g) == float("inf")) | (g != g)
 
@@ -200,12 +190,12 @@ def cross_entropy_fwd_kernel(
         lin = tl.sum(lin_vec, 0)
         if PROB_TARGET:
             coef = tl.sum(wq_vec, 0)
-            loss = times_log_s(coef, log_s, lin) - lin
+            loss = coef * log_s - lin
         else:
             loss = keep * w_t * ((shift - z_t) + log_s)
             coef = keep * w_t
             if HAS_SMOOTHING:
-                loss += eps_c * (times_log_s(w_sum, log_s, lin) - lin)
+                loss += eps_c * (w_sum * log_s - lin)
                 coef += eps_c * w_sum
         if HAS_Z_LOSS:
             loss += z_loss * lse * lse

@@ -18,9 +18,8 @@ class _TemperatureMixin:
 
     def _init(self, dim: Optional[int], temperature: float) -> None:
         # called by each class's own __init__, so that argument errors name the class
-        # ("Softmax.__init__() takes ..."), as torch's
-        torch.nn.Module.__init__(self)
-        self.dim = dim
+        # ("Softmax.__init__() takes ..."), as torch's; then torch's own __init__
+        super().__init__(dim)
         self.temperature = temperature
         self._log = type(self)._LOG  # an instance attribute: torch.jit.script copies it
 

@@ -187,15 +187,14 @@ def cross_entropy_fwd_kernel(
         log_s = log_(s, PRECISE)  # lse - shift
         lse = shift + log_s
 
-        lin = tl.sum(lin_vec, 0)
         if PROB_TARGET:
             coef = tl.sum(wq_vec, 0)
-            loss = coef * log_s - lin
+            loss = coef * log_s - tl.sum(lin_vec, 0)
         else:
             loss = keep * w_t * ((shift - z_t) + log_s)
             coef = keep * w_t
             if HAS_SMOOTHING:
-                loss += eps_c * (w_sum * log_s - lin)
+                loss += eps_c * (w_sum * log_s - tl.sum(lin_vec, 0))
                 coef += eps_c * w_sum
         if HAS_Z_LOSS:
             loss += z_loss * lse * lse

@@ -264,3 +264,10 @@ def torch_function_dispatch(*tensors) -> bool:
     dispatch from within it)."""
     return (not torch.compiler.is_compiling()
             and torch.overrides.has_torch_function_variadic(*tensors))
+
+
+def extras_repr(module, defaults) -> str:
+    """``", name=value"`` for each of a module's keyword-only extras ``(name, default)``
+    that differs from its default (torch's own arguments print as torch prints them)."""
+    return "".join(f", {k}={getattr(module, k)}" for k, default in defaults
+                   if getattr(module, k) != default)

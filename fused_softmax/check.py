@@ -35,6 +35,7 @@ import datetime
 import importlib.util
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -485,6 +486,21 @@ def build_report(rows: int, cols: int, seed: int = 0) -> dict:
     }
 
 
+def _unwritable(path: Path) -> str:
+    """Why ``path`` cannot be written as a file (its missing folders would be created), or
+    "" if it can."""
+    if path.is_dir():
+        return "is a directory; give a file path"
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "permission denied"
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``check`` sub-command; returns the process exit status."""
     rows = args.rows if args.rows is not None else (QUICK_ROWS if args.quick else DEFAULT_ROWS)
@@ -492,9 +508,9 @@ def run(args: argparse.Namespace) -> int:
     # Refuse what cannot be written before the run, not after it ("-": JSON to stdout).
     to_stdout = str(args.json) == "-"
     for flag, path in (("--json", None if to_stdout else args.json), ("--plot", args.plot)):
-        if path is not None and path.is_dir():
-            print(f"fused_softmax check: {flag} {path} is a directory; give a file path",
-                  file=sys.stderr)
+        problem = path is not None and _unwritable(path)
+        if problem:
+            print(f"fused_softmax check: {flag} {path}: {problem}", file=sys.stderr)
             return 2
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         print("fused_softmax check: --plot needs matplotlib (pip install matplotlib)",

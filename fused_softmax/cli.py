@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -28,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its two sub-commands."""
     from . import bench, check
 
-    parser = argparse.ArgumentParser(
-        prog="python -m fused_softmax", description=DESCRIPTION,
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    parser = argparse.ArgumentParser(  # usage names the script when run as `fused-softmax`
+        prog=script if script.startswith("fused-softmax") else "python -m fused_softmax",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fused_softmax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

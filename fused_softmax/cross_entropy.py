@@ -634,6 +634,14 @@ def smoothing_value(label_smoothing) -> float:
     return float(label_smoothing) if label_smoothing > 0 else 0.0
 
 
+def check_smoothing_range(label_smoothing) -> None:
+    """torch's error for ``label_smoothing > 1`` (a negative value or NaN is no smoothing),
+    the value printed as C++ prints a double (``%g``: ``2.0`` as ``2``)."""
+    if label_smoothing > 1.0:
+        raise RuntimeError("label_smoothing must be between 0.0 and 1.0. "
+                           f"Got: {float(label_smoothing):g}")
+
+
 def check_smoothing_type(label_smoothing):
     """torch's argument parser for the float ``label_smoothing``: a Python int, float or
     bool, a numpy scalar (bool and complex included: the real part, with numpy's
@@ -676,8 +684,7 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
         raise ValueError(f"{reduction} is not a valid value for reduction")
     label_smoothing = check_smoothing_type(label_smoothing)
     check_float("cross_entropy", input)
-    if label_smoothing > 1.0:  # torch rejects > 1 and treats a negative value (or NaN) as 0
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    check_smoothing_range(label_smoothing)
     if input.dim() == 0:
         if target.dim() == 0 and target.is_floating_point():  # torch: a probability target
             raise IndexError("Dimension specified as 1 but tensor has no dimensions")

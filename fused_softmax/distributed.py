@@ -36,7 +36,8 @@ from . import _backend
 from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
                        float_bits, fp32_if_low, is_finite, needs_torch_ops, use_triton)
 from .cross_entropy import (_REDUCTIONS, _scaled_logits, _type_name, check_ignore_index,
-                            check_index_target, check_uint8_smoothed_mean, cross_entropy,
+                            check_index_target, check_smoothing_range,
+                            check_uint8_smoothed_mean, cross_entropy,
                             grad_scale_of, mean_of, reduction_name, smoothing_value,
                             widen_int32_target)
 
@@ -392,8 +393,7 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
     check_float(name, input)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
-    if label_smoothing > 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    check_smoothing_range(label_smoothing)
     for arg, value in (("logit_scale", logit_scale), ("z_loss", z_loss)):
         if not is_finite(value):
             raise ValueError(f"{arg} must be finite, got {value}")
@@ -455,9 +455,9 @@ def vocab_parallel_cross_entropy(
     Equal to :func:`torch.nn.functional.cross_entropy` on the logits concatenated along the
     class dimension in vocabulary order (and to :func:`fused_softmax.cross_entropy` with
     the same extras), without any rank ever holding a whole row: per step the ranks
-    exchange two all-reduces of O(rows) floats — ``(k + 1) * rows + 1`` floats, ``k = 2``
-    (3 with label smoothing), in fp32 (fp64 for fp64 logits) — independent of the vocabulary
-    size. The backward communicates nothing.
+    exchange two all-reduces of O(rows) floats — ``(k + 1) * rows + 1 + 2 * world`` floats,
+    ``k = 2`` (3 with label smoothing), in fp32 (fp64 for fp64 logits) — independent of the
+    vocabulary size. The backward communicates nothing.
 
     Args:
         local_logits (Tensor): this rank's shard, ``(V_local,)``, ``(N, V_local)`` or
@@ -495,10 +495,10 @@ def vocab_parallel_cross_entropy(
 
     Example (2-way tensor parallelism, each rank holding half of a 32000-class head)::
 
-        >>> V_local = 16000
-        >>> local = hidden @ lm_head_shard.T            # (N, V_local) on this rank
-        >>> loss = vocab_parallel_cross_entropy(local, target, group=tp_group)
-        >>> loss.backward()                              # d loss / d local, no communication
+        V_local = 16000
+        local = hidden @ lm_head_shard.T            # (N, V_local) on this rank
+        loss = vocab_parallel_cross_entropy(local, target, group=tp_group)
+        loss.backward()                              # d loss / d local, no communication
     """
     rank, world = _rank_and_world(group)
     reduction = reduction_name(reduction)

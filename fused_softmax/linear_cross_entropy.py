@@ -890,6 +890,8 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
     constructor as torch's (``options`` is kept and ignored: the chunking is always on
     here; size it with ``chunk_size`` or ``vocab_chunk_size``), plus the keyword-only
     extras ``logit_scale``, ``softcap``, ``z_loss``, ``chunk_size`` and ``vocab_chunk_size``.
+    Like :func:`fused_softmax.linear_cross_entropy` it also takes ``input`` with several
+    leading dims (``(B, S, H)``), which torch's refuses (dimensionality 1 or 2 only).
 
     Example::
 
@@ -943,10 +945,9 @@ class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
             options=self.options)
 
     def extra_repr(self) -> str:
-        extras = "".join(f", {k}={getattr(self, k)}" for k, default in (
+        extras = _backend.extras_repr(self, (
             ("logit_scale", 1.0), ("softcap", None), ("z_loss", 0.0), ("chunk_size", None),
-            ("vocab_chunk_size", None))
-            if getattr(self, k) != default)
+            ("vocab_chunk_size", None)))
         return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
                 f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
                 f"reduction={self.reduction}, ignore_index={self.ignore_index}, "

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from . import _backend
 from . import softmax as _softmax
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import LinearCrossEntropyLoss  # noqa: F401
@@ -51,8 +52,9 @@ class Softmax(_TemperatureMixin, torch.nn.Softmax):
     Example::
 
         >>> m = fused_softmax.nn.Softmax(dim=-1)
-        >>> m(torch.randn(2, 3)).sum(-1)
-        tensor([1.0000, 1.0000])
+        >>> m(torch.tensor([[0.0, 0.0], [0.0, 1.0986123]]))  # log(3)
+        tensor([[0.5000, 0.5000],
+                [0.2500, 0.7500]])
     """
 
     def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
@@ -97,6 +99,10 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._fused(input, target)
+
+    def extra_repr(self) -> str:  # torch's module prints nothing; the extras that are set
+        return _backend.extras_repr(self, (("logit_scale", 1.0), ("softcap", None),
+                                           ("z_loss", 0.0), ("inplace_backward", False)))[2:]
 
     @torch.jit.ignore
     def _fused(self, input, target):  # left to Python by torch.jit.script, as the softmax modules

@@ -352,7 +352,11 @@ def sample(
     Example::
 
         >>> g = torch.Generator().manual_seed(0)
-        >>> fused_softmax.sample(torch.randn(4, 32000), temperature=0.7, top_p=0.9, generator=g)
+        >>> ids = fused_softmax.sample(torch.randn(4, 32000), temperature=0.7, top_p=0.9, generator=g)
+        >>> ids.shape, ids.dtype
+        (torch.Size([4]), torch.int64)
+        >>> fused_softmax.sample(torch.tensor([[0.0, 5.0, 1.0]]), temperature=0)  # greedy
+        tensor([1])
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"sample(): argument 'logits' must be Tensor, not {type(logits).__name__}")

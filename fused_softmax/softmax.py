@@ -625,7 +625,7 @@ def logsumexp(input: torch.Tensor, dim: Union[int, Sequence[int]], keepdim: bool
     Example::
 
         >>> fused_softmax.logsumexp(torch.tensor([1000.0, 1000.0]), dim=0)
-        tensor(1000.6931)
+        tensor(1000.6932)
     """
     if torch_function_dispatch(input):
         return handle_torch_function(logsumexp, (input,), input, dim, keepdim, out=out)

@@ -127,6 +127,9 @@ def test_check_refuses_an_unwritable_path_before_the_run(capsys, tmp_path, monke
     monkeypatch.setattr(check, "build_report", lambda *a: ran.append(a))
     assert main(["check", "--json", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err and not ran
+    (tmp_path / "afile").write_text("")  # a folder of the path is a file
+    assert main(["check", "--json", str(tmp_path / "afile" / "sub" / "x.json")]) == 2
+    assert f"{tmp_path / 'afile'} is not a directory" in capsys.readouterr().err and not ran
 
 
 def test_check_json_to_stdout(capsys):

@@ -987,6 +987,19 @@ def test_errors_like_torch(name, make, words, device):
     assert re.search(words, str(ours)), f"{name}: unhelpful message {ours!r}"
 
 
+@pytest.mark.parametrize("smoothing", [2.0, 1.25, 3, 1 + 1e-9])
+def test_label_smoothing_error_message_is_torchs(smoothing, device):
+    args = (_x(device), _t(device))
+    theirs = _raised(F.cross_entropy, args, dict(label_smoothing=smoothing))
+    assert str(_raised(ce, args, dict(label_smoothing=smoothing))) == str(theirs)
+
+
+def test_nn_module_repr_shows_the_extras_that_are_set():
+    assert repr(fused_softmax.nn.CrossEntropyLoss()) == repr(torch.nn.CrossEntropyLoss())
+    m = fused_softmax.nn.CrossEntropyLoss(label_smoothing=0.1, softcap=30.0, z_loss=1e-4)
+    assert repr(m) == "CrossEntropyLoss(softcap=30.0, z_loss=0.0001)"
+
+
 def test_int32_target_accepted(device):
     x = torch.randn(4, 10, device=device)
     t = torch.tensor([1, 2, -100, 9], device=device)

@@ -490,6 +490,7 @@ def test_double_backward_raises():
 BAD_ARGS = [
     ("reduction", dict(reduction="avg"), ValueError, "avg is not a valid value for reduction"),
     ("smoothing > 1", dict(label_smoothing=1.5), RuntimeError, "label_smoothing must be between"),
+    ("smoothing 2.0", dict(label_smoothing=2.0), RuntimeError, "Got: 2$"),  # torch prints %g
     ("logit_scale inf", dict(logit_scale=math.inf), ValueError, "logit_scale must be finite"),
     ("probability target", dict(target=torch.rand(2, 5)), RuntimeError, "class-probability targets are not supported"),
     ("float16 index", dict(target=torch.tensor([1, 2], dtype=torch.int16)), RuntimeError, "expected target dtype"),

@@ -1610,6 +1610,26 @@ def test_fp16_gradient_scaled_before_rounding(autocast, device):
     assert errs["ours"][1] <= errs["torch"][1] + 64, errs  # torch keeps (almost) every entry
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_fp16_label_smoothing_sum_does_not_overflow(reduction, device):
+    """torch sums the smoothing term -sum_c log p_c in fp16: past 65504 (4000 classes of
+    logits of std 4) its loss is inf. Ours sums in fp32: the fp64 reference's loss, the
+    same gradient (README, Limitations)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 4000, generator=gen) * 4).half().to(device)
+    t = torch.tensor([0, 5], device=device)
+    ref = F.cross_entropy(x.double(), t, label_smoothing=0.1, reduction=reduction)
+    xl = x.clone().requires_grad_(True)
+    loss = ce(xl, t, label_smoothing=0.1, reduction=reduction)
+    if device == "cpu":  # the overflow is torch's CPU and CUDA behaviour alike; asserted once
+        assert not F.cross_entropy(x, t, label_smoothing=0.1, reduction=reduction).isfinite().all()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-3, atol=0)
+    loss.sum().backward()
+    x2 = x.clone().requires_grad_(True)
+    F.cross_entropy(x2, t, label_smoothing=0.1, reduction=reduction).sum().backward()
+    torch.testing.assert_close(xl.grad, x2.grad)  # fp16 defaults: up to one fp16 ulp apart
+
+
 def test_elementwise_mean_is_torchs_deprecated_mean(device):
     x, t = _x(device), _t(device)
     with pytest.warns(UserWarning, match="elementwise_mean"):

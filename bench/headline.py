@@ -77,6 +77,15 @@ for N in (131072, 262144):
     case(f"softmax_fwd_bf16_N{N}", 4 * x.numel(), dict(ours=lambda: sm.softmax(x, -1), eager=lambda: torch.softmax(x, -1)))
 x = torch.randn(32768, 8192, device="cuda", dtype=torch.bfloat16)
 case("softmax_fwd_bf16_32768x8192_dim0", 4 * x.numel(), dict(ours=lambda: sm.softmax(x, 0), eager=lambda: torch.softmax(x, 0), movedim_copy=lambda: sm.softmax(x.t().contiguous(), -1)))
+# The last dim of a transposed matrix (row stride 1, element stride 8192): the default reads
+# each row strided; against a contiguous copy first, and tiles of r rows x (8192 / r) columns
+# that load along the unit-stride rows (as for dim=0) and store contiguous output rows.
+xt = x.t()
+def across(r):
+    cfg = dict(BLOCK_R=r, BLOCK_N=8192 // r, SINGLE_PASS=False, WIDE=False, num_warps=8)
+    return lambda: sm._launch_fwd(xt, 1, sm.SOFTMAX, 1.0, config=(cfg, xt.shape[0] // r))
+case("softmax_fwd_bf16_8192x32768_transposed", 4 * x.numel(), dict(ours=lambda: sm.softmax(xt, -1), eager=lambda: torch.softmax(xt, -1), copy_first=lambda: sm.softmax(xt.contiguous(), -1), across_r16=across(16), across_r64=across(64)))
+del xt
 for N in (4096, 1024):
     x = torch.randn((1 << 28) // N, N, device="cuda", dtype=torch.bfloat16)
     case(f"softmax_fwd_bf16_N{N}", 4 * x.numel(), dict(ours=lambda: sm.softmax(x, -1), eager=lambda: torch.softmax(x, -1), liger=lambda: LigerSoftmaxFunction.apply(x)))

@@ -290,12 +290,16 @@ def _row_param(value: Param, name: str, dtype: torch.dtype, logits: torch.Tensor
             or value.dtype == torch.bool):
         raise TypeError(f"sample(): {name} has dtype {value.dtype}; expected "
                         + ("an integer tensor" if integer_wanted else "a real tensor"))
+    # per row: broadcast to the batch shape, or, with a trailing 1 (Hugging Face's (B, 1),
+    # as in x / T), to the logits' batch shape + (1,)
+    per_row = value[..., 0] if value.dim() > len(batch) and value.shape[-1] == 1 else value
     try:
-        value = torch.broadcast_to(value, batch).reshape(n_rows)
+        value = torch.broadcast_to(per_row, batch).reshape(n_rows)
     except RuntimeError:
         raise ValueError(
-            f"sample(): {name} of shape {tuple(value.shape)} does not broadcast to the batch "
-            f"shape {tuple(batch)} of logits {tuple(logits.shape)}") from None
+            f"sample(): {name} of shape {tuple(value.shape)} broadcasts neither to the batch "
+            f"shape {tuple(batch)} of logits {tuple(logits.shape)} nor to "
+            f"{tuple(batch) + (1,)}") from None
     if value.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(_in_bounds(value.double(), *bounds).all()):
             raise ValueError(f"sample(): every entry of {name} must be {valid_text}")
@@ -321,7 +325,8 @@ def sample(
             ``x / T`` would overflow) is greedy. A number that small returns
             :func:`torch.argmax` itself (first index on ties, NaN counts as the largest, fp64
             compared exactly) and consumes no random numbers. A tensor gives one value per
-            row (any shape that broadcasts to ``logits.shape[:-1]``); its greedy rows take
+            row (any shape that broadcasts to ``logits.shape[:-1]``, or to
+            ``logits.shape[:-1] + (1,)`` as Hugging Face's ``(B, 1)``); its greedy rows take
             the argmax inside the kernel, in fp32 (rows holding NaN: unspecified).
         top_k (int or integer Tensor, optional): keep the ``k >= 1`` largest logits; every
             token tied with the k-th largest is kept too.
@@ -343,8 +348,10 @@ def sample(
     Per-row tensors are validated on the CPU (outside :func:`torch.compile`); on CUDA
     (where reading them would synchronise) and in compiled code, out-of-range entries are
     clamped into range instead, and a NaN entry disables its filter (temperature: 1).
-    A row whose logits are all ``-inf`` gives token 0 (torch.multinomial would raise);
-    NaN logits give an unspecified token.
+    A row whose logits are all ``-inf`` gives token 0 and a row holding ``+inf`` its first
+    ``+inf`` token (torch.multinomial would raise for both); NaN logits give an unspecified
+    token. fp64 logits are rounded to fp32 (except by the greedy ``torch.argmax`` of a
+    number ``T``), so values beyond fp32's range become ``±inf``.
 
     Returns:
         int64 tensor of shape ``logits.shape[:-1]``.

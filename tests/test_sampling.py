@@ -162,6 +162,32 @@ def test_per_row_parameters(device):
     check_draws(ids[half:], reference_probs(x, temperature=2.0, top_p=0.6)[0])
 
 
+def test_per_row_parameters_shaped_b_by_1(device):
+    """Hugging Face's (B, 1) parameter tensors (as in x / T) are per-row tensors: the same
+    draws as the (B,) ones."""
+    x = logits_16().to(device).expand(8, -1)
+    rows = dict(temperature=torch.linspace(0.5, 2.0, 8), top_k=torch.arange(1, 9),
+                top_p=torch.linspace(0.3, 1.0, 8), min_p=torch.linspace(0.0, 0.2, 8))
+    flat = sample(x, **{k: v.to(device) for k, v in rows.items()},
+                  generator=torch.Generator(device=device).manual_seed(3))
+    column = sample(x, **{k: v[:, None].to(device) for k, v in rows.items()},
+                    generator=torch.Generator(device=device).manual_seed(3))
+    assert column.tolist() == flat.tolist()
+    one = sample(x[0], temperature=torch.ones(1, device=device))  # (V,) logits, (1,) T
+    assert one.shape == () and 0 <= one.item() < 16
+    with pytest.raises(ValueError, match="broadcasts neither"):
+        sample(x, temperature=torch.ones(8, 2, device=device))
+
+
+def test_plus_inf_logits_draw_the_first_inf_token(device):
+    """torch.multinomial raises for a row holding +inf; ours draws its first +inf token,
+    with every filter, as softmax(x / T)'s limit would put the mass on the inf tokens."""
+    x = torch.tensor([[0.0, math.inf, math.inf, 1.0], [math.inf] * 4], device=device)
+    for kw in ({}, dict(top_k=2), dict(top_p=0.5), dict(min_p=0.1), dict(temperature=0.5),
+               dict(top_k=3, top_p=0.9, min_p=0.05)):
+        assert sample(x, **kw).tolist() == [1, 0], kw
+
+
 def test_greedy_is_argmax(device):
     g = torch.Generator().manual_seed(3)
     x = torch.randint(-4, 5, (3, 40, 50), generator=g).float()  # many ties: first index wins

@@ -73,6 +73,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -683,6 +684,30 @@ def _c10_name(dtype: torch.dtype) -> str:
             torch.bfloat16: "c10::BFloat16"}.get(dtype, str(dtype))
 
 
+def _check_options(options, input, lead, C, out, target, reduction, label_smoothing,
+                   linear_bias) -> None:
+    """torch 2.13's handling of ``options`` (which tune its own chunked path; ours are
+    ``chunk_size`` / ``vocab_chunk_size``): its warning where that path cannot take the call,
+    else its validation (``_adjust``: conflicting chunk settings are its ValueError, a value
+    that is no options object its AttributeError). Nothing else reads them."""
+    tracing = torch.jit.is_tracing()
+    if (out or reduction not in ("mean", "sum", "none") or label_smoothing != 0.0
+            or target.dtype != torch.int64 or tracing):
+        if not torch.compiler.is_compiling():  # torch's words, stacklevel: the caller's line
+            warnings.warn(
+                "linear_cross_entropy: ``options`` ignored; chunked path needs "
+                "reduction in {'mean','sum','none'}, label_smoothing == 0, target.dtype"
+                " == int64, out_features == (). Got "
+                f"reduction={reduction!r}, label_smoothing={label_smoothing}, "
+                f"target.dtype={target.dtype}, out_features={tuple(out)}"
+                f", tracing={tracing}, linear_bias.shape="
+                f"{tuple(linear_bias.shape) if linear_bias is not None else None}.",
+                stacklevel=3)
+        return
+    options._adjust(num_batches=math.prod(lead), in_features=input.shape[-1], num_classes=C,
+                    dtype=input.dtype, device=input.device)
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -739,7 +764,8 @@ def linear_cross_entropy(
             64 MiB, else whichever chunking needs less memory (``default_plan``): at
             M = 8192, H = 4096, C = 128256 bf16, 4096 classes per chunk (64 MiB).
         options: accepted for torch's signature (its ``LinearCrossEntropyOptions`` tune
-            torch's own chunked path) and ignored: the chunk sizes above decide here.
+            torch's own chunked path): checked and warned about as torch does, otherwise
+            ignored: the chunk sizes above decide here.
 
     Returns:
         The loss: a scalar, or of the target's index shape for ``reduction='none'``; in
@@ -790,6 +816,9 @@ def linear_cross_entropy(
         label_smoothing = check_smoothing_type(label_smoothing)
     except _CHECK_ERRORS as ours:
         _torch_refuses_too(ours, call)
+    if options is not None:
+        _check_options(options, input, lead, C, out, target, call["reduction"],
+                       call["label_smoothing"], linear_bias)
     label_smoothing_applied = smoothing_value(label_smoothing)
     target = widen_int32_target(target, ignore_index)
     if C == 0 or needs_torch_ops(input, linear_weight, target, linear_bias, weight):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -895,3 +896,32 @@ def test_module_is_a_weighted_loss_and_scripts(device):
     x = torch.randn(3, 8, device=device)
     t = torch.tensor([0, 1, 4], device=device)
     torch.testing.assert_close(torch.jit.script(m)(x, t), m(x, t))
+
+
+@needs_torch_lce
+def test_options_checked_and_warned_about_as_torch(device):
+    """``options`` tune torch's own chunked path; ours ignores them but raises torch's errors
+    for bad ones and gives its warning where that path could not take the call."""
+    O = torch.nn.LinearCrossEntropyOptions
+    x, w = torch.randn(4, 8, device=device), torch.randn(5, 8, device=device)
+    t = torch.tensor([0, 4, 2, 1], device=device)
+    for options, exc in (("abc", AttributeError),
+                         (O(batch_chunk_size=3, chunking_method="aspect_ratio"), ValueError)):
+        with pytest.raises(exc) as theirs:
+            F.linear_cross_entropy(x, w, t, options=options)
+        with pytest.raises(exc) as ours:
+            lce(x, w, t, options=options)
+        assert str(ours.value) == str(theirs.value)
+    probs = torch.softmax(torch.randn(4, 5, device=device), -1)
+    for target, kw in ((t, dict(label_smoothing=0.1)), (t.to(torch.uint8), {}), (probs, {}),
+                       (t, dict(options=O(batch_chunk_size=2)))):
+        kw = {"options": O(), **kw}
+        with warnings.catch_warnings(record=True) as theirs:
+            warnings.simplefilter("always")
+            expected = F.linear_cross_entropy(x, w, target, **kw)
+        with warnings.catch_warnings(record=True) as ours:
+            warnings.simplefilter("always")
+            got = lce(x, w, target, **kw)
+        torch.testing.assert_close(got, expected)
+        assert [str(m.message) for m in ours] == [str(m.message) for m in theirs]
+        assert all(m.filename == __file__ for m in ours)  # torch's stacklevel: this line

@@ -26,7 +26,9 @@ TAG=$DEV-$(date +%F-%H%M)  # the time too: a second session on one day must not 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-STEPS=${STEPS:-"tests check headline linear-ce sampling train-step profile host"}  # which steps, in this order
+# The default fits one 600 s device call (caps 585 s; a task's device time was 15 minutes on
+# 2026-11-27, machine start included): the rest ("sampling train-step tune") in a second.
+STEPS=${STEPS:-"tests check headline linear-ce profile host"}  # which steps, in this order
 step() {  # step SECONDS NAME COMMAND...: run, bounded, and log its wall time
   local s=$1 name=$2; shift 2; local t=$SECONDS
   case " $STEPS " in *" $name "*) ;; *) return ;; esac

@@ -433,6 +433,13 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found {arg} on {t.device} "
                 f"and local_logits on {input.device}")
+    if (target.dtype == torch.uint8 and weight is not None and label_smoothing > 0
+            and reduction == "mean" and input.device.type == "cpu"):
+        # torch's out-of-range IndexError comes before the error below; the class weight,
+        # the same on every rank, says V, so every rank raises together, before any collective
+        bad = target[(target.long() != ignore_index) & (target.long() >= weight.numel())]
+        if bad.numel():
+            raise IndexError(f"Target {bad[0].item()} is out of bounds.")
     check_uint8_smoothed_mean(target, weight, label_smoothing, reduction, ignore_index)
     return C
 
@@ -473,7 +480,7 @@ def vocab_parallel_cross_entropy(
             ``rank * V_local`` (equal shards). Give it for unequal shards; the shards must
             tile ``[0, V)`` exactly, and ``V`` is the sum of the shard sizes (checked in the
             forward's sum all-reduce: a ``ValueError`` on every CPU rank, a NaN loss and
-            gradient on CUDA).
+            gradient on CUDA; a batch with no rows makes no collective and is not checked).
         weight (Tensor, optional): the full ``(V,)`` class weight, the same on every rank,
             ``local_logits``' dtype (under autocast, as torch: fp32, or fp16 / bf16 cast).
         ignore_index, reduction, label_smoothing: as torch; ``'mean'`` divides by the sum of

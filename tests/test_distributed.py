@@ -491,6 +491,13 @@ BAD_ARGS = [
     ("reduction", dict(reduction="avg"), ValueError, "avg is not a valid value for reduction"),
     ("smoothing > 1", dict(label_smoothing=1.5), RuntimeError, "label_smoothing must be between"),
     ("smoothing 2.0", dict(label_smoothing=2.0), RuntimeError, "Got: 2$"),  # torch prints %g
+    # uint8 + class weight + smoothing + mean: torch's gather() error, after its IndexError
+    ("uint8 smoothed weighted mean", dict(target=torch.tensor([1, 2], dtype=torch.uint8),
+                                          weight=torch.ones(5), label_smoothing=0.1),
+     RuntimeError, "gather"),
+    ("uint8 out of range, smoothed weighted mean", dict(
+        target=torch.tensor([1, 255], dtype=torch.uint8), weight=torch.ones(5),
+        label_smoothing=0.1), IndexError, "Target 255 is out of bounds"),
     ("logit_scale inf", dict(logit_scale=math.inf), ValueError, "logit_scale must be finite"),
     ("probability target", dict(target=torch.rand(2, 5)), RuntimeError, "class-probability targets are not supported"),
     ("float16 index", dict(target=torch.tensor([1, 2], dtype=torch.int16)), RuntimeError, "expected target dtype"),

@@ -269,5 +269,8 @@ def torch_function_dispatch(*tensors) -> bool:
 def extras_repr(module, defaults) -> str:
     """``", name=value"`` for each of a module's keyword-only extras ``(name, default)``
     that differs from its default (torch's own arguments print as torch prints them)."""
+    def is_default(v, default):  # a tensor (not a valid extra) is shown, never compared
+        return v is default or (type(v) in (int, float, bool) and v == default)
+
     return "".join(f", {k}={getattr(module, k)}" for k, default in defaults
-                   if getattr(module, k) != default)
+                   if not is_default(getattr(module, k), default))

@@ -330,6 +330,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                     "past V): give every rank its vocab_start_index (default: rank * V_local, "
                     "for equal shards)")
             _check_after_reduce(target.long(), valid, in_range, vocab, weight)
+            check_uint8_smoothed_mean(target, weight, eps, reduction, ignore_index)
         if weight is not None and C > 0 and vocab_start + C > weight.numel():
             raise RuntimeError(  # torch's type for a class weight of the wrong size
                 f"vocab_parallel_cross_entropy: this rank's shard [{vocab_start}, "
@@ -433,14 +434,9 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
             raise RuntimeError(
                 f"Expected all tensors to be on the same device, but found {arg} on {t.device} "
                 f"and local_logits on {input.device}")
-    if (target.dtype == torch.uint8 and weight is not None and label_smoothing > 0
-            and reduction == "mean" and input.device.type == "cpu"):
-        # torch's out-of-range IndexError comes before the error below; the class weight,
-        # the same on every rank, says V, so every rank raises together, before any collective
-        bad = target[(target.long() != ignore_index) & (target.long() >= weight.numel())]
-        if bad.numel():
-            raise IndexError(f"Target {bad[0].item()} is out of bounds.")
-    check_uint8_smoothed_mean(target, weight, label_smoothing, reduction, ignore_index)
+    if input.device.type != "cpu":  # on the CPU after the collectives (the forward), as
+        # torch raises it after its class-weight size and out-of-range target errors
+        check_uint8_smoothed_mean(target, weight, label_smoothing, reduction, ignore_index)
     return C
 
 

@@ -262,6 +262,12 @@ def _in_bounds(v, low, low_excluded: bool, high):
     return above & (v <= high)
 
 
+def _broadcasts(shape, to) -> bool:
+    """Whether ``shape`` broadcasts to ``to`` (torch's rule, on sizes alone)."""
+    return len(shape) <= len(to) and all(
+        s == 1 or s == t for s, t in zip(reversed(tuple(shape)), reversed(tuple(to))))
+
+
 def _row_param(value: Param, name: str, dtype: torch.dtype, logits: torch.Tensor,
                bounds: tuple, valid_text: str, clamp: dict) -> torch.Tensor:
     """A parameter as a ``(rows,)`` tensor on the logits' device (stride 0 for a number,
@@ -290,16 +296,18 @@ def _row_param(value: Param, name: str, dtype: torch.dtype, logits: torch.Tensor
             or value.dtype == torch.bool):
         raise TypeError(f"sample(): {name} has dtype {value.dtype}; expected "
                         + ("an integer tensor" if integer_wanted else "a real tensor"))
-    # per row: broadcast to the batch shape, or, with a trailing 1 (Hugging Face's (B, 1),
-    # as in x / T), to the logits' batch shape + (1,)
-    per_row = value[..., 0] if value.dim() > len(batch) and value.shape[-1] == 1 else value
-    try:
-        value = torch.broadcast_to(per_row, batch).reshape(n_rows)
-    except RuntimeError:
+    # per row: a trailing 1 broadcasts as in x / T (Hugging Face's (B, 1)): to the batch
+    # shape + (1,); any other shape to the batch shape
+    if value.dim() and value.shape[-1] == 1 and _broadcasts(value.shape, (*batch, 1)):
+        value = torch.broadcast_to(value, (*batch, 1))[..., 0]
+    elif _broadcasts(value.shape, batch):
+        value = torch.broadcast_to(value, batch)
+    else:
         raise ValueError(
             f"sample(): {name} of shape {tuple(value.shape)} broadcasts neither to the batch "
             f"shape {tuple(batch)} of logits {tuple(logits.shape)} nor to "
-            f"{tuple(batch) + (1,)}") from None
+            f"{tuple(batch) + (1,)}")
+    value = value.reshape(n_rows)
     if value.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(_in_bounds(value.double(), *bounds).all()):
             raise ValueError(f"sample(): every entry of {name} must be {valid_text}")
@@ -325,8 +333,9 @@ def sample(
             ``x / T`` would overflow) is greedy. A number that small returns
             :func:`torch.argmax` itself (first index on ties, NaN counts as the largest, fp64
             compared exactly) and consumes no random numbers. A tensor gives one value per
-            row (any shape that broadcasts to ``logits.shape[:-1]``, or to
-            ``logits.shape[:-1] + (1,)`` as Hugging Face's ``(B, 1)``); its greedy rows take
+            row: a shape that ends in 1 and broadcasts to ``logits.shape[:-1] + (1,)``
+            is taken as in ``x / T`` (Hugging Face's ``(B, 1)``), any other shape must
+            broadcast to ``logits.shape[:-1]``; its greedy rows take
             the argmax inside the kernel, in fp32 (rows holding NaN: unspecified).
         top_k (int or integer Tensor, optional): keep the ``k >= 1`` largest logits; every
             token tied with the k-th largest is kept too.

@@ -88,6 +88,7 @@ class Case:
     vocab: int = 30
     weight_extra: int = 0  # a weight longer than the vocabulary (an error)
     bad_target: bool = False  # a target == V (an error)
+    uint8: bool = False  # a uint8 target
     inf_weight: Optional[object] = None  # a class (or "argmax": row 0's largest) of weight inf
     error: Optional[tuple] = None  # (exception type name, message regex) every rank raises
     error_worlds: tuple = (1, 2, 3)  # the world sizes in which it does
@@ -138,6 +139,17 @@ CASES = [
     Case("an empty shard past the vocabulary, weight", layout="empty shard past V",
          weight=True, label_smoothing=0.1),
     Case("wide vocabulary", layout="equal", vocab=120),
+    # uint8 targets with a class weight, label smoothing and the mean: torch's errors, in its
+    # order (the weight's size, then an out-of-range target, then its gather() of the bytes)
+    Case("uint8, weight, smoothing", uint8=True, weight=True, label_smoothing=0.1,
+         error=("RuntimeError", r"gather\(\): Expected dtype int32/int64 for index")),
+    Case("uint8 out of range, weight, smoothing", uint8=True, weight=True, label_smoothing=0.1,
+         bad_target=True, error=("IndexError", r"Target 30 is out of bounds")),
+    Case("uint8, weight too long, smoothing", uint8=True, weight=True, label_smoothing=0.1,
+         weight_extra=1, error=("RuntimeError", r"the shards hold 30 classes in all, but weight "
+                                                r"has 31|defined either for all 30 classes")),
+    Case("uint8, weight, smoothing, sum", uint8=True, weight=True, label_smoothing=0.1,
+         reduction="sum"),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
 WORLDS = (1, 2, 3)
@@ -163,6 +175,8 @@ def make_inputs(case: Case):
     if case.bad_target:
         target[0] = V
     target[list(case.ignored_rows)] = case.ignore_index
+    if case.uint8:
+        target = target.to(torch.uint8)
     weight = None
     if case.weight:
         weight = (torch.rand(V + case.weight_extra, generator=g, dtype=torch.float64) + 0.5).to(case.dtype)

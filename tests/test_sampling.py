@@ -175,6 +175,12 @@ def test_per_row_parameters_shaped_b_by_1(device):
     assert column.tolist() == flat.tolist()
     one = sample(x[0], temperature=torch.ones(1, device=device))  # (V,) logits, (1,) T
     assert one.shape == () and 0 <= one.item() < 16
+    # (S, 1) with (B, S, V) logits: one value per position, as x / T takes it
+    x3 = x.reshape(2, 4, 16)
+    t3 = torch.tensor([0.0, 1.0, 0.0, 1.0], device=device)  # greedy at positions 0 and 2
+    ids = sample(x3, temperature=t3[:, None], generator=torch.Generator(device=device).manual_seed(1))
+    assert ids.shape == (2, 4)
+    assert ids[:, ::2].tolist() == [[x[0].argmax().item()] * 2] * 2
     with pytest.raises(ValueError, match="broadcasts neither"):
         sample(x, temperature=torch.ones(8, 2, device=device))
 

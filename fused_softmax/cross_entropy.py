@@ -917,7 +917,14 @@ def cross_entropy(
             softcap=softcap, z_loss=z_loss, return_lse=return_lse,
             inplace_backward=inplace_backward)
     if size_average is not None or reduce is not None:
-        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+        if torch.compiler.is_compiling():  # torch's mapping, without its warning: Dynamo
+            # traces neither warnings.warn nor torch's helper (it returns no tensor)
+            keep_size_average = size_average is None or bool(size_average)
+            keep_reduce = reduce is None or bool(reduce)
+            reduction = "mean" if keep_size_average and keep_reduce else (
+                "sum" if keep_reduce else "none")
+        else:
+            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     reduction = reduction_name(reduction)
     input_dtype = None
     if isinstance(input, torch.Tensor) and autocast_fp32_active("cross_entropy", input.device.type):

@@ -704,8 +704,10 @@ def _check_options(options, input, lead, C, out, target, reduction, label_smooth
                 f"{tuple(linear_bias.shape) if linear_bias is not None else None}.",
                 stacklevel=3)
         return
-    options._adjust(num_batches=math.prod(lead), in_features=input.shape[-1], num_classes=C,
-                    dtype=input.dtype, device=input.device)
+    if not torch.compiler.is_compiling():  # it sizes torch's chunks: a compiled graph would
+        # specialise on the batch size for options it then ignores
+        options._adjust(num_batches=math.prod(lead), in_features=input.shape[-1],
+                        num_classes=C, dtype=input.dtype, device=input.device)
 
 
 def linear_cross_entropy(

@@ -347,7 +347,9 @@ def sample(
             probability ``>= min_p`` times the largest probability.
         generator (torch.Generator, optional): on the logits' device; the kernel's seed is
             drawn from it (on the device, no host synchronisation), so equal generator
-            states give equal draws and successive calls give fresh ones.
+            states give equal draws and successive calls give fresh ones. Not under
+            ``torch.compile(fullgraph=True)``, which cannot trace a generator (nor torch's
+            ``multinomial(..., generator=g)``); compiled, the global RNG is used.
 
     The filters apply in Hugging Face's order (FlashInfer's ``top_k_first``; vLLM's V1
     sampler applies min-p first): top-k, then top-p on the distribution renormalised

@@ -1091,6 +1091,23 @@ def test_legacy_size_average_reduce(size_average, reduce, device):
     torch.testing.assert_close(got_kw, exp)
 
 
+@pytest.mark.parametrize("size_average,reduce", [(False, None), (None, False), (True, True)])
+def test_legacy_size_average_reduce_compile_fullgraph(size_average, reduce, device):
+    """torch's compiled F.cross_entropy takes the legacy arguments; so does ours (torch's
+    mapping, without the deprecation warning, which Dynamo cannot trace)."""
+    x = torch.randn(4, 10, device=device)
+    t = torch.tensor([1, 2, -100, 9], device=device)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, t: ce(x, t, size_average=size_average, reduce=reduce),
+                      fullgraph=True, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exp = F.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+    got = f(x, t)
+    assert got.shape == exp.shape
+    torch.testing.assert_close(got, exp)
+
+
 # --------------------------------------------------------------------------- nn module
 NN_CONFIGS = [
     ("default", {}, "index"),

@@ -925,3 +925,21 @@ def test_options_checked_and_warned_about_as_torch(device):
         torch.testing.assert_close(got, expected)
         assert [str(m.message) for m in ours] == [str(m.message) for m in theirs]
         assert all(m.filename == __file__ for m in ours)  # torch's stacklevel: this line
+
+
+@needs_torch_lce
+def test_options_do_not_specialise_a_compiled_graph():
+    """Ignored options are not sized against the batch under torch.compile: one graph for
+    every batch size with dynamic=True, and the eager loss."""
+    from torch._dynamo.testing import CompileCounter
+
+    options = torch.nn.LinearCrossEntropyOptions()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, w, t: lce(x, w, t, options=options), backend=counter,
+                      fullgraph=True, dynamic=True)
+    w = torch.randn(12, 8)
+    for B in (4, 6, 9):
+        x, t = torch.randn(B, 8), torch.randint(0, 12, (B,))
+        torch.testing.assert_close(f(x, w, t), lce(x, w, t))
+    assert counter.frame_count == 1

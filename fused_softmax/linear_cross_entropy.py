@@ -689,25 +689,26 @@ def _check_options(options, input, lead, C, out, target, reduction, label_smooth
     """torch 2.13's handling of ``options`` (which tune its own chunked path; ours are
     ``chunk_size`` / ``vocab_chunk_size``): its warning where that path cannot take the call,
     else its validation (``_adjust``: conflicting chunk settings are its ValueError, a value
-    that is no options object its AttributeError). Nothing else reads them."""
+    that is no options object its AttributeError). Nothing else reads them, so compiled code
+    skips both: Dynamo traces no ``warnings.warn``, and ``_adjust`` would specialise the graph
+    on the batch size."""
+    if torch.compiler.is_compiling():
+        return
     tracing = torch.jit.is_tracing()
     if (out or reduction not in ("mean", "sum", "none") or label_smoothing != 0.0
             or target.dtype != torch.int64 or tracing):
-        if not torch.compiler.is_compiling():  # torch's words, stacklevel: the caller's line
-            warnings.warn(
-                "linear_cross_entropy: ``options`` ignored; chunked path needs "
-                "reduction in {'mean','sum','none'}, label_smoothing == 0, target.dtype"
-                " == int64, out_features == (). Got "
-                f"reduction={reduction!r}, label_smoothing={label_smoothing}, "
-                f"target.dtype={target.dtype}, out_features={tuple(out)}"
-                f", tracing={tracing}, linear_bias.shape="
-                f"{tuple(linear_bias.shape) if linear_bias is not None else None}.",
-                stacklevel=3)
+        warnings.warn(  # torch's words; stacklevel: the caller's line
+            "linear_cross_entropy: ``options`` ignored; chunked path needs "
+            "reduction in {'mean','sum','none'}, label_smoothing == 0, target.dtype"
+            " == int64, out_features == (). Got "
+            f"reduction={reduction!r}, label_smoothing={label_smoothing}, "
+            f"target.dtype={target.dtype}, out_features={tuple(out)}"
+            f", tracing={tracing}, linear_bias.shape="
+            f"{tuple(linear_bias.shape) if linear_bias is not None else None}.",
+            stacklevel=3)
         return
-    if not torch.compiler.is_compiling():  # it sizes torch's chunks: a compiled graph would
-        # specialise on the batch size for options it then ignores
-        options._adjust(num_batches=math.prod(lead), in_features=input.shape[-1],
-                        num_classes=C, dtype=input.dtype, device=input.device)
+    options._adjust(num_batches=math.prod(lead), in_features=input.shape[-1], num_classes=C,
+                    dtype=input.dtype, device=input.device)
 
 
 def linear_cross_entropy(

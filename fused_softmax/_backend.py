@@ -15,6 +15,7 @@ import operator
 import os
 import struct
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
@@ -55,8 +56,27 @@ def launch(kernel, grid: int, *args, **kwargs) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             kernel[(grid,)](*args, **kwargs)
-    else:
+        return
+    device = foreign_device(args)
+    if device is None:
         kernel[(grid,)](*args, **kwargs)
+    else:
+        with torch.cuda.device(device):
+            kernel[(grid,)](*args, **kwargs)
+
+
+def foreign_device(args) -> Optional[torch.device]:
+    """The CUDA device of a launch's tensors (the first tensor argument's) where it is not
+    the current device, else ``None``. Triton launches on the current device and its
+    stream, not the tensors': a model on ``cuda:1`` while ``cuda:0`` is current would get
+    device-1 pointers on device 0, so ``launch`` makes that device current first."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            device = a.device
+            if device.type == "cuda" and device.index != torch.cuda.current_device():
+                return device
+            return None
+    return None
 
 
 def custom_op(name: str, mutates_args=()):

@@ -109,7 +109,7 @@ def _launch_bwd(grad: torch.Tensor, dloss: torch.Tensor, target=None,
         n_rows, C, grad.stride(0), dloss.stride(0) if dloss.dim() else 0,
         ignore_index if ignore_index is not None else 0,
         NONFINITE_ROW=nonfinite_row, HAS_TARGET=target is not None,
-        SKIP_IGNORED=ignore_index is not None,
+        SKIP_IGNORED=ignore_index is not None and target is not None,
         ACC=_tl_acc(grad.dtype), BLOCK_N=block_n, num_warps=num_warps,
     )
 
@@ -734,8 +734,11 @@ def check_uint8_smoothed_mean(target, weight, label_smoothing, reduction, ignore
             and reduction == "mean" and target.numel()):
         return
     if 0 <= ignore_index < 256:  # some targets may be ignored: ask the values (a host
-        # synchronisation, on this rare combination only; a compiled graph goes on)
-        if torch.compiler.is_compiling() or not bool((target != ignore_index).any()):
+        # synchronisation, on this rare combination only; a compiled graph, or one being
+        # captured for CUDA graphs, goes on)
+        if (torch.compiler.is_compiling()
+                or (target.is_cuda and torch.cuda.is_current_stream_capturing())
+                or not bool((target != ignore_index).any())):
             return
     raise RuntimeError("gather(): Expected dtype int32/int64 for index")
 

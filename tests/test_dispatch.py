@@ -226,3 +226,19 @@ def test_sampling_launch_config_follows_the_module_constants(monkeypatch):
     assert smod.launch_config(2000, 36, cpu)[0]["BLOCK_N"] == 16
     monkeypatch.undo()
     assert smod.launch_config(2000, 36, cpu)[0]["BLOCK_N"] == before == 64
+
+
+def test_launch_makes_the_tensors_cuda_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: a tensor on another device gets a launch
+    inside ``torch.cuda.device`` of its own (device-1 pointers on device 0 fail); a tensor
+    on the current device, or a CPU one, none. Checked with the current device faked."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def on(device):  # a CPU tensor that says it is on ``device``
+        cls = type("OnDevice", (torch.Tensor,),
+                   {"device": property(lambda self: torch.device(device))})
+        return torch.empty(0).as_subclass(cls)
+    assert _backend.foreign_device((3, on("cuda:1"), on("cuda:0"))) == torch.device("cuda:1")
+    assert _backend.foreign_device((on("cuda:0"), on("cuda:1"))) is None
+    assert _backend.foreign_device((on("cpu"),)) is None
+    assert _backend.foreign_device((1, 2.0)) is None

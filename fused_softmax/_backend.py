@@ -200,9 +200,14 @@ def check_float(name: str, t: torch.Tensor) -> None:
 
 
 def as_index(value):
-    """``value`` as a Python int where torch's argument parser takes it as one (anything
-    with ``__index__``: numpy and 0-d tensor integers too, not a bool); else ``None``."""
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+    """``value`` as a Python int where torch's argument parser takes it as one (an int, a
+    numpy integer, a 0-d integer tensor; not a bool, a bool tensor or another object with
+    ``__index__``); else ``None``."""
+    if isinstance(value, torch.Tensor):
+        integral = not (value.is_floating_point() or value.is_complex()
+                        or value.dtype == torch.bool)
+        return operator.index(value) if value.dim() == 0 and integral else None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, torch.SymInt)):
         return None
     return operator.index(value)
 

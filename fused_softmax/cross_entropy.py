@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 from typing import Optional
 
@@ -772,12 +773,42 @@ def check_index_target(input, target, reduction) -> None:
         raise RuntimeError("expected scalar type Long but found Byte")
 
 
-def check_extras(logit_scale, softcap) -> None:
-    """The extras' own checks (torch has no such arguments)."""
+def _check_real(fn: str, name: str, value) -> None:
+    """torch's argument parser's rule for a float argument: a real number (a bool or a numpy
+    scalar too; a symbolic one under ``torch.compile``), or a 0-d tensor that does not
+    require grad. The extras are not differentiable: a tensor that requires grad would lose
+    its gradient without a word, so it is refused."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not value.requires_grad and not value.is_complex():
+            return
+        why = ("requires grad (the extras are constants, not differentiable)"
+               if value.requires_grad else f"has shape {tuple(value.shape)}, dtype {value.dtype}")
+        raise TypeError(f"fused_softmax.{fn}: {name} must be a real number or a 0-d tensor "
+                        f"that does not require grad, but got a tensor that {why}")
+    if not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"fused_softmax.{fn}: {name} must be a real number, not "
+                        f"{type(value).__name__}")
+
+
+def check_flag(fn: str, name: str, value) -> None:
+    """A yes / no extra: a bool (or a numpy bool), as torch's parser takes for its bools."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"fused_softmax.{fn}: {name} must be a bool, not {type(value).__name__}")
+
+
+def check_extras(logit_scale, softcap, z_loss, fn: str = "cross_entropy") -> None:
+    """The extras' own checks (torch has no such arguments): numbers as torch takes a float,
+    ``logit_scale`` finite, ``softcap`` finite and > 0 or None, ``z_loss`` finite and >= 0."""
+    _check_real(fn, "logit_scale", logit_scale)
     if not is_finite(logit_scale):
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
-    if softcap is not None and not (softcap > 0 and is_finite(softcap)):
-        raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap}")
+    if softcap is not None:
+        _check_real(fn, "softcap", softcap)
+        if not (softcap > 0 and is_finite(softcap)):
+            raise ValueError(f"softcap must be a finite number > 0 or None, got {softcap}")
+    _check_real(fn, "z_loss", z_loss)
+    if not (z_loss >= 0 and is_finite(z_loss)):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
 
 
 #: What the checks that mirror torch's raise.
@@ -876,11 +907,15 @@ def cross_entropy(
             by the number of rows for probability targets); all ignored gives NaN.
         label_smoothing (float): in ``[0, 1]``; torch's formula, with or without weights.
         logit_scale (float, keyword-only): multiply the logits first (``1 / temperature``).
+            It, ``softcap`` and ``z_loss`` take what torch takes for a float (a Python or
+            numpy number, a 0-d tensor without grad) and are constants: a tensor that
+            requires grad is refused, as its gradient would be lost.
         softcap (float, keyword-only): ``z = softcap * tanh(z / softcap)`` after scaling
             (Gemma-2); the gradient goes through it.
-        z_loss (float, keyword-only): add ``z_loss * lse**2`` to each non-ignored row's
-            loss (PaLM), reduced with it: ``'mean'`` divides the rows' sum, z-loss
-            included, by the same denominator (the target weights' sum with ``weight``).
+        z_loss (float, keyword-only): add ``z_loss * lse**2`` (``z_loss`` finite, >= 0) to
+            each non-ignored row's loss (PaLM), reduced with it: ``'mean'`` divides the
+            rows' sum, z-loss included, by the same denominator (the target weights' sum
+            with ``weight``).
         return_lse (bool, keyword-only): also return the per-row log-sum-exp of the
             (scaled, capped) logits, shaped like ``target`` (without the class dim for
             probability targets), in the accumulation dtype (fp32, fp64 for fp64 input);
@@ -935,7 +970,9 @@ def cross_entropy(
         # already, so the logits are not copied: only the loss comes back in fp32.
         weight, target = fp32_if_low(weight), fp32_if_low(target)
         input_dtype = torch.float32 if input.dtype in LOW_FLOATS else None
-    check_extras(logit_scale, softcap)
+    check_extras(logit_scale, softcap, z_loss)
+    check_flag("cross_entropy", "return_lse", return_lse)
+    check_flag("cross_entropy", "inplace_backward", inplace_backward)
     try:
         C, prob_target, label_smoothing = _check_args(
             input, target, weight, ignore_index, reduction, label_smoothing, input_dtype)

@@ -34,9 +34,9 @@ import torch.distributed as dist
 
 from . import _backend
 from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
-                       float_bits, fp32_if_low, is_finite, needs_torch_ops, use_triton)
+                       float_bits, fp32_if_low, needs_torch_ops, use_triton)
 from .cross_entropy import (_REDUCTIONS, _scaled_logits, _type_name, check_ignore_index,
-                            check_index_target, check_smoothing_range,
+                            check_extras, check_index_target, check_smoothing_range,
                             check_uint8_smoothed_mean, cross_entropy,
                             grad_scale_of, mean_of, reduction_name, smoothing_value,
                             widen_int32_target)
@@ -395,9 +395,7 @@ def _check_args(input, target, weight, vocab_start_index, ignore_index, reductio
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     check_smoothing_range(label_smoothing)
-    for arg, value in (("logit_scale", logit_scale), ("z_loss", z_loss)):
-        if not is_finite(value):
-            raise ValueError(f"{arg} must be finite, got {value}")
+    check_extras(logit_scale, None, z_loss, name)
     if input.dim() == 0:
         raise RuntimeError(f"{name}: local_logits must have at least 1 dimension (the classes)")
     if target.is_floating_point():

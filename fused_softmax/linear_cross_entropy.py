@@ -81,7 +81,7 @@ from torch.overrides import handle_torch_function
 
 from . import _backend
 from . import distributed as _vp
-from ._backend import (acc_dtype, check_float, fp32_if_low, needs_torch_ops,
+from ._backend import (LOW_FLOATS, acc_dtype, check_float, fp32_if_low, needs_torch_ops,
                        torch_function_dispatch, use_triton)
 from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _loss_rows,
                             _prob_target_grads, _reduction_scalars, check_extras,
@@ -707,8 +707,20 @@ def _check_options(options, input, lead, C, out, target, reduction, label_smooth
             f"{tuple(linear_bias.shape) if linear_bias is not None else None}.",
             stacklevel=3)
         return
-    options._adjust(num_batches=math.prod(lead), in_features=input.shape[-1], num_classes=C,
-                    dtype=input.dtype, device=input.device)
+    adjusted = options._adjust(num_batches=math.prod(lead), in_features=input.shape[-1],
+                               num_classes=C, dtype=input.dtype, device=input.device)
+    # then its chunked op's checks: the schema's bool (pybind11's: None or anything with
+    # __bool__; not a str or a list), and the accumulation dtypes it implements
+    flag = options.allow_retain_graph
+    if reduction != "none" and flag is not None and not hasattr(type(flag), "__bool__"):
+        raise RuntimeError(
+            "torch_nn::_linear_cross_entropy_batch_chunked() Expected a value of type 'bool' "
+            f"for argument 'allow_retain_graph' but instead found type '{type(flag).__name__}'.")
+    acc = adjusted.acc_dtype
+    if acc != input.dtype and not (input.dtype in LOW_FLOATS and acc == torch.float32):
+        raise RuntimeError(
+            "linear_cross_entropy supports float32 acc_dtype with float16/bfloat16 inputs, "
+            f"but got {acc} acc_dtype and {input.dtype} inputs.")
 
 
 def linear_cross_entropy(
@@ -809,7 +821,7 @@ def linear_cross_entropy(
     call = dict(input=input, linear_weight=linear_weight, target=target,
                 linear_bias=linear_bias, weight=weight, reduction=reduction,
                 ignore_index=ignore_index, label_smoothing=label_smoothing)
-    check_extras(logit_scale, softcap)
+    check_extras(logit_scale, softcap, z_loss, "linear_cross_entropy")
     try:
         lead, C, out, prob_target = _check_linear_args(input, linear_weight, target, linear_bias)
         reduction = reduction_name(reduction)

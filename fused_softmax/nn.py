@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
@@ -21,6 +22,8 @@ class _TemperatureMixin:
         # called by each class's own __init__, so that argument errors name the class
         # ("Softmax.__init__() takes ..."), as torch's; then torch's own __init__
         super().__init__(dim)
+        if not isinstance(temperature, torch.Tensor):  # the forward's errors, at once
+            _softmax._temperature_factor(temperature, torch.float32, torch.device("cpu"))
         self.temperature = temperature
         self._log = type(self)._LOG  # an instance attribute: torch.jit.script copies it
 
@@ -31,6 +34,16 @@ class _TemperatureMixin:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._fused(input)
+
+    def __init_subclass__(cls, **kwargs):
+        # each class's own forward, so that a call's argument errors name the class
+        # ("Softmax.forward() missing 1 required positional argument"), as torch's
+        super().__init_subclass__(**kwargs)
+        f = _TemperatureMixin.forward
+        cls.forward = types.FunctionType(f.__code__, f.__globals__, "forward", f.__defaults__,
+                                         f.__closure__)
+        cls.forward.__qualname__ = f"{cls.__name__}.forward"
+        cls.forward.__annotations__ = f.__annotations__
 
     @torch.jit.ignore
     def _fused(self, input):  # no annotations: TorchScript reads them as Tensor

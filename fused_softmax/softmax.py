@@ -366,6 +366,14 @@ _FP32_OVERFLOW = 2.0**128 - 2.0**103
 
 _PYTHON_DTYPES = {float: torch.float64, int: torch.int64, bool: torch.bool,
                   complex: torch.complex128}
+
+
+def _as_dtype(dtype):
+    """torch's dtype for a Python type passed as ``dtype=`` (``float``: fp64, ...); anything
+    else as it is (a bad one, unhashable too, for torch's own call to refuse)."""
+    return _PYTHON_DTYPES.get(dtype, dtype) if isinstance(dtype, type) else dtype
+
+
 _INTEGRAL = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
@@ -391,13 +399,13 @@ def _softmax_like(mode, input, dim, stacklevel, dtype, temperature):
         # result in dtype= where given; dtype= casts first, as for a number), T's gradient,
         # the legacy dim of the quotient, and no check of T's values (reading them would
         # synchronise with a GPU)
-        cast = _PYTHON_DTYPES.get(dtype, dtype)
+        cast = _as_dtype(dtype)
         x = input.to(cast) if isinstance(cast, torch.dtype) else input
         return _softmax_like(mode, x / temperature, dim, _deeper(stacklevel), dtype, 1.0)
     if dim is None:  # torch warns first, whatever is wrong with the rest
         dim = _legacy_softmax_dim(name, input.dim(), _deeper(stacklevel))
     requested = dtype
-    dtype = _PYTHON_DTYPES.get(dtype, dtype)  # torch takes dtype=float (fp64), int, ...
+    dtype = _as_dtype(dtype)  # torch takes dtype=float (fp64), int, ...
     factor = _temperature_factor(
         temperature, dtype if isinstance(dtype, torch.dtype) else input.dtype, input.device)
     if factor is None or (temperature != 1 and dtype is None and not input.is_floating_point()

@@ -1351,6 +1351,16 @@ def test_bwd_leaves_ignored_rows_alone(whole_row, device):
     assert torch.equal(grad[2].isnan(), nan_at | (g0[2] == 0))
 
 
+def test_bwd_ignore_index_without_target_scales_every_row(device):
+    """``ignore_index`` means nothing without ``target``: every row is scaled, on the kernel
+    as on the torch path (the kernel once compared grad_output's values with it)."""
+    g0 = torch.randn(3, 6, device=device)
+    grad = g0.clone()
+    dloss = torch.tensor([-100.0, 2.0, 0.5], device=device)
+    torch.ops.fused_softmax.cross_entropy_bwd_.default(grad, dloss, None, False, -100)
+    torch.testing.assert_close(grad, g0 * dloss[:, None])
+
+
 @pytest.mark.parametrize("scale", [1 + 2**-8, 3.0, 1 - 2**-9, 2.0**-130, 2.0**100])
 def test_bf16_stores_round_to_nearest_even(scale, device):
     """Every bf16 value times ``scale`` in fp32 (exact but for under/overflow), stored in

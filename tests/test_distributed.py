@@ -513,6 +513,10 @@ BAD_ARGS = [
         target=torch.tensor([1, 255], dtype=torch.uint8), weight=torch.ones(5),
         label_smoothing=0.1), IndexError, "Target 255 is out of bounds"),
     ("logit_scale inf", dict(logit_scale=math.inf), ValueError, "logit_scale must be finite"),
+    ("z_loss < 0", dict(z_loss=-1e-4), ValueError, "z_loss must be a finite number >= 0"),
+    ("z_loss str", dict(z_loss="1e-4"), TypeError, "z_loss must be a real number"),
+    ("logit_scale with grad", dict(logit_scale=torch.tensor(2.0, requires_grad=True)), TypeError,
+     "logit_scale must be a real number or a 0-d tensor that does not require grad"),
     ("probability target", dict(target=torch.rand(2, 5)), RuntimeError, "class-probability targets are not supported"),
     ("float16 index", dict(target=torch.tensor([1, 2], dtype=torch.int16)), RuntimeError, "expected target dtype"),
     # the target's shape: torch's checks, types and words (a world of 1 is torch's call)

@@ -912,6 +912,24 @@ def test_options_checked_and_warned_about_as_torch(device):
         with pytest.raises(exc) as ours:
             lce(x, w, t, options=options)
         assert str(ours.value) == str(theirs.value)
+    # its chunked op's own checks: the schema's bool, the accumulation dtypes it implements
+    for options, dtype, reduction in ((O(allow_retain_graph="x"), torch.float32, "mean"),
+                                      (O(acc_dtype=torch.float64), torch.float32, "sum"),
+                                      (O(acc_dtype=torch.float16), torch.bfloat16, "none"),
+                                      (O(acc_dtype=torch.float32), torch.float64, "mean")):
+        xx, ww = x.to(dtype), w.to(dtype)
+        with pytest.raises(RuntimeError) as theirs:
+            F.linear_cross_entropy(xx, ww, t, options=options, reduction=reduction)
+        with pytest.raises(RuntimeError) as ours:
+            lce(xx, ww, t, options=options, reduction=reduction)
+        assert str(ours.value) == str(theirs.value).splitlines()[0]
+    for options in (O(allow_retain_graph=1), O(allow_retain_graph="x"),  # 'none': no flag
+                    O(acc_dtype=torch.float32)):
+        reduction = "none" if options.allow_retain_graph == "x" else "mean"
+        xx, ww = x.bfloat16(), w.bfloat16()
+        torch.testing.assert_close(
+            lce(xx, ww, t, options=options, reduction=reduction),
+            F.linear_cross_entropy(xx, ww, t, options=options, reduction=reduction))
     probs = torch.softmax(torch.randn(4, 5, device=device), -1)
     for target, kw in ((t, dict(label_smoothing=0.1)), (t.to(torch.uint8), {}), (probs, {}),
                        (t, dict(options=O(batch_chunk_size=2)))):

@@ -1289,10 +1289,19 @@ def test_dtensor_takes_torchs_ops(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dim", [torch.tensor(1), torch.tensor([1]), np.array(1), np.int64(1)],
-                         ids=["0-d tensor", "1-d tensor", "0-d array", "numpy int"])
+class _Index:
+    def __index__(self):
+        return 1
+
+
+@pytest.mark.parametrize("dim", [torch.tensor(1), torch.tensor([1]), np.array(1), np.int64(1),
+                                 torch.tensor(True), np.bool_(True), torch.tensor(1.0), _Index()],
+                         ids=["0-d tensor", "1-d tensor", "0-d array", "numpy int", "bool tensor",
+                              "numpy bool", "float tensor", "__index__"])
 def test_dim_argument_types_like_torch(dim, device):
-    """torch's parser takes a 0-d int tensor or a numpy integer as dim, not an array."""
+    """torch's parser takes a 0-d int tensor or a numpy integer as dim, not an array, a
+    bool or float tensor, or another object with ``__index__`` (a bool tensor once gave
+    softmax over dim 1)."""
     x = torch.randn(3, 4, device=device)
     for ours, theirs in ((fs.softmax, F.softmax), (fs.log_softmax, F.log_softmax)):
         try:
@@ -1302,6 +1311,18 @@ def test_dim_argument_types_like_torch(dim, device):
                 ours(x, dim)
         else:
             torch.testing.assert_close(ours(x, dim), exp)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_dtype_that_is_no_dtype_is_torchs_error(name, device):
+    """A list or dict as ``dtype=``: torch's TypeError and its order of checks (a bad dim
+    first), not 'unhashable type'; with a tensor temperature too."""
+    x = torch.randn(2, 3, device=device)
+    for dim, dtype in ((1, [1]), (1, {}), ("a", [1]), (1, [torch.float32])):
+        theirs = raised(getattr(F, name), x, dim, dtype=dtype)
+        for kw in ({}, dict(temperature=torch.tensor(2.0, device=device))):
+            ours = raised(getattr(fs, name), x, dim, dtype=dtype, **kw)
+            assert type(ours) is type(theirs) is TypeError and str(ours) == str(theirs)
 
 
 def test_vocab_parallel_follows_autocast_and_elementwise_mean(device):
@@ -1557,3 +1578,54 @@ def test_uint8_target_with_weight_and_smoothing_all_ignored_is_torchs_nan(device
         assert fn(x, t, **kw).isnan()
     with pytest.raises(RuntimeError, match=r"gather\(\)"):  # one kept: torch's error
         fs.cross_entropy(x, torch.tensor([2, 2, 1], dtype=torch.uint8, device=device), **kw)
+
+
+# --------------------------------------------------------------------------- extras' types
+@pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
+def test_extras_are_numbers_as_torchs_floats(fn, device):
+    """The extras take what torch's parser takes for a float (a Python or numpy number, a
+    0-d tensor without grad); a tensor that requires grad (its gradient would be lost
+    without a word), of another shape, or a string is a TypeError naming the argument;
+    z_loss must be finite and >= 0; the flags are bools."""
+    x = torch.randn(3, 5, device=device)
+    t = torch.tensor([1, 2, 0], device=device)
+    f = getattr(fs, fn)
+    args = (x, t) if fn == "cross_entropy" else (x, torch.randn(5, 5, device=device), t)
+    for name, plain, alike in (("logit_scale", 2.0, (np.float32(2.0), torch.tensor(2.0),
+                                                     torch.tensor(2))),
+                               ("softcap", 3.0, (np.float64(3.0), torch.tensor(3.0))),
+                               ("z_loss", 0.5, (np.float32(0.5), torch.tensor(0.5)))):
+        expected = f(*args, **{name: plain})
+        for v in alike:
+            torch.testing.assert_close(f(*args, **{name: v}), expected)
+        for v in ("2", [2.0], None if name != "softcap" else "x", torch.tensor([2.0]),
+                  torch.tensor(2.0, requires_grad=True)):
+            with pytest.raises(TypeError, match=name):
+                f(*args, **{name: v})
+    torch.testing.assert_close(f(*args, logit_scale=True), f(*args))  # a bool, as torch's
+    for z in (-0.1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="z_loss must be"):
+            f(*args, z_loss=z)
+    if fn == "cross_entropy":
+        for flag in ("return_lse", "inplace_backward"):
+            with pytest.raises(TypeError, match=flag):
+                f(*args, **{flag: "no"})
+            f(*args, **{flag: np.bool_(False)})
+
+
+@pytest.mark.parametrize("name", ["Softmax", "LogSoftmax"])
+def test_softmax_modules_name_themselves_and_check_temperature_at_once(name):
+    """A call's argument errors name the class's forward, as torch's do; a bad temperature
+    is refused by the constructor (it printed as the default and failed in forward)."""
+    for m in (getattr(fs.nn, name)(1), getattr(torch.nn, name)(1)):
+        with pytest.raises(TypeError) as e:
+            m()
+        assert str(e.value) == f"{name}.forward() missing 1 required positional argument: 'input'"
+    with pytest.raises(TypeError, match="temperature"):
+        getattr(fs.nn, name)(1, temperature=True)
+    for bad in (0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="temperature"):
+            getattr(fs.nn, name)(1, temperature=bad)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(torch.jit.script(getattr(fs.nn, name)(1))(x),
+                               getattr(torch.nn, name)(1)(x))

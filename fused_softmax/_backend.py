@@ -273,6 +273,24 @@ def needs_torch_ops(*tensors) -> bool:
     return False
 
 
+def differentiated(t) -> bool:
+    """True for a tensor a transform differentiates with respect to: a forward-AD dual, or
+    the wrapper of a ``torch.func`` grad / vjp / jvp level (not vmap's batching alone). A
+    backward's ``grad_output`` is one where the backward itself is differentiated with
+    respect to it (``jvp`` or ``grad`` of ``autograd.grad(y, x, v)`` in ``v``): the ops have
+    no rule for that, so the backward forms its result with torch's ops."""
+    if torch.compiler.is_compiling() or not isinstance(t, torch.Tensor):
+        return False  # (Dynamo traces no functorch query; a compiled backward is plain)
+    if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+        return True
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_gradtrackingtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def float_bits(v: float) -> int:
     """The bits of ``v`` as an fp64, as a signed int64: how a float argument reaches a
     kernel exactly (see ``kernels.softmax.float_arg``)."""

@@ -20,7 +20,7 @@ from torch.overrides import handle_torch_function
 
 from . import _backend
 from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
-                       float_bits, fp32_if_low, is_finite, needs_torch_ops,
+                       differentiated, float_bits, fp32_if_low, is_finite, needs_torch_ops,
                        torch_function_dispatch, use_triton)
 
 if _backend.HAS_TRITON:
@@ -365,10 +365,35 @@ def _loss_rows(x, target, weight, args):
     return rows
 
 
+def grads_of_rows(rows_of, inputs, wanted, scale):
+    """The gradients of ``sum(rows_of(*inputs) * scale)`` with respect to ``inputs[i]`` for
+    ``i`` in ``wanted`` (zeros where unused), formed with torch ops with a graph (a
+    backward's ``create_graph=True``). A ``scale`` that a transform differentiates
+    (``_backend.differentiated``: a forward-AD dual, a ``torch.func`` level's grad_output)
+    goes through ``torch.func.vjp``, which keeps its levels; ``autograd.grad`` of a sum
+    holding it gave a zero derivative."""
+    def rows_from(*chosen):
+        args = list(inputs)
+        for i, t in zip(wanted, chosen):
+            args[i] = t
+        return rows_of(*args)
+
+    primals = [inputs[i] for i in wanted]
+    if differentiated(scale):
+        rows, vjp = torch.func.vjp(rows_from, *primals)
+        return vjp(scale.expand_as(rows).to(rows.dtype))
+    with torch.enable_grad():
+        rows = rows_of(*inputs)
+        grads = torch.autograd.grad((rows * scale).sum(), primals, create_graph=True,
+                                    allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(primals, grads)]
+
+
 def _differentiable_backward(ctx, dscale, saved):
-    """``create_graph=True`` (double backward, gradient penalties, Hessians): the gradient
-    recomputed from the saved logits (``saved``: ``ctx.saved_tensors``) with torch ops, so
-    that it is itself differentiable."""
+    """``create_graph=True`` (double backward, gradient penalties, Hessians), or a
+    ``grad_output`` a transform differentiates: the gradient recomputed from the saved
+    logits (``saved``: ``ctx.saved_tensors``) with torch ops, so that it is itself
+    differentiable."""
     if ctx.inplace:
         raise RuntimeError(
             "fused_softmax.cross_entropy(inplace_backward=True): the logits were overwritten "
@@ -376,19 +401,19 @@ def _differentiable_backward(ctx, dscale, saved):
     ctx.fused_grad = None
     x, target, weight, scalars, _ = saved
     wanted = [(i, t) for i, t in enumerate((x, target, weight)) if ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        # In the accumulation dtype, as the kernels: grad_output (GradScaler's 2^16) is inf
-        # in fp16, and fp16 formulas lose accuracy; the casts carry the gradients back.
-        acc = acc_dtype(x.dtype)
-        w_acc = weight.to(acc) if weight is not None else None
-        t_acc = target.to(acc) if target.is_floating_point() else target  # smoothed in acc
-        rows = _loss_rows(x.to(acc), t_acc, w_acc, ctx.args)
-        total = (rows * (dscale * scalars[0]).to(acc)).sum()
-        grads = torch.autograd.grad(total, [t for _, t in wanted], create_graph=True,
-                                    allow_unused=True)
+    # In the accumulation dtype, as the kernels: grad_output (GradScaler's 2^16) is inf in
+    # fp16, and fp16 formulas lose accuracy; the casts carry the gradients back.
+    acc = acc_dtype(x.dtype)
+
+    def rows_of(x, target, weight):
+        t = target.to(acc) if target.is_floating_point() else target  # smoothed in acc
+        return _loss_rows(x.to(acc), t, weight.to(acc) if weight is not None else None,
+                          ctx.args)
+    grads = grads_of_rows(rows_of, (x, target, weight), [i for i, _ in wanted],
+                          (dscale * scalars[0]).to(acc))
     out = [None] * 9
-    for (i, t), g in zip(wanted, grads):
-        out[i] = torch.zeros_like(t) if g is None else g
+    for (i, _), g in zip(wanted, grads):
+        out[i] = g
     return tuple(out)
 
 
@@ -511,7 +536,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if dloss is None:  # not materialised (set_materialize_grads): nothing flows back
             return (None,) * 9
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or differentiated(dscale):
             saved = ctx.saved_tensors
             return _differentiable_backward(ctx, _ignored_rows_zeroed(ctx, dscale, saved[1]), saved)
         grad_x = grad_target = None

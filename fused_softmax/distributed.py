@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from . import _backend
 from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
-                       float_bits, fp32_if_low, needs_torch_ops, use_triton)
+                       differentiated, float_bits, fp32_if_low, needs_torch_ops, use_triton)
 from .cross_entropy import (_REDUCTIONS, _scaled_logits, _type_name, check_ignore_index,
                             check_extras, check_index_target, check_smoothing_range,
                             check_uint8_smoothed_mean, cross_entropy,
@@ -104,7 +104,12 @@ def _torch_stats(x, target, weight, vocab_start, logit_scale, row_max, sums, sof
 
 
 def _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, softcap=0.0):
-    """The backward kernel's math with torch ops."""
+    """The backward kernel's math with torch ops, into ``grad``."""
+    grad.copy_(shard_grad(x, target, weight, lse, coef, vocab_start, logit_scale, softcap))
+
+
+def shard_grad(x, target, weight, lse, coef, vocab_start, logit_scale, softcap=0.0):
+    """The backward kernel's math with torch ops, out of place (in ``coef``'s dtype)."""
     z, _ = _scaled_logits(x.to(coef.dtype), logit_scale, softcap)
     a, b = coef[:, 0:1], coef[:, 1:2]
     dx = torch.where(a == 0, 0.0, a * torch.exp((z - lse[:, 0:1]) - lse[:, 1:2]))
@@ -115,7 +120,7 @@ def _torch_bwd(x, target, weight, lse, coef, vocab_start, logit_scale, grad, sof
         dx = dx - (c_w if weight is None else torch.where(c_w == 0, 0.0, c_w * weight.to(dx.dtype)))
     if softcap > 0:  # dz / d(x * logit_scale) = 1 / cosh^2; logit_scale itself is in coef
         dx = torch.where(a == 0, 0.0, dx / torch.cosh(x.to(coef.dtype) * logit_scale / softcap) ** 2)
-    grad.copy_(dx)
+    return dx
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -354,8 +359,14 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 "backward (create_graph=True)")
         x, target, w_local, lse, coef, valid = ctx.saved_tensors
         coef = scale_coefficients(coef, dloss, ctx.logit_scale, valid)
-        grad = _backend.call(
-            vocab_parallel_bwd, x, target, w_local, lse, coef, ctx.vocab_start, ctx.logit_scale)
+        if differentiated(dloss):  # the backward differentiated with respect to grad_output
+            # (a forward-AD dual, a torch.func level's tensor): torch's ops carry it, the op
+            # has no rule for it
+            grad = shard_grad(x, target, w_local, lse, coef, ctx.vocab_start,
+                              ctx.logit_scale).to(x.dtype)
+        else:
+            grad = _backend.call(vocab_parallel_bwd, x, target, w_local, lse, coef,
+                                 ctx.vocab_start, ctx.logit_scale)
         return grad, None, None, None, None, None, None, None, None, None
 
 

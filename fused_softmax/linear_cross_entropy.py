@@ -81,13 +81,13 @@ from torch.overrides import handle_torch_function
 
 from . import _backend
 from . import distributed as _vp
-from ._backend import (LOW_FLOATS, acc_dtype, check_float, fp32_if_low, needs_torch_ops,
-                       torch_function_dispatch, use_triton)
+from ._backend import (LOW_FLOATS, acc_dtype, check_float, differentiated, fp32_if_low,
+                       needs_torch_ops, torch_function_dispatch, use_triton)
 from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _loss_rows,
                             _prob_target_grads, _reduction_scalars, check_extras,
                             check_ignore_index, check_smoothing_type, check_targets_on_cpu,
                             check_version, check_versions, cross_entropy, cross_entropy_fwd,
-                            cross_entropy_fwd_inplace, mean_of, raise_torchs_error,
+                            cross_entropy_fwd_inplace, grads_of_rows, mean_of, raise_torchs_error,
                             reduction_name, rescale_, smoothing_value, track_versions,
                             watched_by_torch, widen_int32_target)
 
@@ -397,25 +397,25 @@ def _soft_target_grads(x, w, b, target, weight, scalars, lse, dscale, args, chun
 
 
 def _differentiable_backward(ctx, inputs, dloss, scale, n_outputs):
-    """``create_graph=True`` (double backward, Hessians, gradient penalties): the loss
+    """``create_graph=True`` (double backward, Hessians, gradient penalties), or a
+    ``grad_output`` a transform differentiates (``_backend.differentiated``): the loss
     formed again from the saved ``inputs`` ``(x, w, b, target, weight)`` with torch ops,
     the logits materialised (as torch's ``linear_cross_entropy`` does), and differentiated
     with a graph, so that the gradients are themselves differentiable. ``scale``: the
     reduction's factor of the summed rows (``1 / denominator`` for a mean, else 1)."""
-    x, w, b, target, weight = inputs
+    x = inputs[0]
     args, acc = ctx.args, acc_dtype(x.dtype)
     wanted = [(i, t) for i, t in enumerate(inputs) if ctx.needs_input_grad[i]]
-    with torch.enable_grad():
+
+    def rows_of(x, w, b, target, weight):
         z = torch.nn.functional.linear(x, w, b).reshape(-1, args[6]).to(acc)
         t = target.to(acc) if target.is_floating_point() else target
-        rows = _loss_rows(z, t, None if weight is None else weight.to(acc), args[:6])
-        dscale = dloss.reshape(-1) if dloss.dim() else dloss
-        total = (rows * (dscale * scale).to(acc)).sum()
-        grads = torch.autograd.grad(total, [t for _, t in wanted], create_graph=True,
-                                    allow_unused=True)
+        return _loss_rows(z, t, None if weight is None else weight.to(acc), args[:6])
+    dscale = dloss.reshape(-1) if dloss.dim() else dloss
+    grads = grads_of_rows(rows_of, inputs, [i for i, _ in wanted], (dscale * scale).to(acc))
     out = [None] * n_outputs
     for (i, t), g in zip(wanted, grads):
-        out[i] = torch.zeros_like(t) if g is None else g.to(t.dtype)
+        out[i] = g.to(t.dtype)
     return tuple(out)
 
 
@@ -455,7 +455,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_t, need_cw = ctx.needs_input_grad[:5]
         x, w, target, weight, scalars, lse = ctx.saved_tensors
         check_versions(ctx)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or differentiated(dloss):
             ctx.fused_grads = None
             return _differentiable_backward(ctx, (x, w, saved_bias(ctx), target, weight), dloss,
                                             scalars[0], 11)
@@ -548,7 +548,7 @@ class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, dloss):
         x, w, b, target, weight, lse, coef, valid = ctx.saved_tensors
         check_versions(ctx)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or differentiated(dloss):
             ignore_index, eps, *_, C = ctx.args
             _, scalars = _reduction_scalars(target, weight, ignore_index, ctx.reduction, False, C,
                                             acc_dtype(x.dtype), eps)

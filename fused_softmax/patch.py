@@ -21,6 +21,7 @@ modules do, a name bound earlier by ``from torch.nn.functional import softmax`` 
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -213,9 +214,18 @@ def patch() -> _PatchContext:
 
 
 def unpatch() -> None:
-    """Put back exactly the torch objects that :func:`patch` replaced (no-op if unpatched)."""
+    """Put back exactly the torch objects that :func:`patch` replaced (no-op if unpatched).
+    One that something else has replaced since (a profiler's wrapper of the patched
+    function, say) is left in place, with a warning: putting torch's back would silently
+    remove that wrapper."""
     global _patched
     if _patched:
-        for (owner, name), original in _ORIGINALS.items():
-            setattr(owner, name, original)
+        for owner, name, new in _REPLACEMENTS:
+            if owner.__dict__.get(name) is new:
+                setattr(owner, name, _ORIGINALS[(owner, name)])
+            else:
+                where = owner.__name__ if owner is F else f"torch.nn.{owner.__name__}"
+                warnings.warn(
+                    f"fused_softmax.unpatch(): {where}.{name} was replaced after patch(); left as it is (it may still call "
+                    "fused_softmax)", stacklevel=2)
         _patched = False

@@ -254,9 +254,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     saved = ctx.saved_tensors
     lse = saved[1] if ctx.mode == LOGSUMEXP else None
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or needs_torch_ops(grad):
         # create_graph=True: differentiable torch formulas, so double backward is exact
-        # (the saved output's own gradient comes back through this op's backward).
+        # (the saved output's own gradient comes back through this op's backward); and a
+        # grad_output of a torch.func transform or a forward-AD dual (differentiating the
+        # backward with respect to it): the op has no rule for them, torch's ops do.
         dx = _torch_bwd(saved[0], grad, lse, ctx.dim, ctx.mode, ctx.t, ctx.dx_dtype,
                         ctx.divide)
     else:

@@ -398,6 +398,61 @@ def test_torch_func_transforms_and_forward_ad(op):
     torch.testing.assert_close(tangent, ref)
 
 
+_T = torch.tensor([0, 2, 1])
+BACKWARD_OPS = {
+    **OPS,
+    "logsumexp dims": (lambda a: fs.logsumexp(a, (0, 1)), lambda a: torch.logsumexp(a, (0, 1))),
+    "cross_entropy none": (lambda a: fs.cross_entropy(a, _T, reduction="none"),
+                           lambda a: F.cross_entropy(a, _T, reduction="none")),
+    "cross_entropy prob": (lambda a: fs.cross_entropy(a, torch.softmax(a.detach() * 3, 1)),
+                           lambda a: F.cross_entropy(a, torch.softmax(a.detach() * 3, 1))),
+    "linear_cross_entropy none": (
+        lambda a: fs.linear_cross_entropy(a, HEAD, torch.tensor([0, 5, 1]), reduction="none"),
+        lambda a: F.cross_entropy(F.linear(a, HEAD), torch.tensor([0, 5, 1]), reduction="none")),
+    "linear_cross_entropy vocab": (
+        lambda a: fs.linear_cross_entropy(a, HEAD, torch.tensor([0, 5, 1]), vocab_chunk_size=4),
+        lambda a: F.cross_entropy(F.linear(a, HEAD), torch.tensor([0, 5, 1]))),
+    "vocab_parallel none": (
+        lambda a: fs.distributed.vocab_parallel_cross_entropy(a, _T, reduction="none"),
+        lambda a: F.cross_entropy(a, _T, reduction="none")),
+    "cross_entropy fp16": (lambda a: fs.cross_entropy(a.half(), _T, reduction="none"),
+                           lambda a: F.cross_entropy(a.half(), _T, reduction="none")),
+}
+
+
+@pytest.mark.parametrize("op", BACKWARD_OPS)
+def test_backward_differentiated_in_grad_output(op, device):
+    """A graph built outside any transform, its backward ``autograd.grad(y, x, v)`` then
+    differentiated with respect to ``v``: by torch.func's jvp and grad, or with ``v`` a
+    forward-AD dual. The ops have no rule for such a ``v``, so the backward forms its result
+    with torch's ops; it gave a zero derivative (or a lost tangent) before."""
+    import torch.autograd.forward_ad as fwAD
+    ours, theirs = BACKWARD_OPS[op]
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(3, 4, dtype=torch.float64, generator=gen).to(device)
+    U = torch.randn(3, 4, dtype=torch.float64, generator=gen).to(device)
+    results = []
+    for fn in (ours, theirs):
+        x = x0.clone().requires_grad_()
+        y = fn(x)
+        v = torch.randn(y.shape, dtype=y.dtype, generator=gen).to(device)
+        tv = torch.randn(y.shape, dtype=y.dtype, generator=gen).to(device)
+        jvp = torch.func.jvp(lambda v: torch.autograd.grad(y, x, v, retain_graph=True)[0],
+                             (v,), (tv,))[1]
+        with fwAD.dual_level():
+            dual = torch.autograd.grad(y, x, fwAD.make_dual(v, tv), retain_graph=True)[0]
+            tangent = fwAD.unpack_dual(dual).tangent
+        exact = torch.autograd.grad(y, x, tv, retain_graph=True)[0]
+        tol = dict(rtol=2e-3, atol=1e-3) if y.dtype == torch.float16 else {}
+        torch.testing.assert_close(jvp, exact, **tol)
+        torch.testing.assert_close(tangent, exact, **tol)
+        if not op.startswith("vocab_parallel"):  # which has no double backward
+            results.append(torch.func.grad(lambda v: (torch.autograd.grad(
+                y, x, v, retain_graph=True, create_graph=True)[0] * U).sum())(v))
+    if results:
+        torch.testing.assert_close(results[0], results[1], **tol)
+
+
 def test_compile_with_dynamic_shapes_and_implicit_dim(device):
     x = torch.randn(3, 7, device=device)
     t = torch.tensor([0, 3, 6], device=device)

@@ -111,6 +111,23 @@ def test_unpatch_restores_exactly(restore_torch):
     assert F.softmax is restore_torch[(F, "softmax")]
 
 
+def test_unpatch_leaves_a_later_wrapper_in_place(restore_torch):
+    """Something that wrapped a patched function after patch() (a profiler, say) keeps its
+    wrapper, with a warning; the entries nobody touched go back to torch's."""
+    patch()
+    patched = F.softmax
+
+    def wrapper(*args, **kwargs):
+        return patched(*args, **kwargs)
+    F.softmax = wrapper
+    with pytest.warns(UserWarning, match=r"torch\.nn\.functional\.softmax was replaced"):
+        unpatch()
+    assert F.softmax is wrapper and not patch_mod.is_patched()
+    for (owner, name), obj in restore_torch.items():
+        if (owner, name) != (F, "softmax"):
+            assert owner.__dict__[name] is obj, (owner, name)
+
+
 def test_patch_is_idempotent(restore_torch):
     patch()
     patch()

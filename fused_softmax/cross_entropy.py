@@ -417,6 +417,34 @@ def _differentiable_backward(ctx, dscale, saved):
     return tuple(out)
 
 
+class _ClassesLast(torch.autograd.Function):
+    """``(N, C, d1, ...) -> (N * d1 * ..., C)``: rows of classes (a copy unless the classes
+    are innermost already), whose backward hands back a contiguous gradient, as torch's.
+    (Autograd's own backward of ``movedim(1, -1).reshape`` gave it in the classes-last
+    layout: ``.view`` failed on the gradient a hook or ``autograd.grad`` saw, and a leaf's
+    ``.grad`` took a copy anyway.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        moved = x.movedim(1, -1)
+        ctx.moved = moved.shape
+        return moved.reshape(math.prod(moved.shape[:-1]), x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.reshape(ctx.moved).movedim(-1, 1).contiguous()
+
+
+def classes_last(t: torch.Tensor) -> torch.Tensor:
+    """``(N, C, d1, ...) -> (N * d1 * ..., C)``, with a contiguous gradient (``_ClassesLast``)
+    in eager code (strict export drops an autograd.Function's gradient; compiled code lays
+    out its own strides)."""
+    if t.requires_grad and torch.is_grad_enabled() and _backend.dispatch_free((t,)):
+        return _ClassesLast.apply(t)
+    moved = t.movedim(1, -1)
+    return moved.reshape(math.prod(moved.shape[:-1]), t.shape[1])  # (no -1: C may be 0)
+
+
 def track_versions(output: torch.Tensor, *tensors) -> None:
     """Note the versions of ``tensors`` (the caller's, not the kernels' copies; those not
     None) on ``output``'s autograd node (an ``autograd.Function``'s ``grad_fn`` is its
@@ -1039,8 +1067,9 @@ def cross_entropy(
     elif input.dim() == 2:
         x, t = input, target
     else:
-        x = input.movedim(1, -1).reshape(-1, C)
-        t = target.movedim(1, -1).reshape(-1, C) if prob_target else target.reshape(-1)
+        # (with inplace_backward the gradient stays where the kernel wrote it: over the rows)
+        x = input.movedim(1, -1).reshape(-1, C) if inplace_backward else classes_last(input)
+        t = classes_last(target) if prob_target else target.reshape(-1)
     if x.stride(-1) != 1:
         x = x.contiguous()
     t = t.contiguous()

@@ -37,7 +37,7 @@ from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, ch
                        differentiated, float_bits, fp32_if_low, needs_torch_ops, use_triton)
 from .cross_entropy import (_REDUCTIONS, _scaled_logits, _type_name, check_ignore_index,
                             check_extras, check_index_target, check_smoothing_range,
-                            check_uint8_smoothed_mean, cross_entropy,
+                            check_uint8_smoothed_mean, classes_last, cross_entropy,
                             grad_scale_of, mean_of, reduction_name, smoothing_value,
                             widen_int32_target)
 
@@ -552,8 +552,7 @@ def vocab_parallel_cross_entropy(
     elif input.dim() == 2:
         x, t = input, target
     else:
-        # rows counted from the target: an empty shard (C = 0) cannot say how many
-        x, t = input.movedim(1, -1).reshape(target.numel(), C), target.reshape(-1)
+        x, t = classes_last(input), target.reshape(-1)  # (gradient contiguous, as torch's)
     if x.stride(-1) != 1:
         x = x.contiguous()
     t = t.contiguous()

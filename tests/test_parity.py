@@ -1684,3 +1684,33 @@ def test_softmax_modules_name_themselves_and_check_temperature_at_once(name):
     x = torch.randn(2, 3, dtype=torch.float64)
     torch.testing.assert_close(torch.jit.script(getattr(fs.nn, name)(1))(x),
                                getattr(torch.nn, name)(1)(x))
+
+
+# --------------------------------------------------------------------------- gradient layout
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "prob target"])
+def test_nd_cross_entropy_gradient_is_contiguous_as_torchs(layout, device):
+    """(N, C, H, W) logits: the gradient a hook or autograd.grad sees is contiguous, as
+    torch's (it came back classes-last, so ``.view`` failed on it); the vocab-parallel loss
+    in a world of 1 too."""
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 3, 4, 5, generator=gen).to(device)
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    if layout == "prob target":
+        t0 = torch.softmax(torch.randn(2, 3, 4, 5, generator=gen), 1).to(device)
+    else:
+        t0 = torch.randint(0, 3, (2, 4, 5), generator=gen).to(device)
+    fns = [fs.cross_entropy, F.cross_entropy]
+    if layout != "prob target":
+        fns.append(fs.distributed.vocab_parallel_cross_entropy)
+    grads = []
+    for fn in fns:
+        x = x0.clone(memory_format=torch.preserve_format).requires_grad_()
+        t = t0.clone().requires_grad_() if layout == "prob target" else t0
+        h = x * 1.0  # a non-leaf, as torch's layout keeps it
+        wrt = (h, t) if layout == "prob target" else (h,)
+        grads.append(torch.autograd.grad(fn(h, t, label_smoothing=0.1), wrt))
+    for ours in grads[:1] + grads[2:]:
+        for g, expected in zip(ours, grads[1]):
+            assert g.stride() == expected.stride()
+            torch.testing.assert_close(g.view(-1), expected.view(-1))

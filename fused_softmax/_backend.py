@@ -199,10 +199,20 @@ def check_float(name: str, t: torch.Tensor) -> None:
         )
 
 
+def as_symint(value):
+    """``value`` as a Python int where torch's argument parser takes it for a SymInt
+    parameter (``ignore_index``): anything with ``__index__`` (a numpy integer or 0-d
+    array, a one-element integer tensor, ...) but a bool or a bool tensor; else ``None``."""
+    if (isinstance(value, bool) or not hasattr(type(value), "__index__")
+            or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)):
+        return None
+    return operator.index(value)
+
+
 def as_index(value):
-    """``value`` as a Python int where torch's argument parser takes it as one (an int, a
-    numpy integer, a 0-d integer tensor; not a bool, a bool tensor or another object with
-    ``__index__``); else ``None``."""
+    """``value`` as a Python int where torch's argument parser takes it for an int
+    parameter (``dim``): an int, a numpy integer, a 0-d integer tensor; not a bool, a bool
+    tensor or another object with ``__index__``; else ``None``."""
     if isinstance(value, torch.Tensor):
         integral = not (value.is_floating_point() or value.is_complex()
                         or value.dtype == torch.bool)

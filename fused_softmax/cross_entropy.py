@@ -19,7 +19,7 @@ import torch
 from torch.overrides import handle_torch_function
 
 from . import _backend
-from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
+from ._backend import (LOW_FLOATS, acc_dtype, as_symint, autocast_fp32_active, check_float,
                        differentiated, float_bits, fp32_if_low, is_finite, needs_torch_ops,
                        torch_function_dispatch, use_triton)
 
@@ -418,27 +418,32 @@ def _differentiable_backward(ctx, dscale, saved):
 
 
 class _ClassesLast(torch.autograd.Function):
-    """``(N, C, d1, ...) -> (N * d1 * ..., C)``: rows of classes (a copy unless the classes
-    are innermost already), whose backward hands back a contiguous gradient, as torch's.
-    (Autograd's own backward of ``movedim(1, -1).reshape`` gave it in the classes-last
-    layout: ``.view`` failed on the gradient a hook or ``autograd.grad`` saw, and a leaf's
-    ``.grad`` took a copy anyway.)"""
+    """``(N, C, d1, ...) -> (N * d1 * ..., C)``: rows of classes. Where that takes a copy
+    (the classes are not innermost in memory: a contiguous input), the backward hands back
+    a contiguous gradient, as torch's (autograd's own backward of ``movedim(1,
+    -1).reshape`` gave it classes-last: ``.view`` failed on the gradient a hook or
+    ``autograd.grad`` saw, and a leaf's ``.grad`` took a copy anyway). Where it is a view
+    (channels_last, a transposed ``(B, T, C)`` tensor), the gradient keeps the input's
+    layout, with no copy: torch's is contiguous there, at the cost of a copy of it."""
 
     @staticmethod
     def forward(ctx, x):
         moved = x.movedim(1, -1)
+        rows = moved.reshape(math.prod(moved.shape[:-1]), x.shape[1])
         ctx.moved = moved.shape
-        return moved.reshape(math.prod(moved.shape[:-1]), x.shape[1])
+        ctx.copied = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        return rows
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.reshape(ctx.moved).movedim(-1, 1).contiguous()
+        grad = grad.reshape(ctx.moved).movedim(-1, 1)
+        return grad.contiguous() if ctx.copied else grad
 
 
 def classes_last(t: torch.Tensor) -> torch.Tensor:
-    """``(N, C, d1, ...) -> (N * d1 * ..., C)``, with a contiguous gradient (``_ClassesLast``)
-    in eager code (strict export drops an autograd.Function's gradient; compiled code lays
-    out its own strides)."""
+    """``(N, C, d1, ...) -> (N * d1 * ..., C)``, with ``_ClassesLast``'s gradient layout in
+    eager code (strict export drops an autograd.Function's gradient; compiled code lays out
+    its own strides, classes-last as before)."""
     if t.requires_grad and torch.is_grad_enabled() and _backend.dispatch_free((t,)):
         return _ClassesLast.apply(t)
     moved = t.movedim(1, -1)
@@ -665,7 +670,7 @@ def widen_int32_target(target, ignore_index: int):
 
 def check_ignore_index(ignore_index, fn: str = "cross_entropy") -> int:
     """torch's argument parser: an int (anything with ``__index__``, not a bool)."""
-    index = as_index(ignore_index)
+    index = as_symint(ignore_index)
     if index is None:
         raise TypeError(f"{fn}(): argument 'ignore_index' must be int, not "
                         f"{type(ignore_index).__name__}")
@@ -1033,7 +1038,7 @@ def cross_entropy(
         raise_torchs_error(ours, torch_cross_entropy, input=input, target=target, weight=weight,
                            ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
-    ignore_index = as_index(ignore_index)
+    ignore_index = as_symint(ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
     watched = watched_by_torch(input.dim(), target, weight, prob_target, label_smoothing)
     target = widen_int32_target(target, ignore_index)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import _backend
-from ._backend import (LOW_FLOATS, acc_dtype, as_index, autocast_fp32_active, check_float,
+from ._backend import (LOW_FLOATS, acc_dtype, as_symint, autocast_fp32_active, check_float,
                        differentiated, float_bits, fp32_if_low, needs_torch_ops, use_triton)
 from .cross_entropy import (_REDUCTIONS, _scaled_logits, _type_name, check_ignore_index,
                             check_extras, check_index_target, check_smoothing_range,
@@ -524,7 +524,7 @@ def vocab_parallel_cross_entropy(
     C = _check_args(local_logits, target, weight, vocab_start_index, ignore_index, reduction,
                     label_smoothing, logit_scale, z_loss, world, input_dtype)
     start = rank * C if vocab_start_index is None else vocab_start_index
-    ignore_index = as_index(ignore_index)
+    ignore_index = as_symint(ignore_index)
     target = widen_int32_target(target, ignore_index)
     label_smoothing = smoothing_value(label_smoothing)
 

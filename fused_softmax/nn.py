@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 import torch
@@ -32,19 +31,6 @@ class _TemperatureMixin:
         self.__dict__.setdefault("temperature", 1.0)
         self.__dict__.setdefault("_log", type(self)._LOG)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._fused(input)
-
-    def __init_subclass__(cls, **kwargs):
-        # each class's own forward, so that a call's argument errors name the class
-        # ("Softmax.forward() missing 1 required positional argument"), as torch's
-        super().__init_subclass__(**kwargs)
-        f = _TemperatureMixin.forward
-        cls.forward = types.FunctionType(f.__code__, f.__globals__, "forward", f.__defaults__,
-                                         f.__closure__)
-        cls.forward.__qualname__ = f"{cls.__name__}.forward"
-        cls.forward.__annotations__ = f.__annotations__
-
     @torch.jit.ignore
     def _fused(self, input):  # no annotations: TorchScript reads them as Tensor
         # Left to Python by torch.jit.script (the kernels are not TorchScript), so that a
@@ -73,6 +59,9 @@ class Softmax(_TemperatureMixin, torch.nn.Softmax):
     def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
         self._init(dim, temperature)
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # its own: errors name the class
+        return self._fused(input)
+
 
 class LogSoftmax(_TemperatureMixin, torch.nn.LogSoftmax):
     """Drop-in for :class:`torch.nn.LogSoftmax` (a subclass of it, plus keyword-only
@@ -82,6 +71,9 @@ class LogSoftmax(_TemperatureMixin, torch.nn.LogSoftmax):
 
     def __init__(self, dim: Optional[int] = None, *, temperature: float = 1.0) -> None:
         self._init(dim, temperature)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # its own: errors name the class
+        return self._fused(input)
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):

@@ -179,6 +179,10 @@ _ORIGINALS: Dict[Tuple[object, str], Callable] = {
 }
 
 
+#: Entries that ``unpatch()`` left in place (replaced by something else after ``patch()``).
+_LEFT_IN_PLACE: Dict[Tuple[object, str], Callable] = {}
+
+
 def is_patched() -> bool:
     """True between :func:`patch` and :func:`unpatch`."""
     return _patched
@@ -207,7 +211,11 @@ def patch() -> _PatchContext:
     was_patched = _patched
     if not was_patched:
         for owner, name, new in _REPLACEMENTS:
-            _ORIGINALS[(owner, name)] = owner.__dict__[name]
+            current = owner.__dict__[name]
+            if _LEFT_IN_PLACE.pop((owner, name), None) is not current:
+                # (a wrapper unpatch() left in place may call our function: falling
+                # through to it would recurse; torch's original stays the one we keep)
+                _ORIGINALS[(owner, name)] = current
             setattr(owner, name, new)
         _patched = True
     return _PatchContext(was_patched)
@@ -221,9 +229,11 @@ def unpatch() -> None:
     global _patched
     if _patched:
         for owner, name, new in _REPLACEMENTS:
-            if owner.__dict__.get(name) is new:
+            current = owner.__dict__.get(name)
+            if current is new:
                 setattr(owner, name, _ORIGINALS[(owner, name)])
             else:
+                _LEFT_IN_PLACE[(owner, name)] = current
                 where = owner.__name__ if owner is F else f"torch.nn.{owner.__name__}"
                 warnings.warn(
                     f"fused_softmax.unpatch(): {where}.{name} was replaced after patch(); left as it is (it may still call "

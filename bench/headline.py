@@ -7,6 +7,9 @@ in argv[1]).
 
     python bench/headline.py bench/results/headline-<device>-<date>.json
 """
+import _cuda_script  # bench/: --help, and a message without a CUDA GPU
+_cuda_script.start(__doc__)
+
 import datetime
 import importlib
 import json
@@ -20,8 +23,18 @@ from triton.testing import do_bench
 t0 = time.time()
 def log(*a): print(f"[{time.time()-t0:6.1f}s]", *a, flush=True)
 sm = importlib.import_module("fused_softmax.softmax"); ce = importlib.import_module("fused_softmax.cross_entropy")
-from liger_kernel.ops.softmax import LigerSoftmaxFunction
-from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+try:
+    from liger_kernel.ops.softmax import LigerSoftmaxFunction
+    from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+except ImportError as e:  # compared only when importable: its rows record the error
+    class _Missing:
+        reason = f"Liger-Kernel not importable: {e}"
+
+        @classmethod
+        def apply(cls, *args):
+            raise ImportError(cls.reason)
+    LigerSoftmaxFunction = LigerCrossEntropyFunction = _Missing
+    log(_Missing.reason)
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.environ.get("OUT", "."), "headline.json")
 R = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__, triton=triton.__version__, cases={})
 def ms(fn): return do_bench(fn, warmup=25, rep=100, return_mode="median")

@@ -8,6 +8,9 @@ probe. Writes $OUT/host-overhead.json (or argv[1]); the profiles go to stdout.
 
     python bench/host_overhead.py bench/results/host-overhead-<device>-<date>.json
 """
+import _cuda_script  # bench/: --help, and a message without a CUDA GPU
+_cuda_script.start(__doc__)
+
 import cProfile
 import datetime
 import io

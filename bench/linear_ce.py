@@ -13,6 +13,9 @@ backward recomputes them), with 8192-class chunks, and with chunks of rows
 
 The JSON is rewritten after every measurement, so a run cut short keeps what it measured.
 """
+import _cuda_script  # bench/: --help, and a message without a CUDA GPU
+_cuda_script.start(__doc__)
+
 import datetime
 import importlib
 import importlib.util

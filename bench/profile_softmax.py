@@ -7,6 +7,9 @@ then each CUDA kernel of one step from ``torch.profiler``; last, the forward ker
     python bench/profile_softmax.py            # prints; nothing is written
 """
 
+import _cuda_script  # bench/: --help, and a message without a CUDA GPU
+_cuda_script.start(__doc__)
+
 import importlib
 
 import torch

@@ -18,6 +18,9 @@ cost included) is recorded too.
     python bench/sampling.py bench/results/sampling-<device>-<date>.json
     BATCHES=64,256 python bench/sampling.py ...   # some batches only (about 40 s each)
 """
+import _cuda_script  # bench/: --help, and a message without a CUDA GPU
+_cuda_script.start(__doc__)
+
 import datetime
 import json
 import os

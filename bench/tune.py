@@ -7,6 +7,9 @@ rewritten after every row, so a run cut short keeps what it measured.
 
     python bench/tune.py bench/results/tune-<device>-<date>.json
 """
+import _cuda_script  # bench/: --help, and a message without a CUDA GPU
+_cuda_script.start(__doc__)
+
 import importlib
 import json
 import os

@@ -4,12 +4,36 @@ log-sum-exp and cross-entropy, as drop-in replacements of ``torch.nn.functional`
 >>> from fused_softmax import softmax, log_softmax, logsumexp, cross_entropy
 """
 
-from . import distributed, nn
-from .cross_entropy import cross_entropy
-from .linear_cross_entropy import linear_cross_entropy
-from .patch import patch, unpatch
-from .sampling import sample
-from .softmax import log_softmax, logsumexp, softmax
+
+
+def _source_kernels() -> None:
+    """A source checkout imported from its root (``import fused_softmax`` there, or through
+    PYTHONPATH, whatever is installed): the ``fused_softmax.kernels`` subpackage is the
+    top-level ``kernels/`` folder (pyproject's package-dir), beside this one. Register it
+    where no installed or editable copy provides it."""
+    import importlib.util
+    import os
+    import sys
+    if importlib.util.find_spec(__name__ + ".kernels") is not None:
+        return
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(path, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location(__name__ + ".kernels", init,
+                                                  submodule_search_locations=[path])
+    sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[spec.name])
+
+
+_source_kernels()
+
+from . import distributed, nn  # noqa: E402
+from .cross_entropy import cross_entropy  # noqa: E402
+from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from .patch import patch, unpatch  # noqa: E402
+from .sampling import sample  # noqa: E402
+from .softmax import log_softmax, logsumexp, softmax  # noqa: E402
 
 __all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "linear_cross_entropy", "nn", "distributed", "patch", "unpatch", "sample"]
 __version__ = "0.1.0"

@@ -21,13 +21,21 @@ import numpy as np
 import torch
 
 try:
-    import triton  # noqa: F401
+    import triton
 
     HAS_TRITON = True
 except ImportError:  # macOS / Windows: every op still works through its torch path
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if HAS_TRITON and INTERPRET and triton.__version__.startswith("3.6.") \
+        and tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 4):
+    warnings.warn(
+        f"fused_softmax: Triton {triton.__version__}'s interpreter breaks loops with runtime "
+        f"bounds under numpy {np.__version__} (kernels fail with 'only 0-dimensional arrays "
+        "can be converted to Python scalars'); install numpy<2.4, or triton>=3.9",
+        RuntimeWarning, stacklevel=2)
 
 #: Number of Triton kernel launches by kernel name. Tests read it to prove that the
 #: kernels (not the torch path) served a call; it costs a dict update per launch.

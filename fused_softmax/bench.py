@@ -450,6 +450,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ``bench`` sub-command; returns the process exit status."""
+    from .check import refuse_outputs
+    if refuse_outputs("bench", args.json, args.plot):
+        return 2
+    if not (args.warmup >= 0 and args.rep > 0):
+        print("fused_softmax bench: --warmup must be >= 0 and --rep > 0 (ms)", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print(NEEDS_GPU.format(torch=torch.__version__, cuda=torch.version.cuda or "none"),
               file=sys.stderr)
@@ -490,11 +496,8 @@ def run(args: argparse.Namespace) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {path}")
-    if args.plot is not None:
-        try:
-            plot(result, args.plot)
-            print(f"wrote {args.plot}")
-        except ImportError:
-            print("--plot needs matplotlib (pip install matplotlib); no plot written", file=sys.stderr)
+    if args.plot is not None:  # (matplotlib: checked before the run)
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
     failed = [r for r in rows if r["provider"] == "fused_softmax" and r["status"] == "error"]
     return 1 if failed else 0

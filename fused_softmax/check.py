@@ -501,41 +501,52 @@ def _unwritable(path: Path) -> str:
     return ""
 
 
+def refuse_outputs(command: str, json_path, plot_path) -> bool:
+    """Refuse, with a message, output paths that cannot be written (and ``--plot`` without
+    matplotlib) before a run, not after it; ``json_path`` None or "-" (stdout) is not
+    checked. Used by ``check`` and ``bench``."""
+    for flag, path in (("--json", None if str(json_path) == "-" else json_path),
+                       ("--plot", plot_path)):
+        problem = path is not None and _unwritable(path)
+        if problem:
+            print(f"fused_softmax {command}: {flag} {path}: {problem}", file=sys.stderr)
+            return True
+    if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+        print(f"fused_softmax {command}: --plot needs matplotlib (pip install matplotlib)",
+              file=sys.stderr)
+        return True
+    return False
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the ``check`` sub-command; returns the process exit status."""
     rows = args.rows if args.rows is not None else (QUICK_ROWS if args.quick else DEFAULT_ROWS)
     cols = args.cols if args.cols is not None else (QUICK_COLS if args.quick else DEFAULT_COLS)
-    # Refuse what cannot be written before the run, not after it ("-": JSON to stdout).
-    to_stdout = str(args.json) == "-"
-    for flag, path in (("--json", None if to_stdout else args.json), ("--plot", args.plot)):
-        problem = path is not None and _unwritable(path)
-        if problem:
-            print(f"fused_softmax check: {flag} {path}: {problem}", file=sys.stderr)
-            return 2
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        print("fused_softmax check: --plot needs matplotlib (pip install matplotlib)",
-              file=sys.stderr)
+    if refuse_outputs("check", args.json, args.plot):
         return 2
+    to_stdout = str(args.json) == "-"
     try:
         report = build_report(rows, cols, args.seed)
     except ValueError as e:
         print(f"fused_softmax check: {e}", file=sys.stderr)
         return 2
     text = json.dumps(_json_safe(report), indent=1) + "\n"
-    if to_stdout:  # the JSON alone on stdout, the report on stderr
-        print(format_report(report), file=sys.stderr)
-        sys.stdout.write(text)
-        return 0
-    print(format_report(report))
+    out = sys.stderr if to_stdout else sys.stdout  # "-": the JSON alone on stdout
+    print(format_report(report), file=out)
     try:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+        if to_stdout:
+            sys.stdout.write(text)
+        else:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(text)
         if args.plot is not None:
             plot(report, args.plot)
     except OSError as e:
         print(f"fused_softmax check: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
         return 1
-    print(f"\n{report['kernel_launches']} kernel launches, {report['seconds']:.1f}s; wrote {args.json}")
+    wrote = "" if to_stdout else f"; wrote {args.json}"
+    print(f"\n{report['kernel_launches']} kernel launches, {report['seconds']:.1f}s{wrote}",
+          file=out)
     if args.plot is not None:
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}", file=out)
     return 0

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,38 @@ def test_check_json_to_stdout(capsys):
     assert report["summary"] and "summary (ours)" in err
 
 
+def test_check_json_to_stdout_still_writes_the_plot(capsys, tmp_path, monkeypatch):
+    """``--json - --plot PATH`` writes the plot too (it returned before the plot code)."""
+    drawn = []
+    monkeypatch.setattr(check, "plot", lambda report, path: drawn.append(path))
+    monkeypatch.setattr(check, "refuse_outputs", lambda *a: False)  # matplotlib or not
+    png = tmp_path / "c.png"
+    assert main(["check", "--rows", "2", "--cols", "16", "--json", "-", "--plot", str(png)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["summary"] and drawn == [png] and f"wrote {png}" in err
+
+
+def test_a_source_checkout_imports_from_its_root(tmp_path):
+    """``import fused_softmax`` from a checkout's root finds the kernels in ``kernels/``
+    beside the package (pyproject's package-dir), whatever is installed: a non-editable
+    install's copy was hidden by the checkout's package, which has no ``kernels``."""
+    import shutil
+    root = Path(__file__).resolve().parents[1]
+    for name in ("fused_softmax", "kernels"):
+        shutil.copytree(root / name, tmp_path / name, symlinks=False,
+                        ignore=shutil.ignore_patterns("__pycache__", "kernels"))
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "import torch, fused_softmax, fused_softmax.kernels as k\n"
+        "print(k.__file__)\n"
+        "print(float(fused_softmax.softmax(torch.tensor([0.0, 0.0]), 0)[0]))\n")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
+                         capture_output=True, check=True).stdout.split()
+    assert out == [str(tmp_path / "kernels" / "__init__.py"), "0.5"]
+
+
 # --------------------------------------------------------------------------- bench
 def test_bench_without_gpu_says_so_and_fails(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -152,6 +185,19 @@ def test_bench_refuses_the_interpreter(monkeypatch, capsys):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick"]) == 1
     assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+def test_bench_refuses_bad_outputs_and_timings_before_the_run(capsys, tmp_path):
+    """As check: an unwritable --json / --plot, or --plot without matplotlib, is refused at
+    once (it failed after the whole run); so are a negative warm-up and a zero --rep."""
+    assert main(["bench", "--json", str(tmp_path)]) == 2
+    assert "--json" in capsys.readouterr().err
+    for timing in (["--warmup", "-5"], ["--rep", "0"]):
+        assert main(["bench", "--json", str(tmp_path / "b.json"), *timing]) == 2
+        assert "--warmup must be >= 0 and --rep > 0" in capsys.readouterr().err
+    if not _has_matplotlib():
+        assert main(["bench", "--plot", str(tmp_path / "b.png")]) == 2
+        assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
 def test_bench_rejects_unknown_filters(capsys):

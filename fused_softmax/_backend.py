@@ -14,6 +14,7 @@ import inspect
 import operator
 import os
 import struct
+import threading
 import warnings
 from typing import Optional
 
@@ -36,6 +37,8 @@ if HAS_TRITON and INTERPRET and triton.__version__.startswith("3.6.") \
         f"bounds under numpy {np.__version__} (kernels fail with 'only 0-dimensional arrays "
         "can be converted to Python scalars'); install numpy<2.4, or triton>=3.9",
         RuntimeWarning, stacklevel=2)
+
+_INTERPRETER_LOCK = threading.Lock()
 
 #: Number of Triton kernel launches by kernel name. Tests read it to prove that the
 #: kernels (not the torch path) served a call; it costs a dict update per launch.
@@ -61,7 +64,9 @@ def launch(kernel, grid: int, *args, **kwargs) -> None:
     would fail a program run with ``-W error``."""
     launch_counts[kernel.__name__] += 1
     if INTERPRET:
-        with warnings.catch_warnings():
+        # one launch at a time: Triton's interpreter keeps global state (concurrent calls
+        # from threads failed or gave wrong values), and catch_warnings is process-wide
+        with _INTERPRETER_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             kernel[(grid,)](*args, **kwargs)
         return

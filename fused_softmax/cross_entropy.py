@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import re
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -458,7 +459,10 @@ def track_versions(output: torch.Tensor, *tensors) -> None:
     traces no ``grad_fn``; nothing changes in place within a compiled graph)."""
     if torch.compiler.is_compiling() or output.grad_fn is None:
         return
-    output.grad_fn.versions = tuple((t, t._version) for t in tensors
+    # weak references: the caller's tensors live as long as the caller keeps them, not as
+    # long as the graph (torch frees its saved tensors once its backward has run); one
+    # nobody holds any more cannot be changed in place
+    output.grad_fn.versions = tuple((weakref.ref(t), t._version) for t in tensors
                                     if t is not None and not t.is_inference())
 
 
@@ -478,8 +482,10 @@ def watched_by_torch(ndim: int, target, weight, prob_target, smoothing):
 def check_versions(ctx) -> None:
     """autograd's error where a tensor noted by ``track_versions`` has changed in place
     since the forward."""
-    for t, version in ctx.versions:
-        check_version(t, version)
+    for ref, version in ctx.versions:
+        t = ref()
+        if t is not None:
+            check_version(t, version)
 
 
 def check_version(t: torch.Tensor, version: int) -> None:
@@ -493,12 +499,14 @@ def check_version(t: torch.Tensor, version: int) -> None:
             "torch.autograd.set_detect_anomaly(True, check_nan=False).")
 
 
-def _rescale(ctx, grad_x, dscale):
+def _rescale(ctx, grad_x, dscale, target):
     """The forward's gradient times ``grad_output``, with torch's NaN for a non-finite one
     (at the target, or across the row), ignored rows left at 0 (on the device: no mask
-    formed on the host)."""
+    formed on the host). ``target``: the class-index target (ignored for probability
+    targets)."""
     check_versions(ctx)
-    target = ctx.rescale_target
+    if ctx.args[-1]:  # probability targets
+        target = None
     return rescale_(grad_x, dscale, target, ctx.nonfinite_row,
                     None if target is None else ctx.args[0])
 
@@ -509,7 +517,7 @@ def _ignored_rows_zeroed(ctx, dscale, target):
     paths other than the fused rescale (which skips those rows on the device). ``target``:
     the saved one (``ctx.saved_tensors`` is unpacked once per backward: non-reentrant
     checkpointing allows no second unpack)."""
-    if ctx.rescale_target is None:
+    if ctx.args[-1]:  # probability targets: no row is ignored
         return dscale
     return dscale.expand(target.shape).masked_fill(target == ctx.args[0], 0.0)
 
@@ -566,6 +574,9 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss, dlse):
+        # taken once: torch frees what its backward reads once it has run (a later
+        # backward, retain_graph, reads the saved target)
+        rescale_target, ctx.rescale_target = getattr(ctx, "rescale_target", None), None
         if dloss is None:  # not materialised (set_materialize_grads): nothing flows back
             return (None,) * 9
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
@@ -597,9 +608,9 @@ class CrossEntropyFunction(torch.autograd.Function):
                 else:  # a later backward (retain_graph, gradcheck): as the first, bit for bit
                     grad_x = _backend.call(
                         cross_entropy_fwd, x, target, weight, scalars, *ctx.args, True)[2]
-                    grad_x = _rescale(ctx, grad_x, dscale)
+                    grad_x = _rescale(ctx, grad_x, dscale, target)
             else:
-                grad_x = _rescale(ctx, grad_x, dscale)
+                grad_x = _rescale(ctx, grad_x, dscale, rescale_target)
         grad_weight = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             x, target, weight, scalars, lse = saved if saved is not None else ctx.saved_tensors

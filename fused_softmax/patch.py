@@ -203,10 +203,21 @@ class _PatchContext:
             unpatch()
 
 
+#: patch() and unpatch() one at a time: two threads patching at once could record our own
+#: replacement as torch's original (unpatch() then restored nothing, and a fall-through
+#: recursed).
+_LOCK = threading.RLock()
+
+
 def patch() -> _PatchContext:
     """Route torch's softmax, log_softmax and cross_entropy (functions and ``torch.nn``
     modules) through fused_softmax. Idempotent; undo with :func:`unpatch`, or use it as a
     context manager: ``with fused_softmax.patch(): ...``."""
+    with _LOCK:
+        return _patch()
+
+
+def _patch() -> _PatchContext:
     global _patched
     was_patched = _patched
     if not was_patched:
@@ -227,7 +238,9 @@ def unpatch() -> None:
     function, say) is left in place, with a warning: putting torch's back would silently
     remove that wrapper."""
     global _patched
-    if _patched:
+    with _LOCK:
+        if not _patched:
+            return
         for owner, name, new in _REPLACEMENTS:
             current = owner.__dict__.get(name)
             if current is new:
@@ -236,6 +249,6 @@ def unpatch() -> None:
                 _LEFT_IN_PLACE[(owner, name)] = current
                 where = owner.__name__ if owner is F else f"torch.nn.{owner.__name__}"
                 warnings.warn(
-                    f"fused_softmax.unpatch(): {where}.{name} was replaced after patch(); left as it is (it may still call "
-                    "fused_softmax)", stacklevel=2)
+                    f"fused_softmax.unpatch(): {where}.{name} was replaced after patch(); "
+                    "left as it is (it may still call fused_softmax)", stacklevel=2)
         _patched = False

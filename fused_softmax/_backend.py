@@ -244,9 +244,7 @@ def is_finite(v) -> bool:
 def wrap_dim(dim: int, ndim: int) -> int:
     """torch's dimension wrapping, with torch's IndexError for a dimension out of range."""
     n = max(ndim, 1)
-    # torch's parser takes a 0-d int tensor or a numpy integer for dim, not an array
-    array = isinstance(dim, np.ndarray) or (isinstance(dim, torch.Tensor) and dim.dim() != 0)
-    index = None if array else as_index(dim)
+    index = as_index(dim)  # (a 0-d int tensor or a numpy integer, not an array)
     if index is None:
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")
     dim = index

@@ -441,11 +441,12 @@ class _ClassesLast(torch.autograd.Function):
         return grad.contiguous() if ctx.copied else grad
 
 
-def classes_last(t: torch.Tensor) -> torch.Tensor:
+def classes_last(t: torch.Tensor, grad_layout: bool = True) -> torch.Tensor:
     """``(N, C, d1, ...) -> (N * d1 * ..., C)``, with ``_ClassesLast``'s gradient layout in
     eager code (strict export drops an autograd.Function's gradient; compiled code lays out
-    its own strides, classes-last as before)."""
-    if t.requires_grad and torch.is_grad_enabled() and _backend.dispatch_free((t,)):
+    its own strides, classes-last as before); without ``grad_layout`` autograd's own."""
+    if (grad_layout and t.requires_grad and torch.is_grad_enabled()
+            and _backend.dispatch_free((t,))):
         return _ClassesLast.apply(t)
     moved = t.movedim(1, -1)
     return moved.reshape(math.prod(moved.shape[:-1]), t.shape[1])  # (no -1: C may be 0)
@@ -1084,7 +1085,7 @@ def cross_entropy(
         x, t = input, target
     else:
         # (with inplace_backward the gradient stays where the kernel wrote it: over the rows)
-        x = input.movedim(1, -1).reshape(-1, C) if inplace_backward else classes_last(input)
+        x = classes_last(input, grad_layout=not inplace_backward)
         t = classes_last(target) if prob_target else target.reshape(-1)
     if x.stride(-1) != 1:
         x = x.contiguous()

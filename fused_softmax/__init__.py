@@ -9,16 +9,17 @@ log-sum-exp and cross-entropy, as drop-in replacements of ``torch.nn.functional`
 def _source_kernels() -> None:
     """A source checkout imported from its root (``import fused_softmax`` there, or through
     PYTHONPATH, whatever is installed): the ``fused_softmax.kernels`` subpackage is the
-    top-level ``kernels/`` folder (pyproject's package-dir), beside this one. Register it
-    where no installed or editable copy provides it."""
+    top-level ``kernels/`` folder (pyproject's package-dir), beside this one. Registered
+    whenever this package has no ``kernels`` folder of its own (an installed wheel has),
+    so that the checkout's Python code never runs with another copy's kernels (an editable
+    install of a different checkout would provide them)."""
     import importlib.util
     import os
     import sys
-    if importlib.util.find_spec(__name__ + ".kernels") is not None:
-        return
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(os.path.dirname(here), "kernels")
     init = os.path.join(path, "__init__.py")
-    if not os.path.isfile(init):
+    if os.path.isdir(os.path.join(here, "kernels")) or not os.path.isfile(init):
         return
     spec = importlib.util.spec_from_file_location(__name__ + ".kernels", init,
                                                   submodule_search_locations=[path])

@@ -151,10 +151,12 @@ def test_check_json_to_stdout_still_writes_the_plot(capsys, tmp_path, monkeypatc
     assert json.loads(out)["summary"] and drawn == [png] and f"wrote {png}" in err
 
 
-def test_a_source_checkout_imports_from_its_root(tmp_path):
+@pytest.mark.parametrize("installed", ["editable hidden", "editable kept"])
+def test_a_source_checkout_imports_from_its_root(installed, tmp_path):
     """``import fused_softmax`` from a checkout's root finds the kernels in ``kernels/``
     beside the package (pyproject's package-dir), whatever is installed: a non-editable
-    install's copy was hidden by the checkout's package, which has no ``kernels``."""
+    install's copy was hidden by the checkout's package, which has no ``kernels``; an
+    editable install of another checkout gave the checkout's code that one's kernels."""
     import shutil
     root = Path(__file__).resolve().parents[1]
     for name in ("fused_softmax", "kernels"):
@@ -162,7 +164,8 @@ def test_a_source_checkout_imports_from_its_root(tmp_path):
                         ignore=shutil.ignore_patterns("__pycache__", "kernels"))
     code = (
         "import sys\n"
-        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        + ("sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+           if installed == "editable hidden" else "") +
         "import torch, fused_softmax, fused_softmax.kernels as k\n"
         "print(k.__file__)\n"
         "print(float(fused_softmax.softmax(torch.tensor([0.0, 0.0]), 0)[0]))\n")

@@ -133,7 +133,7 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     gs_col = grad_scale[:, None] if grad_scale.dim() else grad_scale
     eps = label_smoothing
     if prob_target:
-        wq = w * (target.to(acc) * (1 - eps) + eps / C)
+        wq = w * smoothed_target(target, eps, C).to(acc)
         coef = wq.sum(-1)
         loss = -(wq * logp).sum(-1)
     else:
@@ -171,6 +171,12 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     if grad is not None:
         grad.copy_(dz)
     return loss, lse
+
+
+def smoothed_target(target: torch.Tensor, eps: float, C: int) -> torch.Tensor:
+    """A probability target with label smoothing ``eps`` as torch forms it, in the
+    target's own dtype: ``target * (1 - eps) + eps / C`` (the kernel's ``smoothed_target``)."""
+    return target * (1 - eps) + eps / C if eps > 0 else target
 
 
 def check_targets_on_cpu(target: torch.Tensor, ignore_index: int, n_classes: int) -> None:
@@ -316,7 +322,7 @@ def _prob_target_grads(x, target, weight, scalars, lse, dscale, args):
     grad_target = (1 - eps) * dlogp * (w if w is not None else 1.0)
     grad_weight = None
     if weight is not None:
-        grad_weight = (dlogp * (target.to(z.dtype) * (1 - eps) + eps / C)).sum(0)
+        grad_weight = (dlogp * smoothed_target(target, eps, C).to(z.dtype)).sum(0)
     return grad_target, grad_weight
 
 
@@ -406,9 +412,8 @@ def _differentiable_backward(ctx, dscale, saved):
     # fp16, and fp16 formulas lose accuracy; the casts carry the gradients back.
     acc = acc_dtype(x.dtype)
 
-    def rows_of(x, target, weight):
-        t = target.to(acc) if target.is_floating_point() else target  # smoothed in acc
-        return _loss_rows(x.to(acc), t, weight.to(acc) if weight is not None else None,
+    def rows_of(x, target, weight):  # (a probability target smoothed in its dtype, as torch)
+        return _loss_rows(x.to(acc), target, weight.to(acc) if weight is not None else None,
                           ctx.args)
     grads = grads_of_rows(rows_of, (x, target, weight), [i for i, _ in wanted],
                           (dscale * scalars[0]).to(acc))
@@ -964,7 +969,9 @@ def cross_entropy(
             bfloat16, float32 or float64. Accumulation is fp32 (fp64 for fp64).
         target (Tensor): class indices (int64 or uint8 as torch; int32 also accepted) of
             shape ``()``, ``(N,)`` or ``(N, d1, ..., dk)``, or class probabilities of
-            ``input``'s shape (floating point).
+            ``input``'s shape (floating point; the loss takes torch's promoted dtype, and
+            an fp64 target or weight with narrower logits is computed in fp64, as torch's
+            fp64 products and sums).
         weight (Tensor, optional): per-class weights ``(C,)``, ``input``'s dtype.
         size_average, reduce: deprecated, as in torch.
         ignore_index (int): target value that contributes neither loss nor gradient (any
@@ -1075,7 +1082,11 @@ def cross_entropy(
         out_dtype = torch.promote_types(out_dtype, target.dtype)
         if weight is not None:
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
-    acc = acc_dtype(input.dtype)
+    lse_dtype = acc = acc_dtype(input.dtype)
+    if acc_dtype(out_dtype) != acc:
+        # fp32 (or narrower) logits with an fp64 probability target or weight: torch's
+        # products and sums are fp64, and so are ours (fp32 sums lost ~3x torch's accuracy)
+        input, acc = input.to(torch.float64), torch.float64
 
     # Rows of C contiguous logits: (C,) -> (1, C); (N, C, d...) -> (N * d..., C).
     if input.dim() == 1:
@@ -1111,5 +1122,5 @@ def cross_entropy(
     if reduction == "none":
         loss = loss.reshape(lead)
     if return_lse:
-        return loss, lse.reshape(lead)
+        return loss, lse.to(lse_dtype).reshape(lead)
     return loss

@@ -32,7 +32,9 @@ gradient are NaN, so the failure is loud without a host synchronisation.
 import triton
 import triton.language as tl
 
-from .softmax import div_, exp_, finite_or_zero, float_arg, log_, out_cast, rescale_factor
+from .softmax import (LIBDEVICE, cast_rn, div_, exp_, finite_or_zero, float_arg, log_, out_cast,
+                      rescale_factor)
+
 
 
 @triton.jit
@@ -97,6 +99,35 @@ def linear_sum_update(lin_vec, w_vec, z, w, mask, m_run, m_new):
     moved = tl.where(ref_old == ref_new, 0.0, w_vec * (ref_old - ref_new))
     d = z - ref_new
     return lin_vec + moved + tl.where(mask & (d != 0.0), w * d, 0.0), w_vec + w
+
+
+@triton.jit
+def mul_rn(a, b):
+    """``a * b`` in fp32, rounded once: compiled, a ``mul.rn.f32`` that the compiler cannot
+    fuse into a later add (``libdevice.mul_rn`` would flush subnormals: ``.ftz``)."""
+    if LIBDEVICE:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def smoothed_target(q, keep, eps_c, HAS_SMOOTHING: tl.constexpr, ACC: tl.constexpr):
+    """A probability target as the loss weighs it: ``q`` as loaded, or with label smoothing
+    torch's ``q * (1 - eps) + eps / C`` formed as torch forms it, in ``q``'s own dtype
+    (an fp32 target of fp64 logits is smoothed in fp32), returned in ``ACC``. For fp32,
+    fp16 and bf16 targets torch rounds to the target's dtype after the product (taken in
+    fp32 with ``1 - eps`` in fp32) and after the sum (``eps / C`` first rounded to the
+    target's dtype: torch's CPU kernels); no fused multiply-add."""
+    if not HAS_SMOOTHING:
+        return q.to(ACC)
+    elif q.dtype == tl.float64:
+        return q.to(ACC) * keep + eps_c
+    else:
+        e = cast_rn(eps_c.to(tl.float32), q).to(tl.float32)
+        a = cast_rn(mul_rn(q.to(tl.float32), keep.to(tl.float32) + tl.zeros_like(q.to(tl.float32))), q)
+        return cast_rn(a.to(tl.float32) + e, q).to(ACC)
 
 
 @triton.jit
@@ -176,8 +207,8 @@ def cross_entropy_fwd_kernel(
                 else:
                     w = tl.where(mask, 1.0, 0.0).to(ACC)
                 if PROB_TARGET:
-                    q = tl.load(TARGET + r * st + c, mask=mask, other=0.0).to(ACC)
-                    w = w * (q * keep + eps_c)
+                    q = tl.load(TARGET + r * st + c, mask=mask, other=0.0)
+                    w = w * smoothed_target(q, keep, eps_c, HAS_SMOOTHING, ACC)
                 lin_vec, wq_vec = linear_sum_update(lin_vec, wq_vec, z, w, mask, m, m_new)
             m = m_new
         shift = finite_or_zero(m)
@@ -234,8 +265,9 @@ def cross_entropy_fwd_kernel(
                 else:
                     w = 1.0
                 if PROB_TARGET:
-                    q = tl.load(TARGET + r * st + c, mask=mask, other=0.0).to(ACC)
-                    dz = g_coef * p - row_scale * w * (q * keep + eps_c)
+                    q = tl.load(TARGET + r * st + c, mask=mask, other=0.0)
+                    dz = g_coef * p - row_scale * w * smoothed_target(q, keep, eps_c,
+                                                                      HAS_SMOOTHING, ACC)
                 else:
                     dz = g_coef * p - tl.where(c == t, row_scale * keep * w_t, 0.0)
                     if HAS_SMOOTHING:

@@ -54,11 +54,26 @@ def out_cast(v, PTR):
     subnormals, so there the fp32 bits are rounded to their upper half, which is the bf16
     value: the same result as the GPU's."""
     if INTERPRETED and PTR.dtype.element_ty == tl.bfloat16:
-        b = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        nan = (b & 0x7FFFFFFF) > 0x7F800000
-        b = tl.where(nan, 0x7FC00000, b + 0x7FFF + ((b >> 16) & 1))  # carries: up to inf
-        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return bf16_rn(v)
     return v.to(PTR.dtype.element_ty)
+
+
+@triton.jit
+def cast_rn(v, like):
+    """``v`` in ``like``'s dtype, rounded to nearest even (``out_cast`` for a value)."""
+    if INTERPRETED and like.dtype == tl.bfloat16:
+        return bf16_rn(v)
+    return v.to(like.dtype)
+
+
+@triton.jit
+def bf16_rn(v):
+    """``v`` rounded to bf16, nearest even, from its fp32 bits (the interpreter's own
+    conversion truncates)."""
+    b = v.to(tl.float32).to(tl.uint32, bitcast=True)
+    nan = (b & 0x7FFFFFFF) > 0x7F800000
+    b = tl.where(nan, 0x7FC00000, b + 0x7FFF + ((b >> 16) & 1))  # carries: up to inf
+    return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit

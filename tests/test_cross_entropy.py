@@ -1059,19 +1059,55 @@ def test_negative_label_smoothing_like_torch(device):
         torch.testing.assert_close(ce(x, t, label_smoothing=-0.1), exp)
 
 
-def test_prob_target_weight_dtype_promotion_like_torch(device):
-    """Probability targets: torch promotes with the weight's dtype (fp32 logits, fp64
-    weight -> fp64 loss)."""
-    x = torch.randn(4, 10, device=device)
-    q = torch.rand(4, 10, device=device)
-    w = torch.rand(10, dtype=torch.float64, device=device)
-    exp = F.cross_entropy(x, q, weight=w)
-    got = ce(x, q, weight=w)
-    assert got.dtype == exp.dtype
-    # Both compute log-softmax from fp32 logits, torch then multiplies in fp64 and we in fp32:
-    # they agree to a few fp32 ulps (measured up to 1.1 eps over 300 draws), not to fp64's.
-    eps32 = torch.finfo(torch.float32).eps
-    torch.testing.assert_close(got.double(), exp.double(), rtol=4 * eps32, atol=0.0)
+@pytest.mark.parametrize("fp64", ["target", "weight"])
+def test_prob_target_fp64_promotion_computes_in_fp64(fp64, device):
+    """Probability targets: torch promotes with the target's and the weight's dtype (fp32
+    logits, an fp64 target or weight -> fp64 loss) and forms the products and sums in fp64
+    from fp32 log-probabilities. Ours computes the row in fp64 then: the fp64 loss of the
+    fp32 logits to fp64 accuracy (summing in fp32 was ~3x torch's error, 1.1e-7 against
+    3.8e-8, and failed assert_close with torch at fp64's tolerance), the gradient fp32 as
+    torch's, ``lse`` fp32 as documented."""
+    gen = torch.Generator().manual_seed(5)
+    x = (5 * torch.randn(16, 300, generator=gen)).to(device)
+    q = torch.softmax(3 * torch.randn(16, 300, generator=gen, dtype=torch.float64), 1).to(device)
+    w = (torch.rand(300, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    up = torch.randn(16, generator=gen, dtype=torch.float64).to(device)
+    target = q if fp64 == "target" else q.float()
+    extra = {} if fp64 == "target" else dict(weight=w)
+    got, g = loss_and_grad(ce, x, target, up, reduction="none", **extra)
+    exp, eg = loss_and_grad(F.cross_entropy, x, target, up, reduction="none", **extra)
+    ref, _ = loss_and_grad(F.cross_entropy, x.double(), target.double(), up,
+                           reduction="none", **extra)
+    assert got.dtype == exp.dtype == torch.float64 and g.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=64 * torch.finfo(torch.float64).eps, atol=0.0)
+    torch.testing.assert_close(got, exp)  # fp64's default tolerance
+    torch.testing.assert_close(g, eg)
+    _, lse = ce(x, target, reduction="none", return_lse=True, **extra)
+    assert lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_smoothed_prob_target_in_its_dtype_like_torch(target_dtype, device):
+    """torch smooths a probability target in the target's own dtype (``q * (1 - eps) +
+    eps / C``, rounded after each op): fp64 logits with an fp32 / fp16 / bf16 target give
+    torch's loss and gradients to fp64 accuracy, not the exactly smoothed ones (7.6e-8
+    apart for fp32 targets)."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 37, generator=gen, dtype=torch.float64).to(device)
+    q = torch.softmax(2 * torch.randn(6, 37, generator=gen), 1).to(target_dtype).to(device)
+    w = (torch.rand(37, generator=gen) + 0.5).to(target_dtype).to(device)
+    up = torch.randn(6, generator=gen, dtype=torch.float64).to(device)
+    for extra in ({}, dict(weight=w)):
+        got, g = loss_and_grad(ce, x, q, up, reduction="none", label_smoothing=0.3, **extra)
+        exp, eg = loss_and_grad(F.cross_entropy, x, q, up, reduction="none", label_smoothing=0.3,
+                                **extra)
+        tol = dict(rtol=64 * torch.finfo(torch.float64).eps, atol=1e-15)
+        torch.testing.assert_close(got, exp, **tol)
+        torch.testing.assert_close(g, eg, **tol)
+        # the exactly smoothed target is measurably elsewhere (the test sees the rounding)
+        exact = F.cross_entropy(x, q.double(), reduction="none", label_smoothing=0.3,
+                                **{k: v.double() for k, v in extra.items()})
+        assert (exact - exp).abs().max() > 1e3 * torch.finfo(torch.float64).eps
 
 
 @pytest.mark.parametrize("size_average,reduce", [(None, False), (False, None), (True, None),

@@ -126,6 +126,19 @@ SCRIPT = textwrap.dedent("""
                      ACC=tl.float32, BLOCK_N=4096)
         for data in ("bf16", "fp32"):
             attempt(f"{name} {data}", lambda: compile_for_h100(kce.cross_entropy_fwd_kernel, const, data))
+    # smoothed probability targets in their own dtype (torch's rounding; mul.rn / add.rn:
+    # no fused multiply-add), as the loss of fp32 logits, and of fp64 logits
+    smoothed = dict(PROB_TARGET=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=False,
+                    HAS_Z_LOSS=False, COMPUTE_GRAD=True, HAS_DSCALE=False, BLOCK_N=2048)
+    def smoothed_target_in_its_dtype(acc, data, target):
+        ptx = compile_for_h100(kce.cross_entropy_fwd_kernel, dict(smoothed, ACC=acc), data,
+                               dict(TARGET=f"*{target}")).asm["ptx"]
+        if target != "fp64":
+            assert "mul.rn.f32" in ptx, "torch's two roundings"
+    for acc, data, target in ((tl.float32, "bf16", "bf16"), (tl.float32, "fp32", "fp16"),
+                              (tl.float64, "fp64", "fp32"), (tl.float64, "fp64", "fp64")):
+        attempt(f"ce smoothed {target} target of {data}",
+                lambda: smoothed_target_in_its_dtype(acc, data, target))
     # fp16's deferred backward of index targets without smoothing (grad_output folded in)
     attempt("ce index deferred fp16", lambda: compile_for_h100(kce.cross_entropy_fwd_kernel, dict(
         PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False,
@@ -158,6 +171,8 @@ def compiled():
                             "softmax widening fwd", "softmax widening bwd",
                             "softmax temperature fp32 fwd", "softmax rounded temperature bf16 fwd",
                             "softmax rounded temperature fp16 fwd", "ce index deferred fp16"]
+                         + [f"ce smoothed {t} target of {d}" for d, t in
+                            (("bf16", "bf16"), ("fp32", "fp16"), ("fp64", "fp32"), ("fp64", "fp64"))]
                          + [f"{n} {t}" for n in CE_CASES for t in ("bf16", "fp32")]
                          + [f"ce bwd row={r} target={t} skip={k}" for r, t, k in CE_BWD_CASES])
 def test_kernel_compiles_for_sm90(compiled, name):

@@ -19,12 +19,13 @@ def _source_kernels() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.path.join(os.path.dirname(here), "kernels")
     init = os.path.join(path, "__init__.py")
-    if os.path.isdir(os.path.join(here, "kernels")) or not os.path.isfile(init):
+    if os.path.isfile(os.path.join(here, "kernels", "__init__.py")) or not os.path.isfile(init):
         return
     spec = importlib.util.spec_from_file_location(__name__ + ".kernels", init,
                                                   submodule_search_locations=[path])
-    sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules[spec.name])
+    sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    setattr(sys.modules[__name__], "kernels", module)  # as an import would
 
 
 _source_kernels()

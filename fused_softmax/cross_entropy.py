@@ -1001,7 +1001,9 @@ def cross_entropy(
         inplace_backward (bool, keyword-only): write the gradient over ``input``'s storage
             instead of a new buffer (saves one logits-sized allocation). ``input`` is
             overwritten: use only when nothing else reads the logits afterwards. Off by
-            default; when off, ``input`` is never modified.
+            default; when off, ``input`` is never modified. (Where the row is computed
+            in fp64 from an fp64 copy, for an fp64 probability target or weight, the
+            copy takes the gradient and ``input`` is left as it is.)
 
     Returns:
         The loss in ``input``'s dtype: a scalar, or ``target``'s shape for

@@ -171,7 +171,7 @@ def linear_cross_entropy_fwd(
     M, H = x.shape
     V = w.shape[0]
     D = V // num_classes if num_classes else 1
-    acc = acc_dtype(x.dtype)
+    acc = _loss_acc(x, target, weight, prob_target)
     loss = torch.empty(M * D, dtype=acc, device=x.device)
     lse = torch.empty(M * D, dtype=acc, device=x.device)
     compute_grad = grad_input or grad_weight or grad_bias
@@ -194,10 +194,14 @@ def linear_cross_entropy_fwd(
         else:
             torch.addmm(b, xc, w.t(), out=logits)
         z = logits.view(-1, num_classes)
+        if acc != acc_dtype(x.dtype):  # fp64 targets: the loss of these logits in fp64
+            z = z.to(acc)
         if compute_grad:
             loss_c, lse_c = _backend.call(
                 cross_entropy_fwd_inplace, z, target[rows], weight, scalars, *ce_args,
                 row_scale[rows] if row_scale is not None else None)
+            if z.dtype != logits.dtype:
+                logits.view(-1, num_classes).copy_(z)  # the gradient, in the logits' dtype
             if grad_input:
                 torch.mm(logits, w, out=gx[start:end])
             if grad_weight:
@@ -217,12 +221,22 @@ def linear_cross_entropy_fwd(
 def _(x, w, b, target, weight, scalars, row_scale, ignore_index, label_smoothing,
       logit_scale, softcap, z_loss, prob_target, num_classes, chunk_size,
       grad_input, grad_weight, grad_bias):
-    acc = acc_dtype(x.dtype)
+    acc = _loss_acc(x, target, weight, prob_target)
     rows = x.shape[0] * (w.shape[0] // num_classes if num_classes else 1)
     return (x.new_empty(rows, dtype=acc), x.new_empty(rows, dtype=acc),
             x.new_empty(x.shape if grad_input else (0,)),
             w.new_empty(w.shape if grad_weight else (0,)),
             w.new_empty((w.shape[0],) if grad_bias else (0,)))
+
+
+def _loss_acc(x, target, weight, prob_target: bool) -> torch.dtype:
+    """The dtype a chunk's loss is computed in: the logits' accumulation dtype, or fp64
+    for an fp64 probability target or class weight (torch's products and sums are fp64
+    there; ``cross_entropy`` does the same)."""
+    acc = acc_dtype(x.dtype)
+    if prob_target and torch.float64 in (target.dtype, getattr(weight, "dtype", None)):
+        return torch.float64
+    return acc
 
 
 # --------------------------------------------------------------------------- vocabulary chunks
@@ -409,8 +423,9 @@ def _differentiable_backward(ctx, inputs, dloss, scale, n_outputs):
 
     def rows_of(x, w, b, target, weight):
         z = torch.nn.functional.linear(x, w, b).reshape(-1, args[6]).to(acc)
-        t = target.to(acc) if target.is_floating_point() else target
-        return _loss_rows(z, t, None if weight is None else weight.to(acc), args[:6])
+        # (a probability target smoothed in its dtype, as torch)
+        weight = None if weight is None else weight.to(torch.promote_types(acc, weight.dtype))
+        return _loss_rows(z, target, weight, args[:6])
     dscale = dloss.reshape(-1) if dloss.dim() else dloss
     grads = grads_of_rows(rows_of, inputs, [i for i, _ in wanted], (dscale * scale).to(acc))
     out = [None] * n_outputs

@@ -36,7 +36,6 @@ from .softmax import (LIBDEVICE, cast_rn, div_, exp_, finite_or_zero, float_arg,
                       rescale_factor)
 
 
-
 @triton.jit
 def tanh(u):
     """tanh(u) to about an fp32 ulp. |u| < 0.55: its odd Taylor series to u^15 (truncation
@@ -103,11 +102,15 @@ def linear_sum_update(lin_vec, w_vec, z, w, mask, m_run, m_new):
 
 @triton.jit
 def mul_rn(a, b):
-    """``a * b`` in fp32, rounded once: compiled, a ``mul.rn.f32`` that the compiler cannot
-    fuse into a later add (``libdevice.mul_rn`` would flush subnormals: ``.ftz``)."""
+    """``a * b`` (fp32 or fp64), rounded once: compiled, a ``mul.rn`` that the compiler
+    cannot fuse into a later add (``libdevice.mul_rn`` would flush fp32 subnormals)."""
     if LIBDEVICE:
-        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        if a.dtype == tl.float64:
+            return tl.inline_asm_elementwise("mul.rn.f64 $0, $1, $2;", "=d,d,d", [a, b],
+                                             dtype=tl.float64, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                             dtype=tl.float32, is_pure=True, pack=1)
     else:
         return a * b
 
@@ -123,10 +126,12 @@ def smoothed_target(q, keep, eps_c, HAS_SMOOTHING: tl.constexpr, ACC: tl.constex
     if not HAS_SMOOTHING:
         return q.to(ACC)
     elif q.dtype == tl.float64:
-        return q.to(ACC) * keep + eps_c
+        qa = q.to(ACC)
+        return mul_rn(qa, keep + tl.zeros_like(qa)) + eps_c
     else:
+        q32 = q.to(tl.float32)
         e = cast_rn(eps_c.to(tl.float32), q).to(tl.float32)
-        a = cast_rn(mul_rn(q.to(tl.float32), keep.to(tl.float32) + tl.zeros_like(q.to(tl.float32))), q)
+        a = cast_rn(mul_rn(q32, keep.to(tl.float32) + tl.zeros_like(q32)), q)
         return cast_rn(a.to(tl.float32) + e, q).to(ACC)
 
 

@@ -167,6 +167,7 @@ def test_a_source_checkout_imports_from_its_root(installed, tmp_path):
         + ("sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
            if installed == "editable hidden" else "") +
         "import torch, fused_softmax, fused_softmax.kernels as k\n"
+        "assert fused_softmax.kernels is k\n"
         "print(k.__file__)\n"
         "print(float(fused_softmax.softmax(torch.tensor([0.0, 0.0]), 0)[0]))\n")
     env = dict(os.environ, TRITON_INTERPRET="0")

@@ -133,8 +133,7 @@ SCRIPT = textwrap.dedent("""
     def smoothed_target_in_its_dtype(acc, data, target):
         ptx = compile_for_h100(kce.cross_entropy_fwd_kernel, dict(smoothed, ACC=acc), data,
                                dict(TARGET=f"*{target}")).asm["ptx"]
-        if target != "fp64":
-            assert "mul.rn.f32" in ptx, "torch's two roundings"
+        assert f"mul.rn.{'f64' if target == 'fp64' else 'f32'}" in ptx, "torch's two roundings"
     for acc, data, target in ((tl.float32, "bf16", "bf16"), (tl.float32, "fp32", "fp16"),
                               (tl.float64, "fp64", "fp32"), (tl.float64, "fp64", "fp64")):
         attempt(f"ce smoothed {target} target of {data}",

@@ -313,6 +313,54 @@ def test_prob_target_and_class_weight_gradients(device):
         torch.testing.assert_close(a, e, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("fp64", ["target", "weight"])
+def test_fp64_prob_target_promotes_like_cross_entropy(fp64, device):
+    """fp32 input and head with an fp64 probability target or class weight: torch's loss
+    is fp64 (its products and sums fp64 from fp32 log-probabilities); ours computes each
+    chunk's rows in fp64 from the fp32 logits, as ``cross_entropy`` does. With an identity
+    head the logits are exact, so the loss is that of ``x`` to fp64 accuracy (summed in
+    fp32 it was 1.4e-7 from exact against torch's 3.4e-8, and failed assert_close with
+    torch); the gradients are fp32, as torch's."""
+    gen = torch.Generator().manual_seed(8)
+    x = (5 * torch.randn(9, 40, generator=gen)).to(device)
+    W = torch.eye(40, device=device)
+    q = torch.softmax(3 * torch.randn(9, 40, generator=gen, dtype=torch.float64), 1).to(device)
+    w = (torch.rand(40, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    t, extra = (q, {}) if fp64 == "target" else (q.float(), dict(weight=w))
+    up = torch.randn(9, generator=gen, dtype=torch.float64, device=device)
+    got, exp = [], []
+    for fn, store in ((lce, got), (torch_loss, exp)):
+        xs, Ws = (a.clone().requires_grad_(True) for a in (x, W))
+        loss = fn(xs, Ws, t, reduction="none", label_smoothing=0.1, chunk_size=4, **extra)
+        store.extend([loss.detach()] + list(torch.autograd.grad(loss, (xs, Ws), up)))
+    smoothed = (t * 0.9 + 0.1 / 40).double()  # torch smooths in the target's dtype
+    ref = F.cross_entropy(x.double(), smoothed, reduction="none",
+                          **{k: v.double() for k, v in extra.items()})
+    assert got[0].dtype == exp[0].dtype == torch.float64 and got[1].dtype == torch.float32
+    torch.testing.assert_close(got[0], ref, rtol=64 * torch.finfo(torch.float64).eps, atol=0.0)
+    for a, e in zip(got, exp):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16])
+def test_double_backward_smooths_the_target_as_the_first(target_dtype, device):
+    """create_graph=True forms the gradients again with torch ops: a probability target is
+    smoothed there in its own dtype too, as torch and the fused first backward do (the
+    first differed from torch's by 1.5e-3 with a bf16 target, the second did not)."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 8, generator=gen, dtype=torch.float64).to(device)
+    W = torch.randn(11, 8, generator=gen, dtype=torch.float64).to(device)
+    t = torch.softmax(torch.randn(6, 11, generator=gen), 1).to(target_dtype).to(device)
+    grads = []
+    for fn, graph in ((lce, False), (lce, True), (torch_loss, False)):
+        xs = x.clone().requires_grad_(True)
+        loss = fn(xs, W, t, reduction="sum", label_smoothing=0.3)
+        grads.append(torch.autograd.grad(loss, xs, create_graph=graph)[0].detach())
+    tol = dict(rtol=64 * torch.finfo(torch.float64).eps, atol=1e-15)
+    torch.testing.assert_close(grads[0], grads[2], **tol)
+    torch.testing.assert_close(grads[1], grads[2], **tol)
+
+
 # --------------------------------------------------------------------------- fp64 gradcheck
 GRADCHECK = [  # name, kind, options, class weights, full Jacobian (else gradcheck's fast mode), path
     ("index mean weight smoothing", "index", dict(reduction="mean", label_smoothing=0.1), True, True, "rows"),

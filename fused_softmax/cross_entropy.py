@@ -143,22 +143,28 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
         w_t = w[t_safe]
         logp_t = logp.gather(1, t_safe[:, None]).squeeze(1)
         loss = -(1 - eps) * w_t * logp_t
-        coef = (1 - eps) * w_t
         if eps > 0:  # as the kernel's HAS_SMOOTHING: 0 * (-inf logit or inf weight) is NaN
             loss = loss - (eps / C) * (w * logp).sum(-1)
-            coef = coef + (eps / C) * w_sum
     if z_loss:
         loss = loss + z_loss * lse * lse
-        coef = coef + 2 * z_loss * lse
-    # The kernel's order: with grad_scale = 1/0 (a mean over zero total weight) the target
-    # entry is inf - inf = NaN and the others +-inf, as torch's.
-    dz = (coef * grad_scale)[:, None] * p
+    # The kernel's order and products: with grad_scale = 1/0 (a mean over zero total
+    # weight) the target entry is inf - inf = NaN and the others +-inf, as torch's; with
+    # one class the gradient is exactly 0, as torch's.
     if prob_target:
-        dz = dz - gs_col * wq
+        if z_loss:
+            coef = coef + 2 * z_loss * lse
+        dz = (coef * grad_scale)[:, None] * p - gs_col * wq
     else:
-        dz.scatter_add_(1, t_safe[:, None], (-(grad_scale * (1 - eps)) * w_t)[:, None])
+        a_t = grad_scale * (1 - eps) * w_t
+        g_coef = a_t
+        share = torch.where(torch.arange(C, device=x.device) == t_safe[:, None], a_t[:, None], 0.0)
         if eps > 0:
-            dz = dz - gs_col * (eps / C) * w
+            e_c = grad_scale * (eps / C)
+            g_coef = g_coef + e_c * w_sum
+            share = share + (e_c[:, None] if e_c.dim() else e_c) * w
+        if z_loss:
+            g_coef = g_coef + grad_scale * (2 * z_loss * lse)
+        dz = g_coef[:, None] * p - share
     dz = dz * dzdx
     if dscale is not None:  # a non-finite grad_output: torch's NaN, as _rescale's
         whole_row = prob_target or eps > 0
@@ -457,13 +463,21 @@ def classes_last(t: torch.Tensor, grad_layout: bool = True) -> torch.Tensor:
     return moved.reshape(math.prod(moved.shape[:-1]), t.shape[1])  # (no -1: C may be 0)
 
 
+def mutation_allowed() -> bool:
+    """Inside ``torch.autograd.graph.allow_mutation_on_saved_tensors()``: torch copies a
+    saved tensor before it is changed in place, so its backward sees the old values and
+    raises nothing. The versions are then not watched, and a tensor the backward reads
+    outside the saved ones is copied in the forward."""
+    return getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False)
+
+
 def track_versions(output: torch.Tensor, *tensors) -> None:
     """Note the versions of ``tensors`` (the caller's, not the kernels' copies; those not
     None) on ``output``'s autograd node (an ``autograd.Function``'s ``grad_fn`` is its
     ctx) for ``check_versions``: a backward that reads no saved tensor still raises
     autograd's error where torch's (whose backward saves them) would. Eager only (Dynamo
     traces no ``grad_fn``; nothing changes in place within a compiled graph)."""
-    if torch.compiler.is_compiling() or output.grad_fn is None:
+    if torch.compiler.is_compiling() or output.grad_fn is None or mutation_allowed():
         return
     # weak references: the caller's tensors live as long as the caller keeps them, not as
     # long as the graph (torch frees its saved tensors once its backward has run); one
@@ -568,7 +582,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             # gradient, and unpacking the saved logits would fail it where the caller has
             # changed them in place since (torch's backward, which saves log_softmax's
             # output, allows that)
-            ctx.rescale_target = None if args[-1] else target
+            ctx.rescale_target = None if args[-1] else (
+                target.clone() if mutation_allowed() else target)
             ctx.nonfinite_row = args[-1] or args[1] > 0
             ctx.inplace, ctx.inplace_later = inplace and not deferred, inplace and deferred
             # (the target too when the logits were overwritten: a non-finite grad_output's NaN)

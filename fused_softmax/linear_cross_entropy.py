@@ -397,14 +397,15 @@ def _soft_target_grads(x, w, b, target, weight, scalars, lse, dscale, args, chun
     """Gradients for probability targets and their class weight, chunk by chunk from the
     recomputed logits (``cross_entropy``'s formulas; off the fused path)."""
     C = args[-1]
-    grad_target = torch.empty_like(target)
-    grad_weight = None
+    parts, grad_weight = [], None  # (out of place: a batched dscale, is_grads_batched's
+    # vmap, cannot be written into an unbatched tensor)
     for rows, z in _logits_chunks(x, w, b, C, chunk_size):
         ds = dscale[rows] if dscale.dim() else dscale
         gt, gw = _prob_target_grads(z, target[rows], weight, scalars, lse[rows], ds, args[:-1])
-        grad_target[rows] = gt.to(target.dtype)
+        parts.append(gt.to(target.dtype))
         if gw is not None:
             grad_weight = gw if grad_weight is None else grad_weight + gw
+    grad_target = torch.cat(parts) if parts else torch.zeros_like(target)
     if weight is not None and grad_weight is None:  # no rows
         grad_weight = torch.zeros_like(weight)
     return grad_target, grad_weight

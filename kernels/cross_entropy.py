@@ -6,7 +6,7 @@ Per row of ``C`` logits ``x``, with ``z = softcap * tanh(logit_scale * x / softc
 * class-index target ``t``, class weights ``w`` (ones if absent), ``eps`` = label smoothing::
 
       loss = (1 - eps) * w_t * (lse - z_t) + eps / C * (sum(w) * lse - sum(w * z))
-      dz   = ((1 - eps) * w_t + eps / C * sum(w)) * p - (1 - eps) * w_t * onehot(t) - eps / C * w
+      dz   = ((1 - eps) * w_t + eps / C * sum(w)) * p - ((1 - eps) * w_t * onehot(t) + eps / C * w)
 
 * class-probability target ``q``, smoothed ``q' = (1 - eps) * q + eps / C``::
 
@@ -228,13 +228,12 @@ def cross_entropy_fwd_kernel(
             loss = coef * log_s - tl.sum(lin_vec, 0)
         else:
             loss = keep * w_t * ((shift - z_t) + log_s)
-            coef = keep * w_t
             if HAS_SMOOTHING:
                 loss += eps_c * (w_sum * log_s - tl.sum(lin_vec, 0))
-                coef += eps_c * w_sum
         if HAS_Z_LOSS:
             loss += z_loss * lse * lse
-            coef += 2.0 * z_loss * lse
+            if PROB_TARGET:
+                coef += 2.0 * z_loss * lse
         if not PROB_TARGET:
             loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
         tl.store(LOSS + r, loss)
@@ -252,7 +251,20 @@ def cross_entropy_fwd_kernel(
                 t_nan = -1
                 if not PROB_TARGET:
                     t_nan = tl.where(nonfinite, t, -1)
-            g_coef = coef * row_scale
+            # The gradient is g_coef * p minus the target's share (``row_scale`` times
+            # ``keep * w_t`` at the target, ``eps_c * w`` everywhere), formed from the same
+            # products as g_coef, as torch's ``dlogp - p * sum(dlogp)``: with one class
+            # (p = 1) the two sides are equal and the gradient is exactly 0, as torch's.
+            if PROB_TARGET:
+                g_coef = coef * row_scale
+            else:
+                a_t = row_scale * keep * w_t
+                e_c = row_scale * eps_c
+                g_coef = a_t
+                if HAS_SMOOTHING:
+                    g_coef += e_c * w_sum
+                if HAS_Z_LOSS:
+                    g_coef += row_scale * (2.0 * z_loss * lse)
             for start in range(0, C, BLOCK_N):
                 c = start + cols
                 mask = c < C
@@ -271,12 +283,12 @@ def cross_entropy_fwd_kernel(
                     w = 1.0
                 if PROB_TARGET:
                     q = tl.load(TARGET + r * st + c, mask=mask, other=0.0)
-                    dz = g_coef * p - row_scale * w * smoothed_target(q, keep, eps_c,
-                                                                      HAS_SMOOTHING, ACC)
+                    dz = g_coef * p - row_scale * (w * smoothed_target(q, keep, eps_c,
+                                                                        HAS_SMOOTHING, ACC))
+                elif HAS_SMOOTHING:
+                    dz = g_coef * p - (tl.where(c == t, a_t, 0.0) + e_c * w)
                 else:
-                    dz = g_coef * p - tl.where(c == t, row_scale * keep * w_t, 0.0)
-                    if HAS_SMOOTHING:
-                        dz -= row_scale * eps_c * w
+                    dz = g_coef * p - tl.where(c == t, a_t, 0.0)
                 dz = dz * dzdx
                 if HAS_DSCALE:
                     dz = nan_for_nonfinite(dz, nonfinite, c, t_nan, PROB_TARGET or HAS_SMOOTHING)

@@ -1086,6 +1086,25 @@ def test_prob_target_fp64_promotion_computes_in_fp64(fp64, device):
     assert lse.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kind", ["index", "index weight", "prob", "prob weight"])
+def test_one_class_gradient_is_exactly_torchs_zero(kind, dtype, device):
+    """One class: the softmax is 1 and torch's gradient exactly 0, with label smoothing
+    and class weights too (ours formed the coefficient and the target's share from
+    different products: 2.2e-8 instead of 0)."""
+    x = torch.randn(5, 1, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    t = torch.zeros(5, dtype=torch.long, device=device) if kind.startswith("index") else \
+        torch.rand(5, 1, generator=torch.Generator().manual_seed(4)).to(device, dtype)
+    w = torch.tensor([0.7], device=device, dtype=dtype) if "weight" in kind else None
+    up = torch.tensor([1.0, -2.0, 0.3, 5.0, 1.0], device=device, dtype=dtype)
+    for smoothing in (0.0, 0.1, 0.7):
+        got, g = loss_and_grad(ce, x, t, up, weight=w, label_smoothing=smoothing, reduction="none")
+        exp, eg = loss_and_grad(F.cross_entropy, x, t, up, weight=w, label_smoothing=smoothing,
+                                reduction="none")
+        assert torch.equal(g, eg) and torch.equal(g, torch.zeros_like(g)), (smoothing, g)
+        torch.testing.assert_close(got, exp)
+
+
 @pytest.mark.parametrize("target_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_smoothed_prob_target_in_its_dtype_like_torch(target_dtype, device):
     """torch smooths a probability target in the target's own dtype (``q * (1 - eps) +

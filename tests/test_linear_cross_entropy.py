@@ -361,6 +361,29 @@ def test_double_backward_smooths_the_target_as_the_first(target_dtype, device):
     torch.testing.assert_close(grads[1], grads[2], **tol)
 
 
+@pytest.mark.parametrize("wrt", ["target", "class weight"])
+def test_batched_backward_of_soft_target_grads(wrt, device):
+    """autograd's vmap over the backward (``is_grads_batched``, vectorized jacobians,
+    gradcheck's check_batched_grad) through the gradients of a probability target and
+    its class weight: torch's; ours wrote each chunk into an unbatched tensor (vmap's
+    RuntimeError)."""
+    gen = torch.Generator().manual_seed(10)
+    d = torch.float64
+    x = torch.randn(3, 4, generator=gen, dtype=d).to(device).requires_grad_()
+    W = torch.randn(5, 4, generator=gen, dtype=d).to(device)
+    p = torch.softmax(torch.randn(3, 5, generator=gen, dtype=d), -1).to(device).requires_grad_()
+    cw = (torch.rand(5, generator=gen, dtype=d) + 0.5).to(device).requires_grad_()
+    leaf = p if wrt == "target" else cw
+    got, exp = (
+        torch.autograd.grad(fn(x, W, p, weight=cw, reduction="none", chunk_size=2), leaf,
+                            torch.eye(3, dtype=d, device=device), is_grads_batched=True)[0]
+        for fn in (lce, torch_loss))
+    torch.testing.assert_close(got, exp)
+    assert torch.autograd.gradcheck(
+        lambda p_, w_: lce(x, W, p_, weight=w_, reduction="none", chunk_size=2),
+        (p, cw), check_batched_grad=True)
+
+
 # --------------------------------------------------------------------------- fp64 gradcheck
 GRADCHECK = [  # name, kind, options, class weights, full Jacobian (else gradcheck's fast mode), path
     ("index mean weight smoothing", "index", dict(reduction="mean", label_smoothing=0.1), True, True, "rows"),

@@ -216,6 +216,10 @@ def as_symint(value):
     """``value`` as a Python int where torch's argument parser takes it for a SymInt
     parameter (``ignore_index``): anything with ``__index__`` (a numpy integer or 0-d
     array, a one-element integer tensor, ...) but a bool or a bool tensor; else ``None``."""
+    if isinstance(value, torch.SymInt) or (
+            torch.compiler.is_compiling() and type(value) is int):
+        # (an int may be symbolic under torch.compile: index() would pin it to its value)
+        return value
     if (isinstance(value, bool) or not hasattr(type(value), "__index__")
             or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)):
         return None

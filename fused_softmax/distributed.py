@@ -326,8 +326,10 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         layout_ok = _reduce_sums_and_layout(packed, vocab_start, C, comm)
         vocab = packed[-1]  # sum of the shard sizes, on the device
         valid, in_range = _valid_rows(target, ignore_index, vocab)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
             # torch's CPU errors; after the collectives, so every rank raises together.
+            # (Not in a compiled graph, which cannot branch on device values: there, as on
+            # CUDA, a bad layout or target makes the rows NaN.)
             if not bool(layout_ok):
                 raise ValueError(
                     "vocab_parallel_cross_entropy: the ranks' shards do not tile the "

@@ -486,6 +486,26 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(fn, (x,))
 
 
+def test_compiles_fullgraph_in_a_world_of_one():
+    """torch.compile(fullgraph=True) of the loss and its gradient (world of 1): the CPU's
+    host-side checks (shard layout, target range) are left out of the compiled graph,
+    which cannot branch on device values (it failed: data-dependent guard); eager keeps
+    them (test_out_of_range_target_cpu_error_is_torchs)."""
+    x = torch.randn(4, 9)
+    t = torch.tensor([0, 3, -100, 5])
+    w = torch.rand(9) + 0.5
+
+    def loss_and_grad(fn):
+        xs = x.clone().requires_grad_(True)
+        loss = fn(xs)
+        return loss, torch.autograd.grad(loss, xs)[0]
+    loss = lambda x: vp_ce(x, t, weight=w, label_smoothing=0.1, z_loss=1e-2)  # noqa: E731
+    torch._dynamo.reset()
+    got = loss_and_grad(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+    for a, e in zip(got, loss_and_grad(loss)):
+        torch.testing.assert_close(a, e)
+
+
 def test_backward_twice_gives_the_same_gradient():
     x = torch.randn(4, 9, requires_grad=True)
     loss = vp_ce(x, torch.tensor([0, 3, 8, 5]), label_smoothing=0.1)

@@ -1016,6 +1016,27 @@ def test_options_checked_and_warned_about_as_torch(device):
         assert all(m.filename == __file__ for m in ours)  # torch's stacklevel: this line
 
 
+@pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
+def test_ignore_index_from_a_shape_keeps_one_graph(fn):
+    """An ignore_index computed from a symbolic size (dynamic=True) stays symbolic: one
+    graph for every class count, as torch's (ours pinned it, and so the size: a graph per
+    class count)."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    if fn == "cross_entropy":
+        ours = lambda x, t: ce_mod.cross_entropy(x, t, ignore_index=x.shape[1] - 1)  # noqa: E731
+    else:
+        ours = lambda x, t: lce(x, torch.eye(x.shape[1]), t, ignore_index=x.shape[1] - 1)  # noqa: E731
+    f = torch.compile(ours, backend=counter, fullgraph=True, dynamic=True)
+    for c in (8, 9, 11):
+        x = torch.randn(4, c)
+        t = torch.tensor([0, c - 1, 3, c - 1])
+        torch.testing.assert_close(f(x, t), F.cross_entropy(x, t, ignore_index=c - 1))
+    assert counter.frame_count == 1
+
+
 @needs_torch_lce
 def test_options_do_not_specialise_a_compiled_graph():
     """Ignored options are not sized against the batch under torch.compile: one graph for

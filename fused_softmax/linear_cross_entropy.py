@@ -87,9 +87,9 @@ from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _loss_r
                             _prob_target_grads, _reduction_scalars, check_extras,
                             check_ignore_index, check_smoothing_type, check_targets_on_cpu,
                             check_version, check_versions, cross_entropy, cross_entropy_fwd,
-                            cross_entropy_fwd_inplace, grads_of_rows, mean_of, raise_torchs_error,
-                            reduction_name, rescale_, smoothing_value, track_versions,
-                            watched_by_torch, widen_int32_target)
+                            cross_entropy_fwd_inplace, grads_of_rows, mean_of, mutation_allowed,
+                            raise_torchs_error, reduction_name, rescale_, smoothing_value,
+                            track_versions, watched_by_torch, widen_int32_target)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -504,9 +504,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def _watched_bias(b):
     """``(b, its version)`` for ``saved_bias`` (no version under Dynamo, or for an
-    inference tensor)."""
+    inference tensor; inside ``allow_mutation_on_saved_tensors()`` a copy, unwatched, as
+    torch's saved tensors are copied there before they change)."""
     if b is None or torch.compiler.is_compiling() or b.is_inference():
         return b, None
+    if mutation_allowed():
+        return b.clone(), None
     return b, b._version
 
 

@@ -601,8 +601,8 @@ def test_caller_tensors_changed_in_place_as_torch(fn, case, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_allow_mutation_on_saved_tensors_as_torch(fn, dtype, device):
     """Inside ``torch.autograd.graph.allow_mutation_on_saved_tensors()`` torch copies a
-    saved tensor before it changes in place: a target or class weight changed after the
-    forward is no error, and the backward sees the old values (ours raised autograd's
+    saved tensor before it changes in place: a target, class weight or bias changed after
+    the forward is no error, and the backward sees the old values (ours raised autograd's
     in-place error from its own version check). Here with a non-finite grad_output too,
     whose NaN lands at the old target."""
     gen = torch.Generator().manual_seed(23)
@@ -615,6 +615,7 @@ def test_allow_mutation_on_saved_tensors_as_torch(fn, dtype, device):
         t = torch.tensor([1, 2, -100, 4], device=device)
         w = (torch.rand(C, generator=torch.Generator().manual_seed(3)) + 0.5).to(device, dtype)
         q = torch.softmax(torch.randn(4, C, generator=torch.Generator().manual_seed(4)), 1).to(device, dtype)
+        bias = torch.linspace(-1, 1, C, device=device, dtype=dtype)
         a = (h if fn == "linear_cross_entropy" else x).clone().requires_grad_(True)
         with torch.autograd.graph.allow_mutation_on_saved_tensors():
             if fn == "cross_entropy":
@@ -625,13 +626,15 @@ def test_allow_mutation_on_saved_tensors_as_torch(fn, dtype, device):
                 f = fs.cross_entropy if ours else F.cross_entropy
                 loss = f(a, q, w, reduction="sum")
                 up = torch.tensor(3.0, device=device, dtype=dtype)
-            else:
-                loss = fs.linear_cross_entropy(a, W, t, weight=w) if ours else \
-                    F.cross_entropy(F.linear(a, W), t, w)
-                up = torch.tensor(2.0, device=device, dtype=dtype)
+            else:  # 'none': its backward recomputes the logits, reading the bias
+                loss = fs.linear_cross_entropy(a, W, t, linear_bias=bias, weight=w,
+                                               reduction="none") if ours else \
+                    F.cross_entropy(F.linear(a, W, bias), t, w, reduction="none")
+                up = torch.tensor([2.0, -1.0, 0.5, 1.0], device=device, dtype=dtype)
             t.fill_(0)
             w.mul_(3)
             q.zero_()
+            bias.add_(1.0)
             loss.backward(up)
         grads.append(a.grad)
     # (fp16: ours computes in fp32, torch's in fp16 in places; the changed tensors would

@@ -179,6 +179,17 @@ def _torch_fwd(x, target, weight, scalars, grad, ignore_index, label_smoothing,
     return loss, lse
 
 
+def loss_dtype(dtype: torch.dtype, target, weight, prob_target: bool) -> torch.dtype:
+    """The loss's dtype for logits computed in ``dtype``: that dtype for class indices;
+    for probability targets torch computes ``-(log_softmax(input) * target * weight)``,
+    promoted with the target's and the weight's dtypes."""
+    if prob_target:
+        dtype = torch.promote_types(dtype, target.dtype)
+        if weight is not None:
+            dtype = torch.promote_types(dtype, weight.dtype)
+    return dtype
+
+
 def smoothed_target(target: torch.Tensor, eps: float, C: int) -> torch.Tensor:
     """A probability target with label smoothing ``eps`` as torch forms it, in the
     target's own dtype: ``target * (1 - eps) + eps / C`` (the kernel's ``smoothed_target``)."""
@@ -1094,11 +1105,7 @@ def cross_entropy(
         return torch_cross_entropy(_capped_logits(input, logit_scale, softcap), target, weight,
                                    ignore_index, reduction, label_smoothing)
     target, weight = _kernel_operands(target, weight, prob_target)
-    out_dtype = input_dtype or input.dtype
-    if prob_target:  # torch computes -(log_softmax(input) * target * weight): promotes
-        out_dtype = torch.promote_types(out_dtype, target.dtype)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    out_dtype = loss_dtype(input_dtype or input.dtype, target, weight, prob_target)
     lse_dtype = acc = acc_dtype(input.dtype)
     if acc_dtype(out_dtype) != acc:
         # fp32 (or narrower) logits with an fp64 probability target or weight: torch's

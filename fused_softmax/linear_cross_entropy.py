@@ -87,9 +87,10 @@ from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _loss_r
                             _prob_target_grads, _reduction_scalars, check_extras,
                             check_ignore_index, check_smoothing_type, check_targets_on_cpu,
                             check_version, check_versions, cross_entropy, cross_entropy_fwd,
-                            cross_entropy_fwd_inplace, grads_of_rows, mean_of, mutation_allowed,
-                            raise_torchs_error, reduction_name, rescale_, smoothing_value,
-                            track_versions, watched_by_torch, widen_int32_target)
+                            cross_entropy_fwd_inplace, grads_of_rows, loss_dtype, mean_of,
+                            mutation_allowed, raise_torchs_error, reduction_name, rescale_,
+                            smoothing_value, track_versions, watched_by_torch,
+                            widen_int32_target)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
 
@@ -186,6 +187,7 @@ def linear_cross_entropy_fwd(
         gb.zero_()
     buf = torch.empty((min(chunk_size, M), V), dtype=x.dtype, device=x.device)
     ce_args = (ignore_index, label_smoothing, logit_scale, softcap, z_loss, prob_target)
+    upcast = acc != acc_dtype(x.dtype)
     for start in range(0, M, chunk_size):
         end = min(start + chunk_size, M)
         xc, logits, rows = x[start:end], buf[:end - start], slice(start * D, end * D)
@@ -194,13 +196,13 @@ def linear_cross_entropy_fwd(
         else:
             torch.addmm(b, xc, w.t(), out=logits)
         z = logits.view(-1, num_classes)
-        if acc != acc_dtype(x.dtype):  # fp64 targets: the loss of these logits in fp64
+        if upcast:  # fp64 targets: the loss of these logits in fp64
             z = z.to(acc)
         if compute_grad:
             loss_c, lse_c = _backend.call(
                 cross_entropy_fwd_inplace, z, target[rows], weight, scalars, *ce_args,
                 row_scale[rows] if row_scale is not None else None)
-            if z.dtype != logits.dtype:
+            if upcast:
                 logits.view(-1, num_classes).copy_(z)  # the gradient, in the logits' dtype
             if grad_input:
                 torch.mm(logits, w, out=gx[start:end])
@@ -230,13 +232,10 @@ def _(x, w, b, target, weight, scalars, row_scale, ignore_index, label_smoothing
 
 
 def _loss_acc(x, target, weight, prob_target: bool) -> torch.dtype:
-    """The dtype a chunk's loss is computed in: the logits' accumulation dtype, or fp64
-    for an fp64 probability target or class weight (torch's products and sums are fp64
-    there; ``cross_entropy`` does the same)."""
-    acc = acc_dtype(x.dtype)
-    if prob_target and torch.float64 in (target.dtype, getattr(weight, "dtype", None)):
-        return torch.float64
-    return acc
+    """The dtype a chunk's loss is computed in: the accumulation dtype of the loss's dtype
+    (fp64 for an fp64 probability target or class weight: torch's products and sums are
+    fp64 there; ``cross_entropy`` does the same)."""
+    return acc_dtype(loss_dtype(x.dtype, target, weight, prob_target))
 
 
 # --------------------------------------------------------------------------- vocabulary chunks
@@ -901,11 +900,7 @@ def linear_cross_entropy(
     if vocab_chunk_size is not None and (prob_target or out):
         raise ValueError("linear_cross_entropy: vocab_chunk_size needs class-index targets and "
                          "a 2-D linear_weight (C, H); use chunk_size here")
-    out_dtype = ce_dtype
-    if prob_target:  # torch computes -(log_softmax(logits) * target * weight): promotes
-        out_dtype = torch.promote_types(out_dtype, target.dtype)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    out_dtype = loss_dtype(ce_dtype, target, weight, prob_target)
 
     # Rows of C logits: input (M, H); the K-dim weight (C, d..., H) as (D * C, H) so that each
     # input row's logits are D contiguous rows of C (a copy of the weight when D > 1).

@@ -390,9 +390,10 @@ def _loss_rows(x, target, weight, args):
 
 
 def grads_of_rows(rows_of, inputs, wanted, scale):
-    """The gradients of ``sum(rows_of(*inputs) * scale)`` with respect to ``inputs[i]`` for
-    ``i`` in ``wanted`` (zeros where unused), formed with torch ops with a graph (a
-    backward's ``create_graph=True``). A ``scale`` that a transform differentiates
+    """The vector-Jacobian products of ``rows_of(*inputs)`` with ``scale`` (the rows'
+    ``grad_output``) for ``inputs[i]``, ``i`` in ``wanted`` (zeros where unused), formed
+    with torch ops with a graph (a backward's ``create_graph=True``), differentiable in
+    the inputs and in ``scale``. A ``scale`` that a transform differentiates
     (``_backend.differentiated``: a forward-AD dual, a ``torch.func`` level's grad_output)
     goes through ``torch.func.vjp``, which keeps its levels; ``autograd.grad`` of a sum
     holding it gave a zero derivative."""
@@ -408,8 +409,10 @@ def grads_of_rows(rows_of, inputs, wanted, scale):
         return vjp(scale.expand_as(rows).to(rows.dtype))
     with torch.enable_grad():
         rows = rows_of(*inputs)
-        grads = torch.autograd.grad((rows * scale).sum(), primals, create_graph=True,
-                                    allow_unused=True)
+        # scale as grad_outputs, not a factor of the sum: it is often a function of the
+        # same inputs (grad of loss**2: 2 * loss), and autograd would differentiate it too
+        grads = torch.autograd.grad(rows, primals, scale.expand_as(rows).to(rows.dtype),
+                                    create_graph=True, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(primals, grads)]
 
 

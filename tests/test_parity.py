@@ -811,6 +811,48 @@ def test_cross_entropy_double_backward_matches_torch(kw, device):
     torch.testing.assert_close(x.grad, ref_x.grad)
 
 
+_LOSS_OF_LOSS = {
+    "ce-none": lambda ce, z, t, p, W: (ce(z, t, reduction="none") ** 2).sum(),
+    "ce-mean": lambda ce, z, t, p, W: ce(z, t, label_smoothing=0.2) ** 3,
+    "ce-prob": lambda ce, z, t, p, W: ce(z, p, reduction="none").exp().sum(),
+    "lce-rows": lambda ce, z, t, p, W: (_lce(ce, z, W, t, chunk_size=2) ** 2).sum(),
+    "lce-vocab": lambda ce, z, t, p, W: _lce(ce, z, W, t, vocab_chunk_size=2).exp(),
+}
+
+
+def _lce(ce, h, W, t, **chunks):
+    if ce is F.cross_entropy:
+        return F.cross_entropy(h @ W.T, t, reduction="none" if "chunk_size" in chunks else "mean")
+    return fs.linear_cross_entropy(h, W, t, reduction="none" if "chunk_size" in chunks else "mean",
+                                   **chunks)
+
+
+@pytest.mark.parametrize("case", list(_LOSS_OF_LOSS))
+def test_second_derivatives_of_a_function_of_the_loss(case, device):
+    """A Hessian (and create_graph=True) of a function of the loss that is not linear in it:
+    the backward's grad_output (``2 * loss`` for ``loss ** 2``) depends on the same inputs.
+    It entered the differentiable backward as a factor, so autograd differentiated it too:
+    gradients 3x torch's, Hessians off by O(1), memory growing without bound for a weighted
+    smoothed loss."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, dtype=torch.float64, generator=gen).to(device)
+    p = torch.randn(3, 5, dtype=torch.float64, generator=gen).softmax(-1).to(device)
+    W = torch.randn(5, 5, dtype=torch.float64, generator=gen).to(device)
+    t = torch.tensor([1, 3, 0], device=device)
+    f = _LOSS_OF_LOSS[case]
+    for wrt in ((0, 1) if case.startswith("lce") else (0,)):
+        def of(ce):
+            return lambda a: f(ce, *((a, t, p, W) if wrt == 0 else (z, t, p, a)))
+        arg = (z, W)[wrt]
+        ours, theirs = (torch.autograd.functional.hessian(of(ce), arg)
+                        for ce in (fs.cross_entropy, F.cross_entropy))
+        torch.testing.assert_close(ours, theirs)
+        a = arg.clone().requires_grad_()
+        g_ours, = torch.autograd.grad(of(fs.cross_entropy)(a), a, create_graph=True)
+        g_theirs, = torch.autograd.grad(of(F.cross_entropy)(a), a, create_graph=True)
+        torch.testing.assert_close(g_ours, g_theirs)
+
+
 def test_ignored_rows_ignore_an_infinite_scalar_grad_output(device):
     x = torch.zeros(2, 3, device=device, requires_grad=True)
     fs.cross_entropy(x, torch.tensor([-100, 1], device=device)).backward(torch.tensor(math.inf, device=device))

@@ -684,7 +684,7 @@ def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc, 
     nothing downstream needs the host: the gradient scale is 1/denominator for a mean."""
     device = t.device
     if prob_target:
-        denom = torch.full((), float(t.shape[0]), dtype=acc, device=device)
+        denom = torch.full((), t.shape[0], dtype=acc, device=device)  # (symbolic under export)
     else:
         valid = t != ignore_index
         if weight is not None:
@@ -693,7 +693,7 @@ def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc, 
             denom = torch.where(valid, w_t, 0.0).sum()
         else:
             denom = valid.sum(dtype=acc)
-    w_sum = weight.to(acc).sum() if weight is not None else torch.full((), float(C), dtype=acc, device=device)
+    w_sum = weight.to(acc).sum() if weight is not None else torch.full((), C, dtype=acc, device=device)
     return denom, torch.stack([grad_scale_of(denom, reduction, smoothing), w_sum])
 
 

@@ -687,6 +687,30 @@ def test_logsumexp_several_dims_exports_with_its_gradient(device):
                                torch.autograd.grad(torch.logsumexp(b, (0, 2)).sum(), b)[0])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_export_with_a_dynamic_batch(reduction, device):
+    """torch.export with a dynamic batch Dim: the mean's denominator of probability targets
+    (the batch size) stays symbolic (float() of it pinned the batch: a constraint error),
+    for cross_entropy and linear_cross_entropy with explicit row chunks."""
+    W = torch.randn(7, 6, device=device)
+
+    class M(torch.nn.Module):
+        def forward(self, x, p, h):
+            return (fs.cross_entropy(x, p, reduction=reduction),
+                    fs.linear_cross_entropy(h, W, p, reduction=reduction, chunk_size=4))
+
+    def args(n):
+        return (torch.randn(n, 7, device=device), torch.randn(n, 7, device=device).softmax(-1),
+                torch.randn(n, 6, device=device))
+
+    b = torch.export.Dim("b", min=2, max=64)
+    ep = torch.export.export(M(), args(8), dynamic_shapes=({0: b}, {0: b}, {0: b}))
+    x, p, h = args(13)
+    ce, lce = ep.module()(x, p, h)
+    torch.testing.assert_close(ce, F.cross_entropy(x, p, reduction=reduction))
+    torch.testing.assert_close(lce, F.cross_entropy(h @ W.T, p, reduction=reduction))
+
+
 # --------------------------------------------------------------------------- linear_cross_entropy
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13 has no linear_cross_entropy")
 def test_linear_cross_entropy_edges_like_torch(device):

@@ -131,6 +131,11 @@ def dispatch_free(args) -> bool:
     return all(_plain(a) for a in args if isinstance(a, torch.Tensor))
 
 
+def exporting() -> bool:
+    """Under ``torch.export``'s tracing, strict or not (not under ``torch.compile``)."""
+    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+
+
 def call(op, *args):
     """``op(*args)`` for a :func:`custom_op`; its function directly where
     :func:`dispatch_free` allows, with the version counters of the tensors it mutates

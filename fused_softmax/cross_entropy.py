@@ -21,7 +21,7 @@ from torch.overrides import handle_torch_function
 
 from . import _backend
 from ._backend import (LOW_FLOATS, acc_dtype, as_symint, autocast_fp32_active, check_float,
-                       differentiated, float_bits, fp32_if_low, is_finite, needs_torch_ops,
+                       differentiated, exporting, float_bits, fp32_if_low, is_finite, needs_torch_ops,
                        torch_function_dispatch, use_triton)
 
 if _backend.HAS_TRITON:
@@ -238,6 +238,36 @@ def _(x, target, weight, scalars, ignore_index, label_smoothing, logit_scale, so
     acc = acc_dtype(x.dtype)
     grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad else x.new_empty(0)
     return x.new_empty(x.shape[0], dtype=acc), x.new_empty(x.shape[0], dtype=acc), grad
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, target, weight = inputs[:3]
+    ctx.args = inputs[4:10]
+    ctx.save_for_backward(x, target, weight)
+
+
+def _op_backward(ctx, dloss, dlse, dgrad):
+    """The gradient of the per-row loss for a program that calls ``cross_entropy_fwd``
+    itself (an exported program: export keeps the ops, not the ``autograd.Function``
+    around them), formed from the saved inputs with torch ops (``grads_of_rows``). The
+    op's ``lse`` and ``grad`` outputs are handed on detached (not differentiable)."""
+    x, target, weight = ctx.saved_tensors
+    out = [None] * 12
+    if dloss is None:
+        return tuple(out)
+    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+    acc = acc_dtype(x.dtype)
+
+    def rows_of(x, target, weight):
+        return _loss_rows(x.to(acc), target, weight.to(acc) if weight is not None else None,
+                          ctx.args)
+    dscale = _ignored_rows_zeroed(ctx, dloss, target).to(acc)
+    for i, g in zip(wanted, grads_of_rows(rows_of, (x, target, weight), wanted, dscale)):
+        out[i] = g.to((x, target, weight)[i].dtype)
+    return tuple(out)
+
+
+cross_entropy_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 @_backend.custom_op("fused_softmax::cross_entropy_fwd_inplace", mutates_args=("x",))
@@ -580,10 +610,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             loss, lse, grad = _backend.call(
                 cross_entropy_fwd, x, target, weight, scalars, *args, compute_grad and not deferred)
-        if reduction == "sum":
-            loss = loss.sum()
-        elif reduction == "mean":
-            loss = mean_of(loss, denom, args[1])
+        loss = reduced(loss, denom, reduction, args[1])
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # no zeros for lse's gradient (one op less)
         if compute_grad or target_grad:
@@ -670,6 +697,13 @@ def _over_denominator(num, denom: torch.Tensor, smoothing: float) -> torch.Tenso
 def mean_of(loss: torch.Tensor, denom: torch.Tensor, smoothing: float) -> torch.Tensor:
     """The mean reduction: ``sum(loss) / denom`` (see ``_over_denominator``)."""
     return _over_denominator(loss.sum(), denom, smoothing)
+
+
+def reduced(loss: torch.Tensor, denom: torch.Tensor, reduction: str, smoothing: float):
+    """Per-row losses reduced: as they are, their sum, or their mean (``mean_of``)."""
+    if reduction == "sum":
+        return loss.sum()
+    return mean_of(loss, denom, smoothing) if reduction == "mean" else loss
 
 
 def grad_scale_of(denom: torch.Tensor, reduction: str, smoothing: float) -> torch.Tensor:
@@ -1138,8 +1172,15 @@ def cross_entropy(
 
     args = (ignore_index, float(label_smoothing), float(logit_scale),
             float(softcap) if softcap is not None else 0.0, float(z_loss), prob_target)
-    loss, lse = CrossEntropyFunction.apply(x, t, weight, scalars, denom, reduction,
-                                           inplace_backward, args, torch.is_grad_enabled())
+    if exporting():
+        # torch.export keeps the custom ops, not the autograd.Function: the op alone, with
+        # no gradient formed in the forward (an exported program is mostly run for
+        # inference); its registered autograd forms one if the program is trained
+        loss, lse, _ = cross_entropy_fwd(x, t, weight, scalars, *args, False)
+        loss, lse = reduced(loss, denom, reduction, label_smoothing), lse.detach()
+    else:
+        loss, lse = CrossEntropyFunction.apply(x, t, weight, scalars, denom, reduction,
+                                               inplace_backward, args, torch.is_grad_enabled())
     track_versions(loss, *watched)
     loss = loss.to(out_dtype)
     if input.dim() == 1:

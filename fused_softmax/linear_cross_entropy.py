@@ -81,14 +81,14 @@ from torch.overrides import handle_torch_function
 
 from . import _backend
 from . import distributed as _vp
-from ._backend import (LOW_FLOATS, acc_dtype, check_float, differentiated, fp32_if_low,
-                       needs_torch_ops, torch_function_dispatch, use_triton)
+from ._backend import (LOW_FLOATS, acc_dtype, check_float, differentiated, exporting,
+                       fp32_if_low, needs_torch_ops, torch_function_dispatch, use_triton)
 from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _loss_rows,
                             _prob_target_grads, _reduction_scalars, check_extras,
                             check_ignore_index, check_smoothing_type, check_targets_on_cpu,
                             check_version, check_versions, cross_entropy, cross_entropy_fwd,
-                            cross_entropy_fwd_inplace, grads_of_rows, loss_dtype, mean_of,
-                            mutation_allowed, raise_torchs_error, reduction_name, rescale_,
+                            cross_entropy_fwd_inplace, grads_of_rows, loss_dtype,
+                            mutation_allowed, raise_torchs_error, reduced, reduction_name, rescale_,
                             smoothing_value, track_versions, watched_by_torch,
                             widen_int32_target)
 
@@ -229,6 +229,24 @@ def _(x, w, b, target, weight, scalars, row_scale, ignore_index, label_smoothing
             x.new_empty(x.shape if grad_input else (0,)),
             w.new_empty(w.shape if grad_weight else (0,)),
             w.new_empty((w.shape[0],) if grad_bias else (0,)))
+
+
+def _op_setup_context(ctx, inputs, output):
+    ctx.args = inputs[7:14]
+    ctx.save_for_backward(*inputs[:5])
+
+
+def _op_backward(ctx, dloss, dlse, dgx, dgw, dgb):
+    """The gradients of the per-row loss for a program that calls ``linear_cross_entropy_fwd``
+    itself (an exported program: export keeps the ops, not the ``autograd.Function``
+    around them), from the saved inputs with torch ops (``_differentiable_backward``, the
+    logits materialised). The other outputs are handed on detached."""
+    if dloss is None:
+        return (None,) * 18
+    return _differentiable_backward(ctx, ctx.saved_tensors, dloss, 1.0, 18)
+
+
+linear_cross_entropy_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _loss_acc(x, target, weight, prob_target: bool) -> torch.dtype:
@@ -448,10 +466,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, lse, gx, gw, gb = _backend.call(
             linear_cross_entropy_fwd, x, w, b, target, weight, scalars, None, *args, chunk_size,
             fused and need_x, fused and need_w, fused and need_b)
-        if reduction == "sum":
-            loss = loss.sum()
-        elif reduction == "mean":
-            loss = mean_of(loss, denom, args[1])
+        loss = reduced(loss, denom, reduction, args[1])
         if need_x or need_w or need_b or need_t or need_cw:
             # Kept outside save_for_backward: the first backward rescales them in place and
             # hands them on; a later backward (retain_graph) recomputes them.
@@ -927,6 +942,13 @@ def linear_cross_entropy(
             loss = VocabChunkedLinearCrossEntropyFunction.apply(
                 x, w, b, t, weight, reduction, args, min(vocab_chunk_size, C),
                 torch.is_grad_enabled())
+        elif exporting():
+            # torch.export keeps the custom ops, not the autograd.Function: the op alone, no
+            # gradients formed in the forward; its registered autograd forms them if the
+            # exported program is trained
+            loss = linear_cross_entropy_fwd(x, w, b, t, weight, scalars, None, *args,
+                                            max(1, min(chunk_size, M)), False, False, False)[0]
+            loss = reduced(loss, denom, reduction, label_smoothing_applied)
         else:
             loss = LinearCrossEntropyFunction.apply(
                 x, w, b, t, weight, scalars, denom, reduction, args, max(1, min(chunk_size, M)),

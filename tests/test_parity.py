@@ -711,6 +711,49 @@ def test_probability_targets_export_with_a_dynamic_batch(reduction, device):
     torch.testing.assert_close(lce, F.cross_entropy(h @ W.T, p, reduction=reduction))
 
 
+@pytest.mark.parametrize("case", ["index", "prob", "linear-index", "linear-prob"])
+def test_exported_losses_train_and_form_no_gradient_in_the_forward(case, device):
+    """An exported program holds the custom ops without their autograd.Function: it calls
+    them with no gradient formed in the forward (an inference program wrote a logits-sized
+    gradient it never read), and backpropagates through their registered autograd (it
+    raised "no autograd formula"), with torch's values and parameter gradients."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(8, 6, generator=gen).to(device)
+    t = (torch.randn(8, 7, generator=gen).softmax(-1) if case.endswith("prob")
+         else torch.tensor([0, 6, -100, 3, 3, 1, 2, 5])).to(device)
+    w = torch.rand(7, generator=gen).to(device)
+    kw = dict(weight=w, label_smoothing=0.1, reduction="mean" if case.endswith("x") else "none")
+    linear = case.startswith("linear")
+
+    class Net(torch.nn.Module):
+        def __init__(self, ours):
+            super().__init__()
+            torch.manual_seed(1)
+            self.body, self.head, self.ours = torch.nn.Linear(6, 5), torch.nn.Linear(5, 7), ours
+            self.to(device)
+
+        def forward(self, h, t):
+            z = self.body(h)
+            if self.ours and linear:
+                return fs.linear_cross_entropy(z, self.head.weight, t, linear_bias=self.head.bias,
+                                               chunk_size=3, **kw)
+            return (fs.cross_entropy if self.ours else F.cross_entropy)(self.head(z), t, **kw)
+
+    results = []
+    for ours in (False, True):
+        ep = torch.export.export(Net(ours), (h, t))
+        if ours:
+            calls = [n for n in ep.graph.nodes if "cross_entropy_fwd" in str(n.target)]
+            flags = calls[0].args[-3:] if linear else calls[0].args[-1:]
+            assert len(calls) == 1 and not any(flags)
+        m = ep.module()
+        loss = m(h, t)
+        loss.sum().backward()
+        results.append([loss.detach()] + [p.grad for p in m.parameters()])
+    for ours, theirs in zip(*reversed(results)):
+        torch.testing.assert_close(ours, theirs)
+
+
 # --------------------------------------------------------------------------- linear_cross_entropy
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13 has no linear_cross_entropy")
 def test_linear_cross_entropy_edges_like_torch(device):

@@ -12,7 +12,14 @@ import pytest  # noqa: E402
 
 
 def pytest_report_header(config):
-    where = "cuda" if torch.cuda.is_available() else "cpu (Triton interpreter)"
+    from fused_softmax import _backend
+
+    if torch.cuda.is_available():
+        where = "cuda"
+    elif _backend.HAS_TRITON and _backend.INTERPRET:
+        where = "cpu (Triton interpreter)"
+    else:
+        where = "cpu (torch path: " + ("interpreter off)" if _backend.HAS_TRITON else "no Triton)")
     return f"fused_softmax tests on {where}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
 
 

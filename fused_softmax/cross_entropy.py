@@ -21,8 +21,8 @@ from torch.overrides import handle_torch_function
 
 from . import _backend
 from ._backend import (LOW_FLOATS, acc_dtype, as_symint, autocast_fp32_active, check_float,
-                       differentiated, exporting, float_bits, fp32_if_low, is_finite, needs_torch_ops,
-                       torch_function_dispatch, use_triton)
+                       differentiated, exporting, float_bits, fp32_if_low, is_finite,
+                       needs_torch_ops, torch_function_dispatch, use_triton)
 
 if _backend.HAS_TRITON:
     import triton
@@ -249,22 +249,12 @@ def _op_setup_context(ctx, inputs, output):
 def _op_backward(ctx, dloss, dlse, dgrad):
     """The gradient of the per-row loss for a program that calls ``cross_entropy_fwd``
     itself (an exported program: export keeps the ops, not the ``autograd.Function``
-    around them), formed from the saved inputs with torch ops (``grads_of_rows``). The
-    op's ``lse`` and ``grad`` outputs are handed on detached (not differentiable)."""
-    x, target, weight = ctx.saved_tensors
-    out = [None] * 12
+    around them), formed from the saved inputs with torch ops. The op's ``lse`` and
+    ``grad`` outputs are handed on detached (not differentiable)."""
     if dloss is None:
-        return tuple(out)
-    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
-    acc = acc_dtype(x.dtype)
-
-    def rows_of(x, target, weight):
-        return _loss_rows(x.to(acc), target, weight.to(acc) if weight is not None else None,
-                          ctx.args)
-    dscale = _ignored_rows_zeroed(ctx, dloss, target).to(acc)
-    for i, g in zip(wanted, grads_of_rows(rows_of, (x, target, weight), wanted, dscale)):
-        out[i] = g.to((x, target, weight)[i].dtype)
-    return tuple(out)
+        return (None,) * 12
+    inputs = ctx.saved_tensors
+    return _differentiable_backward(ctx, _ignored_rows_zeroed(ctx, dloss, inputs[1]), inputs, 1.0)
 
 
 cross_entropy_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -446,18 +436,14 @@ def grads_of_rows(rows_of, inputs, wanted, scale):
     return [torch.zeros_like(p) if g is None else g for p, g in zip(primals, grads)]
 
 
-def _differentiable_backward(ctx, dscale, saved):
-    """``create_graph=True`` (double backward, gradient penalties, Hessians), or a
-    ``grad_output`` a transform differentiates: the gradient recomputed from the saved
-    logits (``saved``: ``ctx.saved_tensors``) with torch ops, so that it is itself
-    differentiable."""
-    if ctx.inplace:
-        raise RuntimeError(
-            "fused_softmax.cross_entropy(inplace_backward=True): the logits were overwritten "
-            "by the gradient, so no gradient of the gradient can be formed")
-    ctx.fused_grad = None
-    x, target, weight, scalars, _ = saved
-    wanted = [(i, t) for i, t in enumerate((x, target, weight)) if ctx.needs_input_grad[i]]
+def _differentiable_backward(ctx, dscale, inputs, scale):
+    """The gradients of ``scale`` times the per-row losses (``grad_output`` ``dscale``) for
+    ``inputs`` ``(x, target, weight)``, recomputed from them with torch ops, so that they
+    are themselves differentiable: ``create_graph=True`` (double backward, gradient
+    penalties, Hessians), a ``grad_output`` a transform differentiates, an exported
+    program's backward. One per input of ``ctx``'s op or Function (None past the three)."""
+    x, target, weight = inputs
+    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
     # In the accumulation dtype, as the kernels: grad_output (GradScaler's 2^16) is inf in
     # fp16, and fp16 formulas lose accuracy; the casts carry the gradients back.
     acc = acc_dtype(x.dtype)
@@ -465,11 +451,9 @@ def _differentiable_backward(ctx, dscale, saved):
     def rows_of(x, target, weight):  # (a probability target smoothed in its dtype, as torch)
         return _loss_rows(x.to(acc), target, weight.to(acc) if weight is not None else None,
                           ctx.args)
-    grads = grads_of_rows(rows_of, (x, target, weight), [i for i, _ in wanted],
-                          (dscale * scalars[0]).to(acc))
-    out = [None] * 9
-    for (i, _), g in zip(wanted, grads):
-        out[i] = g
+    out = [None] * len(ctx.needs_input_grad)
+    for i, g in zip(wanted, grads_of_rows(rows_of, inputs, wanted, (dscale * scale).to(acc))):
+        out[i] = g.to(inputs[i].dtype)
     return tuple(out)
 
 
@@ -643,8 +627,14 @@ class CrossEntropyFunction(torch.autograd.Function):
             return (None,) * 9
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
         if torch.is_grad_enabled() or differentiated(dscale):
-            saved = ctx.saved_tensors
-            return _differentiable_backward(ctx, _ignored_rows_zeroed(ctx, dscale, saved[1]), saved)
+            if ctx.inplace:
+                raise RuntimeError(
+                    "fused_softmax.cross_entropy(inplace_backward=True): the logits were "
+                    "overwritten by the gradient, so no gradient of the gradient can be formed")
+            ctx.fused_grad = None
+            x, target, weight, scalars, _ = ctx.saved_tensors
+            return _differentiable_backward(ctx, _ignored_rows_zeroed(ctx, dscale, target),
+                                            (x, target, weight), scalars[0])
         grad_x = grad_target = None
         saved = None  # ctx.saved_tensors, unpacked at most once (non-reentrant checkpointing)
         if ctx.needs_input_grad[0]:
@@ -1177,7 +1167,7 @@ def cross_entropy(
         # no gradient formed in the forward (an exported program is mostly run for
         # inference); its registered autograd forms one if the program is trained
         loss, lse, _ = cross_entropy_fwd(x, t, weight, scalars, *args, False)
-        loss, lse = reduced(loss, denom, reduction, label_smoothing), lse.detach()
+        loss, lse = reduced(loss, denom, reduction, args[1]), lse.detach()
     else:
         loss, lse = CrossEntropyFunction.apply(x, t, weight, scalars, denom, reduction,
                                                inplace_backward, args, torch.is_grad_enabled())

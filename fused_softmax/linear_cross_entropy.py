@@ -88,8 +88,8 @@ from .cross_entropy import (CHECK_ERRORS, _check_args, _kernel_operands, _loss_r
                             check_ignore_index, check_smoothing_type, check_targets_on_cpu,
                             check_version, check_versions, cross_entropy, cross_entropy_fwd,
                             cross_entropy_fwd_inplace, grads_of_rows, loss_dtype,
-                            mutation_allowed, raise_torchs_error, reduced, reduction_name, rescale_,
-                            smoothing_value, track_versions, watched_by_torch,
+                            mutation_allowed, raise_torchs_error, reduced, reduction_name,
+                            rescale_, smoothing_value, track_versions, watched_by_torch,
                             widen_int32_target)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
@@ -948,7 +948,7 @@ def linear_cross_entropy(
             # exported program is trained
             loss = linear_cross_entropy_fwd(x, w, b, t, weight, scalars, None, *args,
                                             max(1, min(chunk_size, M)), False, False, False)[0]
-            loss = reduced(loss, denom, reduction, label_smoothing_applied)
+            loss = reduced(loss, denom, reduction, args[1])
         else:
             loss = LinearCrossEntropyFunction.apply(
                 x, w, b, t, weight, scalars, denom, reduction, args, max(1, min(chunk_size, M)),

@@ -428,10 +428,15 @@ def grads_of_rows(rows_of, inputs, wanted, scale):
         rows, vjp = torch.func.vjp(rows_from, *primals)
         return vjp(scale.expand_as(rows).to(rows.dtype))
     with torch.enable_grad():
-        rows = rows_of(*inputs)
-        # scale as grad_outputs, not a factor of the sum: it is often a function of the
-        # same inputs (grad of loss**2: 2 * loss), and autograd would differentiate it too
-        grads = torch.autograd.grad(rows, primals, scale.expand_as(rows).to(rows.dtype),
+        # Partial derivatives, each input on its own: through an alias of it, so that
+        # autograd does not also follow one input into another computed from it (a soft
+        # target or class weight formed from the logits, an input row taken from a tied
+        # head); the caller's graph carries those paths. scale as grad_outputs, not a
+        # factor of the sum: it is often a function of the same inputs (grad of loss**2:
+        # 2 * loss). Either way autograd differentiated twice.
+        aliases = [p.view_as(p) for p in primals]
+        rows = rows_from(*aliases)
+        grads = torch.autograd.grad(rows, aliases, scale.expand_as(rows).to(rows.dtype),
                                     create_graph=True, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(primals, grads)]
 

@@ -920,6 +920,45 @@ def test_second_derivatives_of_a_function_of_the_loss(case, device):
         torch.testing.assert_close(g_ours, g_theirs)
 
 
+def _tied(lib, W, **chunks):  # input rows taken from the head itself (tied embeddings)
+    x, t = W[[1, 0, 3, 2]] * 2.0, torch.tensor([0, 3, 1, 4], device=W.device)
+    return fs.linear_cross_entropy(x, W, t, **chunks) if lib is fs else F.cross_entropy(x @ W.T, t)
+
+
+_DEPENDENT_INPUTS = {  # a second differentiable input computed from the first
+    "soft-target-of-logits": lambda lib, z: lib.cross_entropy(z, torch.softmax(0.5 * z, 1)),
+    "weight-of-logits": lambda lib, z: lib.cross_entropy(  # (a probability target: torch
+        # refuses a class weight that requires grad with class indices)
+        z, torch.eye(5, dtype=z.dtype, device=z.device).roll(1, 0) * 0.8 + 0.04,
+        weight=torch.sigmoid(z.sum(0)) + 0.5),
+    "tied-rows": lambda lib, W: _tied(lib, W, chunk_size=2),
+    "tied-vocab": lambda lib, W: _tied(lib, W, vocab_chunk_size=2),
+    "bias-of-head": lambda lib, W: (
+        fs.linear_cross_entropy(W[:4, :] * 0 + 1.5, W, torch.tensor([0, 3, 1, 4], device=W.device),
+                                linear_bias=W.sum(1), chunk_size=2) if lib is fs else
+        F.cross_entropy(F.linear(W[:4, :] * 0 + 1.5, W, W.sum(1)),
+                        torch.tensor([0, 3, 1, 4], device=W.device))),
+}
+
+
+@pytest.mark.parametrize("case", list(_DEPENDENT_INPUTS))
+def test_create_graph_with_one_input_computed_from_another(case, device):
+    """create_graph=True where a differentiable input is a function of another (a soft
+    target or class weight formed from the logits, an input row or a bias taken from a tied
+    head): the backward's partial derivatives are each input's own (its torch-op
+    recomputation followed one input into the other as well: the same path counted twice,
+    first derivatives up to 3x torch's); second derivatives too."""
+    leaf = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    leaf = leaf.to(device)
+    f = _DEPENDENT_INPUTS[case]
+    grads = []
+    for lib in (fs, F):
+        a = leaf.clone().requires_grad_()
+        g, = torch.autograd.grad(f(lib, a) ** 2, a, create_graph=True)
+        grads.append((g, torch.autograd.grad((g * g).sum(), a)[0]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_ignored_rows_ignore_an_infinite_scalar_grad_output(device):
     x = torch.zeros(2, 3, device=device, requires_grad=True)
     fs.cross_entropy(x, torch.tensor([-100, 1], device=device)).backward(torch.tensor(math.inf, device=device))

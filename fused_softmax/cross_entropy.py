@@ -244,13 +244,14 @@ def _op_setup_context(ctx, inputs, output):
     x, target, weight = inputs[:3]
     ctx.args = inputs[4:10]
     ctx.save_for_backward(x, target, weight)
+    ctx.mark_non_differentiable(*output[1:])  # lse and the forward's gradient
 
 
 def _op_backward(ctx, dloss, dlse, dgrad):
     """The gradient of the per-row loss for a program that calls ``cross_entropy_fwd``
     itself (an exported program: export keeps the ops, not the ``autograd.Function``
     around them), formed from the saved inputs with torch ops. The op's ``lse`` and
-    ``grad`` outputs are handed on detached (not differentiable)."""
+    ``grad`` outputs are not differentiable."""
     if dloss is None:
         return (None,) * 12
     inputs = ctx.saved_tensors

@@ -234,16 +234,17 @@ def _(x, w, b, target, weight, scalars, row_scale, ignore_index, label_smoothing
 def _op_setup_context(ctx, inputs, output):
     ctx.args = inputs[7:14]
     ctx.save_for_backward(*inputs[:5])
+    ctx.mark_non_differentiable(*output[1:])  # lse and the forward's gradients
 
 
 def _op_backward(ctx, dloss, dlse, dgx, dgw, dgb):
     """The gradients of the per-row loss for a program that calls ``linear_cross_entropy_fwd``
     itself (an exported program: export keeps the ops, not the ``autograd.Function``
     around them), from the saved inputs with torch ops (``_differentiable_backward``, the
-    logits materialised). The other outputs are handed on detached."""
+    logits materialised). The other outputs are not differentiable."""
     if dloss is None:
         return (None,) * 18
-    return _differentiable_backward(ctx, ctx.saved_tensors, dloss, 1.0, 18)
+    return _differentiable_backward(ctx, ctx.saved_tensors, dloss, 1.0)
 
 
 linear_cross_entropy_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -428,13 +429,16 @@ def _soft_target_grads(x, w, b, target, weight, scalars, lse, dscale, args, chun
     return grad_target, grad_weight
 
 
-def _differentiable_backward(ctx, inputs, dloss, scale, n_outputs):
-    """``create_graph=True`` (double backward, Hessians, gradient penalties), or a
-    ``grad_output`` a transform differentiates (``_backend.differentiated``): the loss
-    formed again from the saved ``inputs`` ``(x, w, b, target, weight)`` with torch ops,
-    the logits materialised (as torch's ``linear_cross_entropy`` does), and differentiated
-    with a graph, so that the gradients are themselves differentiable. ``scale``: the
-    reduction's factor of the summed rows (``1 / denominator`` for a mean, else 1)."""
+def _differentiable_backward(ctx, inputs, dloss, scale):
+    """``create_graph=True`` (double backward, Hessians, gradient penalties), a
+    ``grad_output`` a transform differentiates (``_backend.differentiated``), or an
+    exported program's backward: the loss formed again from the saved ``inputs``
+    ``(x, w, b, target, weight)`` with torch ops, the logits materialised (as torch's
+    ``linear_cross_entropy`` does), and differentiated with a graph, so that the gradients
+    are themselves differentiable. ``scale``: the reduction's factor of the summed rows
+    (``1 / denominator`` for a mean, else 1). One result per input of ``ctx``'s op or
+    Function (None past the five). Ignored rows get 0 whatever ``dloss`` holds there, as
+    torch's ops form them."""
     x = inputs[0]
     args, acc = ctx.args, acc_dtype(x.dtype)
     wanted = [(i, t) for i, t in enumerate(inputs) if ctx.needs_input_grad[i]]
@@ -446,7 +450,7 @@ def _differentiable_backward(ctx, inputs, dloss, scale, n_outputs):
         return _loss_rows(z, target, weight, args[:6])
     dscale = dloss.reshape(-1) if dloss.dim() else dloss
     grads = grads_of_rows(rows_of, inputs, [i for i, _ in wanted], (dscale * scale).to(acc))
-    out = [None] * n_outputs
+    out = [None] * len(ctx.needs_input_grad)
     for (i, t), g in zip(wanted, grads):
         out[i] = g.to(t.dtype)
     return tuple(out)
@@ -488,7 +492,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if torch.is_grad_enabled() or differentiated(dloss):
             ctx.fused_grads = None
             return _differentiable_backward(ctx, (x, w, saved_bias(ctx), target, weight), dloss,
-                                            scalars[0], 11)
+                                            scalars[0])
         gx = gw = gb = gt = gcw = None
         if need_x or need_w or need_b:
             fused, ctx.fused_grads = ctx.fused_grads, None
@@ -585,7 +589,7 @@ class VocabChunkedLinearCrossEntropyFunction(torch.autograd.Function):
             ignore_index, eps, *_, C = ctx.args
             _, scalars = _reduction_scalars(target, weight, ignore_index, ctx.reduction, False, C,
                                             acc_dtype(x.dtype), eps)
-            return _differentiable_backward(ctx, (x, w, b, target, weight), dloss, scalars[0], 9)
+            return _differentiable_backward(ctx, (x, w, b, target, weight), dloss, scalars[0])
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         coef = _vp.scale_coefficients(coef, dloss, ctx.logit_scale, valid)
         gx, gw, gb = _backend.call(

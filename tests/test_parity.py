@@ -754,6 +754,25 @@ def test_exported_losses_train_and_form_no_gradient_in_the_forward(case, device)
         torch.testing.assert_close(ours, theirs)
 
 
+def test_ops_differentiate_their_loss_only(device):
+    """The two ops an exported program calls differentiate their loss; their other outputs
+    (lse, the forward's gradients) are not differentiable, rather than a gradient silently
+    dropped (d sum(lse)/dx came back 0)."""
+    from fused_softmax.cross_entropy import cross_entropy_fwd
+    from fused_softmax.linear_cross_entropy import linear_cross_entropy_fwd
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    h = torch.randn(4, 3, device=device, requires_grad=True)
+    W = torch.randn(5, 3, device=device, requires_grad=True)
+    t, s = torch.tensor([0, 4, 2, 1], device=device), torch.tensor([1.0, 5.0], device=device)
+    ce = cross_entropy_fwd(x, t, None, s, -100, 0.0, 1.0, 0.0, 0.0, False, True)
+    lce = linear_cross_entropy_fwd(h, W, None, t, None, s, None, -100, 0.0, 1.0, 0.0, 0.0, False,
+                                   5, 2, True, True, False)
+    for out in (ce, lce):
+        assert out[0].requires_grad and not any(o.requires_grad for o in out[1:])
+    torch.testing.assert_close(torch.autograd.grad(ce[0].sum(), x)[0],
+                               torch.autograd.grad(F.cross_entropy(x, t, reduction="sum"), x)[0])
+
+
 # --------------------------------------------------------------------------- linear_cross_entropy
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13 has no linear_cross_entropy")
 def test_linear_cross_entropy_edges_like_torch(device):

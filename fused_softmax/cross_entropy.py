@@ -726,7 +726,10 @@ def _reduction_scalars(t, weight, ignore_index, reduction, prob_target, C, acc, 
         else:
             denom = valid.sum(dtype=acc)
     w_sum = weight.to(acc).sum() if weight is not None else torch.full((), C, dtype=acc, device=device)
-    return denom, torch.stack([grad_scale_of(denom, reduction, smoothing), w_sum])
+    # Constants for autograd: the ops' backward forms every gradient (a class weight that
+    # requires grad is torch's error where the denominator holds it); an input path that
+    # returned no gradient made compiled autograd add None.
+    return denom.detach(), torch.stack([grad_scale_of(denom, reduction, smoothing), w_sum]).detach()
 
 
 def _target_dtype_error(input: torch.Tensor, target: torch.Tensor) -> RuntimeError:

@@ -754,11 +754,13 @@ def test_exported_losses_train_and_form_no_gradient_in_the_forward(case, device)
         torch.testing.assert_close(ours, theirs)
 
 
-@pytest.mark.parametrize("case", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("case", ["cross_entropy", "linear_cross_entropy", "class-weight-grad"])
 def test_compiled_autograd_backward_matches_torch(case, device):
     """A backward traced by Dynamo (compiled autograd): the in-place-change checks read no
     version counter there (they raised "at version 1; expected version 1 instead" for a
-    target changed in place before the forward: labels[mask] = -100)."""
+    target changed in place before the forward: labels[mask] = -100); a class weight that
+    requires grad (probability targets) reaches the reduction's scalars only as a
+    constant (compiled autograd added the None gradient of that path: a TypeError)."""
     gen = torch.Generator().manual_seed(0)
     h0, W0, b0 = (torch.randn(*s, dtype=torch.float64, generator=gen).to(device)
                   for s in ((6, 5), (7, 5), (7,)))
@@ -767,7 +769,10 @@ def test_compiled_autograd_backward_matches_torch(case, device):
     grads = []
     for lib in (fs, F):
         h, W, b = (a.clone().requires_grad_() for a in (h0, W0, b0))
-        if case == "cross_entropy":
+        if case == "class-weight-grad":  # (b: the class weight, W: unused)
+            loss = lib.cross_entropy(h @ W0[:5].T, h0.softmax(-1), weight=b[:5],
+                                     reduction="none")
+        elif case == "cross_entropy":
             loss = lib.cross_entropy(F.linear(h, W, b), t, label_smoothing=0.1, reduction="none")
         elif lib is fs:
             loss = fs.linear_cross_entropy(h, W, t, linear_bias=b, reduction="none")

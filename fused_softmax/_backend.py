@@ -14,6 +14,7 @@ import inspect
 import operator
 import os
 import struct
+import sys
 import threading
 import warnings
 from typing import Optional
@@ -129,6 +130,13 @@ def dispatch_free(args) -> bool:
             or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state()):
         return False
     return all(_plain(a) for a in args if isinstance(a, torch.Tensor))
+
+
+def in_compiled_autograd() -> bool:
+    """Inside a backward that Dynamo traces (compiled autograd), whose graph replays no
+    change a backward makes to its autograd context."""
+    ca = sys.modules.get("torch._dynamo.compiled_autograd")
+    return bool(ca is not None and ca.in_compiled_autograd_region)
 
 
 def exporting() -> bool:

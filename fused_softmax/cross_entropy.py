@@ -310,8 +310,10 @@ def rescale_(grad, dloss, target=None, nonfinite_row=False, ignore_index=None):
     """``cross_entropy_bwd_(grad, ...)``, returning ``grad``; where ``dloss`` is batched
     (``autograd.grad(..., is_grads_batched=True)``, a vectorized jacobian: vmap over the
     backward, which an op mutating an unbatched ``grad`` cannot take) the same result out
-    of place with torch ops."""
-    if needs_torch_ops(dloss):
+    of place with torch ops; so too in a backward compiled autograd traces, which would
+    not replay the backward's handing on of ``grad`` (taken once from the context): a
+    second backward of a retained graph rescaled the rescaled gradient again."""
+    if needs_torch_ops(dloss) or _backend.in_compiled_autograd():
         return _rescaled(grad, dloss, target, nonfinite_row, ignore_index).to(grad.dtype)
     _backend.call(cross_entropy_bwd_, grad, dloss, target, nonfinite_row, ignore_index)
     return grad

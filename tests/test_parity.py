@@ -785,6 +785,32 @@ def test_compiled_autograd_backward_matches_torch(case, device):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("case", ["cross_entropy", "inplace_backward", "linear_cross_entropy"])
+def test_compiled_autograd_second_backward_of_a_retained_graph(case, device):
+    """retain_graph=True, then a second backward, both traced by compiled autograd: each
+    gives torch's gradient (the second gave the first's times grad_output again: the
+    gradient formed in the forward was rescaled in place twice, as the traced graph does
+    not replay the backward taking it from the context)."""
+    gen = torch.Generator().manual_seed(0)
+    h0, W0 = (torch.randn(*s, dtype=torch.float64, generator=gen).to(device) for s in ((4, 3), (5, 3)))
+    t = torch.tensor([0, 3, 1, 4], device=device)
+    grads = []
+    for lib in (fs, F):
+        h, W = h0.clone().requires_grad_(), W0.clone().requires_grad_()
+        if lib is fs and case == "linear_cross_entropy":
+            loss = 3.0 * fs.linear_cross_entropy(h, W, t, chunk_size=2)
+        else:
+            kw = dict(inplace_backward=True) if lib is fs and case == "inplace_backward" else {}
+            loss = 3.0 * lib.cross_entropy(h @ W.T, t, **kw)
+        for _ in range(2):
+            torch._dynamo.reset()
+            with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                loss.backward(retain_graph=True)
+            grads.append((h.grad.clone(), W.grad.clone()))
+            h.grad = W.grad = None
+    torch.testing.assert_close(grads[:2], grads[2:])
+
+
 def test_ops_differentiate_their_loss_only(device):
     """The two ops an exported program calls differentiate their loss; their other outputs
     (lse, the forward's gradients) are not differentiable, rather than a gradient silently

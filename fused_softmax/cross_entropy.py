@@ -412,14 +412,17 @@ def _loss_rows(x, target, weight, args):
     return rows
 
 
-def grads_of_rows(rows_of, inputs, wanted, scale):
+def grads_of_rows(ctx, rows_of, inputs, scale):
     """The vector-Jacobian products of ``rows_of(*inputs)`` with ``scale`` (the rows'
-    ``grad_output``) for ``inputs[i]``, ``i`` in ``wanted`` (zeros where unused), formed
-    with torch ops with a graph (a backward's ``create_graph=True``), differentiable in
-    the inputs and in ``scale``. A ``scale`` that a transform differentiates
-    (``_backend.differentiated``: a forward-AD dual, a ``torch.func`` level's grad_output)
-    goes through ``torch.func.vjp``, which keeps its levels; ``autograd.grad`` of a sum
-    holding it gave a zero derivative."""
+    ``grad_output``), one per input of ``ctx``'s op or Function: for each of ``inputs``
+    that ``ctx.needs_input_grad`` (zeros where unused), in its dtype, None elsewhere.
+    Formed with torch ops with a graph (a backward's ``create_graph=True``),
+    differentiable in the inputs and in ``scale``. A ``scale`` that a transform
+    differentiates (``_backend.differentiated``: a forward-AD dual, a ``torch.func``
+    level's grad_output) goes through ``torch.func.vjp``, which keeps its levels;
+    ``autograd.grad`` of a sum holding it gave a zero derivative."""
+    wanted = [i for i in range(len(inputs)) if ctx.needs_input_grad[i]]
+
     def rows_from(*chosen):
         args = list(inputs)
         for i, t in zip(wanted, chosen):
@@ -429,19 +432,23 @@ def grads_of_rows(rows_of, inputs, wanted, scale):
     primals = [inputs[i] for i in wanted]
     if differentiated(scale):
         rows, vjp = torch.func.vjp(rows_from, *primals)
-        return vjp(scale.expand_as(rows).to(rows.dtype))
-    with torch.enable_grad():
-        # Partial derivatives, each input on its own: through an alias of it, so that
-        # autograd does not also follow one input into another computed from it (a soft
-        # target or class weight formed from the logits, an input row taken from a tied
-        # head); the caller's graph carries those paths. scale as grad_outputs, not a
-        # factor of the sum: it is often a function of the same inputs (grad of loss**2:
-        # 2 * loss). Either way autograd differentiated twice.
-        aliases = [p.view_as(p) for p in primals]
-        rows = rows_from(*aliases)
-        grads = torch.autograd.grad(rows, aliases, scale.expand_as(rows).to(rows.dtype),
-                                    create_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(primals, grads)]
+        grads = vjp(scale.expand_as(rows).to(rows.dtype))
+    else:
+        with torch.enable_grad():
+            # Partial derivatives, each input on its own: through an alias of it, so that
+            # autograd does not also follow one input into another computed from it (a
+            # soft target or class weight formed from the logits, an input row taken from
+            # a tied head); the caller's graph carries those paths. scale as grad_outputs,
+            # not a factor of the sum: it is often a function of the same inputs (grad of
+            # loss**2: 2 * loss). Either way autograd differentiated twice.
+            aliases = [p.view_as(p) for p in primals]
+            rows = rows_from(*aliases)
+            grads = torch.autograd.grad(rows, aliases, scale.expand_as(rows).to(rows.dtype),
+                                        create_graph=True, allow_unused=True)
+    out = [None] * len(ctx.needs_input_grad)
+    for i, p, g in zip(wanted, primals, grads):
+        out[i] = (torch.zeros_like(p) if g is None else g).to(p.dtype)
+    return tuple(out)
 
 
 def _differentiable_backward(ctx, dscale, inputs, scale):
@@ -450,19 +457,14 @@ def _differentiable_backward(ctx, dscale, inputs, scale):
     are themselves differentiable: ``create_graph=True`` (double backward, gradient
     penalties, Hessians), a ``grad_output`` a transform differentiates, an exported
     program's backward. One per input of ``ctx``'s op or Function (None past the three)."""
-    x, target, weight = inputs
-    wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
     # In the accumulation dtype, as the kernels: grad_output (GradScaler's 2^16) is inf in
     # fp16, and fp16 formulas lose accuracy; the casts carry the gradients back.
-    acc = acc_dtype(x.dtype)
+    acc = acc_dtype(inputs[0].dtype)
 
     def rows_of(x, target, weight):  # (a probability target smoothed in its dtype, as torch)
         return _loss_rows(x.to(acc), target, weight.to(acc) if weight is not None else None,
                           ctx.args)
-    out = [None] * len(ctx.needs_input_grad)
-    for i, g in zip(wanted, grads_of_rows(rows_of, inputs, wanted, (dscale * scale).to(acc))):
-        out[i] = g.to(inputs[i].dtype)
-    return tuple(out)
+    return grads_of_rows(ctx, rows_of, inputs, (dscale * scale).to(acc))
 
 
 class _ClassesLast(torch.autograd.Function):

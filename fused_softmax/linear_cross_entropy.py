@@ -439,9 +439,7 @@ def _differentiable_backward(ctx, inputs, dloss, scale):
     (``1 / denominator`` for a mean, else 1). One result per input of ``ctx``'s op or
     Function (None past the five). Ignored rows get 0 whatever ``dloss`` holds there, as
     torch's ops form them."""
-    x = inputs[0]
-    args, acc = ctx.args, acc_dtype(x.dtype)
-    wanted = [(i, t) for i, t in enumerate(inputs) if ctx.needs_input_grad[i]]
+    args, acc = ctx.args, acc_dtype(inputs[0].dtype)
 
     def rows_of(x, w, b, target, weight):
         z = torch.nn.functional.linear(x, w, b).reshape(-1, args[6]).to(acc)
@@ -449,11 +447,7 @@ def _differentiable_backward(ctx, inputs, dloss, scale):
         weight = None if weight is None else weight.to(torch.promote_types(acc, weight.dtype))
         return _loss_rows(z, target, weight, args[:6])
     dscale = dloss.reshape(-1) if dloss.dim() else dloss
-    grads = grads_of_rows(rows_of, inputs, [i for i, _ in wanted], (dscale * scale).to(acc))
-    out = [None] * len(ctx.needs_input_grad)
-    for (i, t), g in zip(wanted, grads):
-        out[i] = g.to(t.dtype)
-    return tuple(out)
+    return grads_of_rows(ctx, rows_of, inputs, (dscale * scale).to(acc))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

@@ -157,6 +157,36 @@ def call(op, *args):
     return out
 
 
+def keep(ctx, saved, held) -> None:
+    """``ctx.save_for_backward(*saved)``, and the tensors ``held`` (a tuple; None allowed)
+    kept for the first backward outside it (see :func:`take`): no version check, not
+    moved by ``saved_tensors_hooks``, and dropped once that backward has taken them. Under
+    ``torch.compile`` they are saved with the others: compiled autograd does not hand the
+    tensors that a compiled forward keeps on its context to the backward it traces (an
+    IndexError in AOTAutograd's backward prologue, torch 2.13), and a compiled graph saves
+    only the tensors its backward reads."""
+    if torch.compiler.is_compiling():
+        ctx.save_for_backward(*saved, *held)
+        ctx.held = len(held)
+    else:
+        ctx.save_for_backward(*saved)
+        ctx.held = tuple(held)
+
+
+def take(ctx) -> tuple:
+    """The tensors :func:`keep` held, taken: a later backward (retain_graph) finds None."""
+    if isinstance(ctx.held, int):
+        return tuple(ctx.saved_tensors[len(ctx.saved_tensors) - ctx.held:])
+    held, ctx.held = ctx.held, (None,) * len(ctx.held)
+    return held
+
+
+def saved(ctx) -> tuple:
+    """``ctx.saved_tensors`` without the tensors :func:`keep` held."""
+    tensors = ctx.saved_tensors
+    return tuple(tensors[:len(tensors) - ctx.held]) if isinstance(ctx.held, int) else tensors
+
+
 @functools.lru_cache(maxsize=None)
 def num_programs_per_wave(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (a fixed stand-in under the interpreter)."""

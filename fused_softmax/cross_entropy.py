@@ -613,50 +613,48 @@ class CrossEntropyFunction(torch.autograd.Function):
             # The gradient is kept outside save_for_backward: the first backward rescales
             # it in place and hands it on; a later backward through the same graph
             # (retain_graph, gradcheck) recomputes it from the saved logits.
-            ctx.fused_grad = grad if compute_grad and not deferred else None
             ctx.deferred, ctx.args = deferred, args
-            # A reference, not a saved tensor: the first backward only rescales the fused
-            # gradient, and unpacking the saved logits would fail it where the caller has
-            # changed them in place since (torch's backward, which saves log_softmax's
-            # output, allows that)
-            ctx.rescale_target = None if args[-1] else (
-                target.clone() if mutation_allowed() else target)
             ctx.nonfinite_row = args[-1] or args[1] > 0
             ctx.inplace, ctx.inplace_later = inplace and not deferred, inplace and deferred
             # (the target too when the logits were overwritten: a non-finite grad_output's NaN)
-            ctx.save_for_backward(*((None, target, weight, None, None) if ctx.inplace
-                                    else (x, target, weight, scalars, lse)))
+            saved = (None, target, weight, None, None) if ctx.inplace else (x, target, weight, scalars, lse)
+            # The target for the rescale is held too, not saved: the first backward only
+            # rescales the fused gradient, and unpacking the saved logits would fail it where
+            # the caller has changed them in place since (torch's backward, which saves
+            # log_softmax's output, allows that)
+            _backend.keep(ctx, saved, (
+                grad if compute_grad and not deferred else None,
+                None if args[-1] else (target.clone() if mutation_allowed() else target)))
             ctx.versions = ()  # ... but the caller's target and class weight are watched
             # (``track_versions``: changed in place, autograd's error there too, as torch's)
         return loss, lse
 
     @staticmethod
     def backward(ctx, dloss, dlse):
-        # taken once: torch frees what its backward reads once it has run (a later
-        # backward, retain_graph, reads the saved target)
-        rescale_target, ctx.rescale_target = getattr(ctx, "rescale_target", None), None
         if dloss is None:  # not materialised (set_materialize_grads): nothing flows back
             return (None,) * 9
+        # taken once: torch frees what its backward reads once it has run (a later
+        # backward, retain_graph, recomputes the gradient and reads the saved target)
+        fused_grad, rescale_target = _backend.take(ctx)
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
         if torch.is_grad_enabled() or differentiated(dscale):
             if ctx.inplace:
                 raise RuntimeError(
                     "fused_softmax.cross_entropy(inplace_backward=True): the logits were "
                     "overwritten by the gradient, so no gradient of the gradient can be formed")
-            ctx.fused_grad = None
-            x, target, weight, scalars, _ = ctx.saved_tensors
+            x, target, weight, scalars, _ = _backend.saved(ctx)
             return _differentiable_backward(ctx, _ignored_rows_zeroed(ctx, dscale, target),
                                             (x, target, weight), scalars[0])
         grad_x = grad_target = None
         saved = None  # ctx.saved_tensors, unpacked at most once (non-reentrant checkpointing)
         if ctx.needs_input_grad[0]:
-            grad_x, ctx.fused_grad = ctx.fused_grad, None
+            grad_x = fused_grad
             if grad_x is None:
                 if ctx.inplace:
                     raise RuntimeError(
                         "fused_softmax.cross_entropy(inplace_backward=True): the logits were "
                         "overwritten by the gradient, so the graph can be backpropagated only once")
-                saved = ctx.saved_tensors
+                saved = _backend.saved(ctx)
                 x, target, weight, scalars, _ = saved
                 if ctx.deferred:  # fp16: one pass from the saved logits, grad_output folded in
                     dscale = _ignored_rows_zeroed(ctx, dscale, target)
@@ -677,7 +675,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                 grad_x = _rescale(ctx, grad_x, dscale, rescale_target)
         grad_weight = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            x, target, weight, scalars, lse = saved if saved is not None else ctx.saved_tensors
+            x, target, weight, scalars, lse = saved if saved is not None else _backend.saved(ctx)
             grad_target, grad_weight = _prob_target_grads(x, target, weight, scalars, lse, dscale, ctx.args)
             grad_target = grad_target.to(target.dtype) if ctx.needs_input_grad[1] else None
             grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[2] else None

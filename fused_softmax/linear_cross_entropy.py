@@ -466,31 +466,31 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             fused and need_x, fused and need_w, fused and need_b)
         loss = reduced(loss, denom, reduction, args[1])
         if need_x or need_w or need_b or need_t or need_cw:
-            # Kept outside save_for_backward: the first backward rescales them in place and
-            # hands them on; a later backward (retain_graph) recomputes them.
-            ctx.fused_grads = (gx, gw, gb) if fused and (need_x or need_w or need_b) else None
             ctx.args, ctx.chunk_size = args, chunk_size
-            ctx.save_for_backward(x, w, target, weight, scalars, lse)
-            # The bias outside: torch's addmm saves none, so it may change in place after the
-            # forward; the fused first backward does not read it (the others, autograd's
-            # error where they read it: see saved_bias). The caller's target and class
-            # weight are watched too (track_versions).
-            ctx.bias, ctx.versions = _watched_bias(b), ()
+            # The bias outside save_for_backward in eager: torch's addmm saves none, so it
+            # may change in place after the forward; the fused first backward does not read
+            # it (the others, autograd's error where they read it: see saved_bias). The
+            # caller's target and class weight are watched too (track_versions).
+            compiled = torch.compiler.is_compiling()
+            ctx.bias, ctx.versions = None if compiled else _watched_bias(b), ()
+            # The gradients are held (keep): the first backward rescales them in place and
+            # hands them on; a later backward (retain_graph) recomputes them.
+            _backend.keep(ctx, (x, w, target, weight, scalars, lse, *((b,) if compiled else ())),
+                          (gx, gw, gb) if fused and (need_x or need_w or need_b) else (None,) * 3)
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         need_x, need_w, need_b, need_t, need_cw = ctx.needs_input_grad[:5]
-        x, w, target, weight, scalars, lse = ctx.saved_tensors
+        x, w, target, weight, scalars, lse, *b = _backend.saved(ctx)
         check_versions(ctx)
+        fused = _backend.take(ctx)
         if torch.is_grad_enabled() or differentiated(dloss):
-            ctx.fused_grads = None
-            return _differentiable_backward(ctx, (x, w, saved_bias(ctx), target, weight), dloss,
+            return _differentiable_backward(ctx, (x, w, saved_bias(ctx, b), target, weight), dloss,
                                             scalars[0])
         gx = gw = gb = gt = gcw = None
         if need_x or need_w or need_b:
-            fused, ctx.fused_grads = ctx.fused_grads, None
-            if fused is not None:
+            if fused[0] is not None:
                 gx, gw, gb = fused
                 dx, dw = _infinite_grad_output_scales(dloss, target, ctx.args, x.shape[0])
                 gx = rescale_(gx, dx) if gx.numel() else gx
@@ -503,11 +503,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if not ctx.args[5]:  # an ignored row's gradient is 0 whatever its grad_output
                     row_scale = row_scale.masked_fill(target == ctx.args[0], 0.0)
                 _, _, gx, gw, gb = _backend.call(
-                    linear_cross_entropy_fwd, x, w, saved_bias(ctx), target, weight, scalars,
+                    linear_cross_entropy_fwd, x, w, saved_bias(ctx, b), target, weight, scalars,
                     row_scale, *ctx.args, ctx.chunk_size, need_x, need_w, need_b)
         if need_t or need_cw:
             dscale = dloss.reshape(-1) if dloss.dim() else dloss
-            gt, gcw = _soft_target_grads(x, w, saved_bias(ctx), target, weight, scalars, lse,
+            gt, gcw = _soft_target_grads(x, w, saved_bias(ctx, b), target, weight, scalars, lse,
                                          dscale, ctx.args, ctx.chunk_size)
         return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
                 gt if need_t else None, gcw.to(weight.dtype) if need_cw else None,
@@ -515,19 +515,22 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _watched_bias(b):
-    """``(b, its version)`` for ``saved_bias`` (no version under Dynamo, or for an
-    inference tensor; inside ``allow_mutation_on_saved_tensors()`` a copy, unwatched, as
-    torch's saved tensors are copied there before they change)."""
-    if b is None or torch.compiler.is_compiling() or b.is_inference():
+    """``(b, its version)`` for ``saved_bias`` (no version for an inference tensor; inside
+    ``allow_mutation_on_saved_tensors()`` a copy, unwatched, as torch's saved tensors are
+    copied there before they change)."""
+    if b is None or b.is_inference():
         return b, None
     if mutation_allowed():
         return b.clone(), None
     return b, b._version
 
 
-def saved_bias(ctx):
+def saved_bias(ctx, saved):
     """The bias kept by the forward (outside save_for_backward), with autograd's error, in
-    its words, where it has changed in place since and this backward reads it."""
+    its words, where it has changed in place since and this backward reads it; under
+    torch.compile the one saved with the others (``saved``: it, or nothing)."""
+    if ctx.bias is None:
+        return saved[0]
     b, version = ctx.bias
     if version is not None:
         check_version(b, version)

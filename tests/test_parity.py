@@ -811,6 +811,42 @@ def test_compiled_autograd_second_backward_of_a_retained_graph(case, device):
     torch.testing.assert_close(grads[:2], grads[2:])
 
 
+@pytest.mark.parametrize("case", ["cross_entropy", "inplace_backward", "none-fp16",
+                                  "linear_cross_entropy", "linear_cross_entropy-none"])
+def test_compiled_autograd_after_a_compiled_forward(case, device):
+    """A forward compiled with torch.compile, its backward traced by compiled autograd: the
+    tensors the forward holds for the backward outside save_for_backward (the fused
+    gradients, the rescale's target, the linear loss's bias) are saved with the others
+    under torch.compile, as compiled autograd does not hand the held ones to the backward
+    it traces (an IndexError in AOTAutograd's backward prologue)."""
+    gen = torch.Generator().manual_seed(0)
+    h0, W0, b0 = (torch.randn(*s, dtype=torch.float64, generator=gen).to(device)
+                  for s in ((6, 5), (7, 5), (7,)))
+    t = torch.tensor([0, 6, -100, 3, 2, 1], device=device)
+
+    def loss_of(lib, h, W, b):
+        if case.startswith("linear"):
+            kw = dict(reduction="none") if case.endswith("none") else {}
+            loss = (fs.linear_cross_entropy(h, W, t, linear_bias=b, **kw) if lib is fs
+                    else F.cross_entropy(F.linear(h, W, b), t, **kw))
+        elif case == "none-fp16":  # the gradient formed in the backward (fp16, per-row scale)
+            loss = lib.cross_entropy(F.linear(h, W, b).half(), t, reduction="none").double()
+        else:
+            kw = dict(inplace_backward=True) if lib is fs and case == "inplace_backward" else {}
+            loss = lib.cross_entropy(F.linear(h, W, b), t, label_smoothing=0.1, **kw)
+        return (loss ** 2).sum()
+
+    grads = []
+    for lib in (fs, F):
+        h, W, b = (a.clone().requires_grad_() for a in (h0, W0, b0))
+        torch._dynamo.reset()
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            torch.compile(loss_of, backend="aot_eager")(lib, h, W, b).backward()
+        grads.append((h.grad, W.grad, b.grad))
+    tol = dict(rtol=2e-3, atol=2e-3) if case == "none-fp16" else {}
+    torch.testing.assert_close(grads[0], grads[1], **tol)
+
+
 def test_ops_differentiate_their_loss_only(device):
     """The two ops an exported program calls differentiate their loss; their other outputs
     (lse, the forward's gradients) are not differentiable, rather than a gradient silently

@@ -1,6 +1,8 @@
-"""Route ``torch.nn.functional`` softmax, log_softmax and cross_entropy — and the forward
-of ``torch.nn.Softmax``, ``LogSoftmax`` and ``CrossEntropyLoss`` — through fused_softmax,
-for code you do not own (a model from another package, say)::
+"""Route ``torch.nn.functional`` softmax, log_softmax and cross_entropy through
+fused_softmax, for code you do not own (a model from another package, say); so too
+``torch.nn.Softmax``, ``LogSoftmax`` and ``CrossEntropyLoss``, whose forward looks the
+function up in ``torch.nn.functional`` at each call (as does a wrapper someone installs
+there after ``patch()``)::
 
     import fused_softmax
 
@@ -148,29 +150,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                                 reduction, label_smoothing)
 
 
-def _softmax_forward(self, input: torch.Tensor) -> torch.Tensor:
-    """``torch.nn.Softmax.forward`` through the patched :func:`softmax`."""
-    return softmax(input, self.dim, _stacklevel=5)
-
-
-def _log_softmax_forward(self, input: torch.Tensor) -> torch.Tensor:
-    """``torch.nn.LogSoftmax.forward`` through the patched :func:`log_softmax`."""
-    return log_softmax(input, self.dim, _stacklevel=5)
-
-
-def _cross_entropy_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``torch.nn.CrossEntropyLoss.forward`` through the patched :func:`cross_entropy`."""
-    return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                         reduction=self.reduction, label_smoothing=self.label_smoothing)
-
-
 _REPLACEMENTS = (
     (F, "softmax", softmax),
     (F, "log_softmax", log_softmax),
     (F, "cross_entropy", cross_entropy),
-    (torch.nn.Softmax, "forward", _softmax_forward),
-    (torch.nn.LogSoftmax, "forward", _log_softmax_forward),
-    (torch.nn.CrossEntropyLoss, "forward", _cross_entropy_forward),
 )
 #: (owner, attribute name) -> the torch object that ``patch()`` replaces (re-read at each
 #: ``patch()``). Kept after ``unpatch()``, so a wrapper someone still holds falls through.
@@ -247,8 +230,7 @@ def unpatch() -> None:
                 setattr(owner, name, _ORIGINALS[(owner, name)])
             else:
                 _LEFT_IN_PLACE[(owner, name)] = current
-                where = owner.__name__ if owner is F else f"torch.nn.{owner.__name__}"
                 warnings.warn(
-                    f"fused_softmax.unpatch(): {where}.{name} was replaced after patch(); "
+                    f"fused_softmax.unpatch(): {owner.__name__}.{name} was replaced after patch(); "
                     "left as it is (it may still call fused_softmax)", stacklevel=2)
         _patched = False

@@ -16,7 +16,7 @@ patch_mod = importlib.import_module("fused_softmax.patch")
 
 PATCHED = [(F, "softmax"), (F, "log_softmax"), (F, "cross_entropy"),
            (torch.nn.Softmax, "forward"), (torch.nn.LogSoftmax, "forward"),
-           (torch.nn.CrossEntropyLoss, "forward")]
+           (torch.nn.CrossEntropyLoss, "forward")]  # (the modules' are never replaced)
 
 
 @pytest.fixture(autouse=True)
@@ -100,10 +100,33 @@ def test_each_entry_point_calls_the_kernels(call, kernel, device):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_modules_look_up_the_functions_at_each_call(device):
+    """Patched, torch's modules call whatever ``torch.nn.functional`` holds at the call, as
+    unpatched: a wrapper installed there after ``patch()`` (a profiler's) sees their calls,
+    and the kernels still serve them through it."""
+    x = torch.randn(3, 8, device=device)
+    y = torch.tensor([0, 7, 2], device=device)
+    seen = []
+    with patch():
+        for name, module in (("softmax", torch.nn.Softmax(1)),
+                             ("log_softmax", torch.nn.LogSoftmax(1)),
+                             ("cross_entropy", torch.nn.CrossEntropyLoss())):
+            inner = getattr(F, name)
+            setattr(F, name, lambda *a, _inner=inner, _name=name, **k: (seen.append(_name), _inner(*a, **k))[1])
+            try:
+                before = _launches()
+                got = module(x) if name != "cross_entropy" else module(x, y)
+                assert _launches() - before == (1 if _backend.use_triton(x) else 0)
+            finally:
+                setattr(F, name, inner)
+    assert seen == ["softmax", "log_softmax", "cross_entropy"]
+    torch.testing.assert_close(got, F.cross_entropy(x, y))
+
+
 def test_unpatch_restores_exactly(restore_torch):
     patch()
     assert F.softmax is patch_mod.softmax
-    assert torch.nn.CrossEntropyLoss.forward is not restore_torch[(torch.nn.CrossEntropyLoss, "forward")]
+    assert torch.nn.CrossEntropyLoss.forward is restore_torch[(torch.nn.CrossEntropyLoss, "forward")]
     unpatch()
     for (owner, name), obj in restore_torch.items():
         assert owner.__dict__[name] is obj, (owner, name)

@@ -490,6 +490,19 @@ class _ClassesLast(torch.autograd.Function):
         return grad.contiguous() if ctx.copied else grad
 
 
+def _rows_view(t: torch.Tensor) -> bool:
+    """Whether ``classes_last(t)``'s rows of classes view ``t``'s memory (the classes
+    innermost already: channels_last, a transposed ``(B, T, C)`` tensor) rather than copy
+    it; from the strides (eager code only: False while compiling, which has no layouts
+    to keep)."""
+    if torch.compiler.is_compiling():
+        return False
+    moved = t.movedim(1, -1)
+    dims = [(n, st) for n, st in zip(moved.shape[:-1], moved.stride()[:-1]) if n != 1]
+    return ((moved.shape[-1] <= 1 or moved.stride(-1) == 1)
+            and all(a == b * n for (_, a), (n, b) in zip(dims, dims[1:])))
+
+
 def classes_last(t: torch.Tensor, grad_layout: bool = True) -> torch.Tensor:
     """``(N, C, d1, ...) -> (N * d1 * ..., C)``, with ``_ClassesLast``'s gradient layout in
     eager code (strict export drops an autograd.Function's gradient; compiled code lays out
@@ -1067,9 +1080,10 @@ def cross_entropy(
         inplace_backward (bool, keyword-only): write the gradient over ``input``'s storage
             instead of a new buffer (saves one logits-sized allocation). ``input`` is
             overwritten: use only when nothing else reads the logits afterwards. Off by
-            default; when off, ``input`` is never modified. (Where the row is computed
-            in fp64 from an fp64 copy, for an fp64 probability target or weight, the
-            copy takes the gradient and ``input`` is left as it is.)
+            default; when off, ``input`` is never modified. (Where the rows are a copy,
+            the copy takes the gradient and ``input`` is left as it is: computed in fp64
+            for an fp64 probability target or weight, or ``(N, C, d1, ...)`` logits whose
+            classes are not innermost in memory, moved to rows of classes.)
 
     Returns:
         The loss in ``input``'s dtype: a scalar, or ``target``'s shape for
@@ -1159,8 +1173,10 @@ def cross_entropy(
     elif input.dim() == 2:
         x, t = input, target
     else:
-        # (with inplace_backward the gradient stays where the kernel wrote it: over the rows)
-        x = classes_last(input, grad_layout=not inplace_backward)
+        # (with inplace_backward over rows that view the logits, the gradient stays where
+        # the kernel wrote it; over a copy of them, _ClassesLast hands it back contiguous,
+        # as without inplace_backward)
+        x = classes_last(input, grad_layout=not inplace_backward or not _rows_view(input))
         t = classes_last(target) if prob_target else target.reshape(-1)
     if x.stride(-1) != 1:
         x = x.contiguous()

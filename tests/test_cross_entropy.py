@@ -726,6 +726,33 @@ def test_inplace_backward(dtype, reduction, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "classes-innermost"])
+def test_inplace_backward_k_dim_hands_back_the_inputs_layout(layout, dtype, device):
+    """(N, C, d) logits with inplace_backward: the gradient reaching the logits has their
+    layout, so autograd keeps it without a copy. Where the rows of classes are a copy (a
+    contiguous input) it is written over that copy and handed back contiguous (it came
+    back a classes-last view, which a leaf's .grad copied: one logits-sized buffer more
+    than without inplace_backward); where they view the logits, over the logits."""
+    gen = torch.Generator().manual_seed(13)
+    if layout == "contiguous":
+        x0 = torch.randn(3, 7, 5, generator=gen)
+    else:
+        x0 = torch.randn(3, 5, 7, generator=gen).transpose(1, 2)
+    x0 = x0.to(dtype).to(device)
+    t = torch.randint(0, 7, (3, 5), generator=gen).to(device)
+    x = x0.clone(memory_format=torch.preserve_format).requires_grad_()
+    z = x * 1
+    seen = []
+    z.register_hook(seen.append)
+    ce(z, t, inplace_backward=True).backward()
+    assert seen[0].stride() == z.stride()
+    assert x.grad.stride() == x.stride()
+    t_grad, r_grad = (loss_and_grad(F.cross_entropy, a, t)[1] for a in (x0, x0.double()))
+    assert_accurate(x.grad, t_grad, r_grad, dtype, finite_max(x0), "grad")
+    assert torch.equal(z.detach(), seen[0]) == (layout == "classes-innermost")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_inplace_backward_second_backward_raises(dtype, device):
     x = torch.randn(3, 6, device=device).to(dtype).requires_grad_(True)
     t = torch.tensor([0, 1, 2], device=device)

@@ -480,6 +480,8 @@ class _ClassesLast(torch.autograd.Function):
     def forward(ctx, x):
         moved = x.movedim(1, -1)
         rows = moved.reshape(math.prod(moved.shape[:-1]), x.shape[1])
+        if rows.shape[1] > 1 and rows.stride(1) != 1:  # a view, but not of rows of classes
+            rows = rows.contiguous()  # (a contiguous (1, C, d...): the kernels' copy, made here)
         ctx.moved = moved.shape
         ctx.copied = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
         return rows
@@ -646,18 +648,19 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, dloss, dlse):
         if dloss is None:  # not materialised (set_materialize_grads): nothing flows back
             return (None,) * 9
-        # taken once: torch frees what its backward reads once it has run (a later
-        # backward, retain_graph, recomputes the gradient and reads the saved target)
-        fused_grad, rescale_target = _backend.take(ctx)
         dscale = dloss.reshape(-1) if dloss.dim() else dloss
         if torch.is_grad_enabled() or differentiated(dscale):
             if ctx.inplace:
                 raise RuntimeError(
                     "fused_softmax.cross_entropy(inplace_backward=True): the logits were "
                     "overwritten by the gradient, so no gradient of the gradient can be formed")
+            _backend.take(ctx)  # (not read here: dropped, as torch frees what it has used)
             x, target, weight, scalars, _ = _backend.saved(ctx)
             return _differentiable_backward(ctx, _ignored_rows_zeroed(ctx, dscale, target),
                                             (x, target, weight), scalars[0])
+        # taken once: torch frees what its backward reads once it has run (a later
+        # backward, retain_graph, recomputes the gradient and reads the saved target)
+        fused_grad, rescale_target = _backend.take(ctx)
         grad_x = grad_target = None
         saved = None  # ctx.saved_tensors, unpacked at most once (non-reentrant checkpointing)
         if ctx.needs_input_grad[0]:

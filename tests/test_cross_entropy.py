@@ -726,7 +726,7 @@ def test_inplace_backward(dtype, reduction, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("layout", ["contiguous", "classes-innermost"])
+@pytest.mark.parametrize("layout", ["contiguous", "contiguous-one-row", "classes-innermost"])
 def test_inplace_backward_k_dim_hands_back_the_inputs_layout(layout, dtype, device):
     """(N, C, d) logits with inplace_backward: the gradient reaching the logits has their
     layout, so autograd keeps it without a copy. Where the rows of classes are a copy (a
@@ -734,22 +734,39 @@ def test_inplace_backward_k_dim_hands_back_the_inputs_layout(layout, dtype, devi
     back a classes-last view, which a leaf's .grad copied: one logits-sized buffer more
     than without inplace_backward); where they view the logits, over the logits."""
     gen = torch.Generator().manual_seed(13)
-    if layout == "contiguous":
-        x0 = torch.randn(3, 7, 5, generator=gen)
+    if layout.startswith("contiguous"):  # (one row: its classes-last rows are a strided view)
+        x0 = torch.randn(1 if layout.endswith("row") else 3, 7, 5, generator=gen)
     else:
         x0 = torch.randn(3, 5, 7, generator=gen).transpose(1, 2)
     x0 = x0.to(dtype).to(device)
-    t = torch.randint(0, 7, (3, 5), generator=gen).to(device)
+    t = torch.randint(0, 7, (x0.shape[0], 5), generator=gen).to(device)
     x = x0.clone(memory_format=torch.preserve_format).requires_grad_()
     z = x * 1
     seen = []
     z.register_hook(seen.append)
     ce(z, t, inplace_backward=True).backward()
+    plain = x0.clone(memory_format=torch.preserve_format).requires_grad_()
+    ce(plain, t).backward()  # (and without inplace_backward, the same layout)
+    assert plain.grad.stride() == plain.stride()
     assert seen[0].stride() == z.stride()
     assert x.grad.stride() == x.stride()
     t_grad, r_grad = (loss_and_grad(F.cross_entropy, a, t)[1] for a in (x0, x0.double()))
     assert_accurate(x.grad, t_grad, r_grad, dtype, finite_max(x0), "grad")
     assert torch.equal(z.detach(), seen[0]) == (layout == "classes-innermost")
+
+
+def test_inplace_backward_refused_double_backward_keeps_the_gradient(device):
+    """create_graph=True through inplace_backward is refused; the graph keeps the gradient
+    written in the forward, so an ordinary backward of it still gives torch's (the
+    refused one dropped it)."""
+    x0 = torch.randn(6, 5, device=device)
+    t = torch.tensor([0, 4, -100, 3, 2, 1], device=device)
+    x = x0.clone().requires_grad_()
+    loss = ce(x * 1, t, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="no gradient of the gradient"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    loss.backward()
+    torch.testing.assert_close(x.grad, loss_and_grad(F.cross_entropy, x0, t)[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

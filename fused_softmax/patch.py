@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ def _fall_through(name: str, args: tuple, kwargs: dict, tensors: tuple):
     ``torch.fx`` tracing) sees torch's own function object, called as torch calls it
     (tensors positional, the rest keywords, the caller's ``_stacklevel``), exactly as
     without the patch."""
-    original = _ORIGINALS[(F, name)]
+    original = _ORIGINALS[name]
     present = tuple(t for t in tensors if t is not None)
     if has_torch_function(present):
         return handle_torch_function(original, present, *args, **kwargs)
@@ -150,20 +150,21 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                                 reduction, label_smoothing)
 
 
+#: The ``torch.nn.functional`` functions that ``patch()`` replaces, and their replacements.
 _REPLACEMENTS = (
-    (F, "softmax", softmax),
-    (F, "log_softmax", log_softmax),
-    (F, "cross_entropy", cross_entropy),
+    ("softmax", softmax),
+    ("log_softmax", log_softmax),
+    ("cross_entropy", cross_entropy),
 )
-#: (owner, attribute name) -> the torch object that ``patch()`` replaces (re-read at each
-#: ``patch()``). Kept after ``unpatch()``, so a wrapper someone still holds falls through.
-_ORIGINALS: Dict[Tuple[object, str], Callable] = {
-    (owner, name): owner.__dict__[name] for owner, name, _ in _REPLACEMENTS
-}
+#: Name -> the torch function that ``patch()`` replaces (re-read at each ``patch()``).
+#: Kept after ``unpatch()``, so a wrapper someone still holds falls through. (Names, not
+#: ``(module, name)`` keys: torch 2.11's Dynamo cannot hash a module in a dict key, which
+#: broke ``torch.compile(fullgraph=True)`` of a patched call falling through to torch.)
+_ORIGINALS: Dict[str, Callable] = {name: F.__dict__[name] for name, _ in _REPLACEMENTS}
 
 
 #: Entries that ``unpatch()`` left in place (replaced by something else after ``patch()``).
-_LEFT_IN_PLACE: Dict[Tuple[object, str], Callable] = {}
+_LEFT_IN_PLACE: Dict[str, Callable] = {}
 
 
 def is_patched() -> bool:
@@ -204,13 +205,13 @@ def _patch() -> _PatchContext:
     global _patched
     was_patched = _patched
     if not was_patched:
-        for owner, name, new in _REPLACEMENTS:
-            current = owner.__dict__[name]
-            if _LEFT_IN_PLACE.pop((owner, name), None) is not current:
+        for name, new in _REPLACEMENTS:
+            current = F.__dict__[name]
+            if _LEFT_IN_PLACE.pop(name, None) is not current:
                 # (a wrapper unpatch() left in place may call our function: falling
                 # through to it would recurse; torch's original stays the one we keep)
-                _ORIGINALS[(owner, name)] = current
-            setattr(owner, name, new)
+                _ORIGINALS[name] = current
+            setattr(F, name, new)
         _patched = True
     return _PatchContext(was_patched)
 
@@ -224,13 +225,13 @@ def unpatch() -> None:
     with _LOCK:
         if not _patched:
             return
-        for owner, name, new in _REPLACEMENTS:
-            current = owner.__dict__.get(name)
+        for name, new in _REPLACEMENTS:
+            current = F.__dict__.get(name)
             if current is new:
-                setattr(owner, name, _ORIGINALS[(owner, name)])
+                setattr(F, name, _ORIGINALS[name])
             else:
-                _LEFT_IN_PLACE[(owner, name)] = current
+                _LEFT_IN_PLACE[name] = current
                 warnings.warn(
-                    f"fused_softmax.unpatch(): {owner.__name__}.{name} was replaced after patch(); "
+                    f"fused_softmax.unpatch(): {F.__name__}.{name} was replaced after patch(); "
                     "left as it is (it may still call fused_softmax)", stacklevel=2)
         _patched = False

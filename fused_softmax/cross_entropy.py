@@ -625,14 +625,15 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # no zeros for lse's gradient (one op less)
         if compute_grad or target_grad:
-            # The gradient is kept outside save_for_backward: the first backward rescales
-            # it in place and hands it on; a later backward through the same graph
-            # (retain_graph, gradcheck) recomputes it from the saved logits.
+            # The gradient is held outside save_for_backward (_backend.keep): the first
+            # backward rescales it in place and hands it on; a later backward through the
+            # same graph (retain_graph, gradcheck) recomputes it from the saved logits.
             ctx.deferred, ctx.args = deferred, args
             ctx.nonfinite_row = args[-1] or args[1] > 0
             ctx.inplace, ctx.inplace_later = inplace and not deferred, inplace and deferred
             # (the target too when the logits were overwritten: a non-finite grad_output's NaN)
-            saved = (None, target, weight, None, None) if ctx.inplace else (x, target, weight, scalars, lse)
+            saved = ((None, target, weight, None, None) if ctx.inplace
+                     else (x, target, weight, scalars, lse))
             # The target for the rescale is held too, not saved: the first backward only
             # rescales the fused gradient, and unpacking the saved logits would fail it where
             # the caller has changed them in place since (torch's backward, which saves

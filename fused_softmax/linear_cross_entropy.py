@@ -475,8 +475,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.bias, ctx.versions = None if compiled else _watched_bias(b), ()
             # The gradients are held (keep): the first backward rescales them in place and
             # hands them on; a later backward (retain_graph) recomputes them.
-            _backend.keep(ctx, (x, w, target, weight, scalars, lse, *((b,) if compiled else ())),
-                          (gx, gw, gb) if fused and (need_x or need_w or need_b) else (None,) * 3)
+            saved = (x, w, target, weight, scalars, lse, *((b,) if compiled else ()))
+            _backend.keep(ctx, saved, (gx, gw, gb) if fused and (need_x or need_w or need_b)
+                          else (None,) * 3)
         return loss
 
     @staticmethod
@@ -486,8 +487,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         check_versions(ctx)
         fused = _backend.take(ctx)
         if torch.is_grad_enabled() or differentiated(dloss):
-            return _differentiable_backward(ctx, (x, w, saved_bias(ctx, b), target, weight), dloss,
-                                            scalars[0])
+            return _differentiable_backward(ctx, (x, w, saved_bias(ctx, b), target, weight),
+                                            dloss, scalars[0])
         gx = gw = gb = gt = gcw = None
         if need_x or need_w or need_b:
             if fused[0] is not None:

@@ -480,11 +480,10 @@ class _ClassesLast(torch.autograd.Function):
     def forward(ctx, x):
         moved = x.movedim(1, -1)
         rows = moved.reshape(math.prod(moved.shape[:-1]), x.shape[1])
-        if rows.shape[1] > 1 and rows.stride(1) != 1:  # a view, but not of rows of classes
-            rows = rows.contiguous()  # (a contiguous (1, C, d...): the kernels' copy, made here)
-        ctx.moved = moved.shape
-        ctx.copied = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-        return rows
+        ctx.moved, ctx.copied = moved.shape, not _rows_view(x)
+        # (a contiguous (1, C, d...) reshapes to a view with strided classes: the kernels'
+        # copy is made here)
+        return rows.contiguous() if ctx.copied else rows
 
     @staticmethod
     def backward(ctx, grad):
